@@ -1,0 +1,223 @@
+"""Public API: compile a program for a mesh and a process group, call it on tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .codegen.lower import DEFAULT_WORKSPACE_BYTES, lower
+from .codegen.plan import Plan
+from .errors import CompileError
+from .ir.build import build, check_dtype, check_rows
+from .ir.nodes import IR
+from .ir.parser import parse
+from .ir.passes import optimize
+from .mesh import Mesh
+from .presets import resolve
+from .reference import ReferenceRunner
+
+BACKENDS = ("auto", "reference", "fused")
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int | None:
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist.get_world_size(group)
+
+
+class Collective:
+    """A compiled program. Call it as `out = coll(x)` or `coll(x, out=buf)`.
+
+    Every rank of the group must compile the same programs in the same order and
+    call them in the same order (as with NCCL communicators).
+    """
+
+    def __init__(self, program: str, mesh: Mesh, ir: IR, optimized: IR, plan: Plan, *,
+                 dtype: torch.dtype | None, group: dist.ProcessGroup | None, backend: str,
+                 options: dict):
+        self.program, self.mesh, self.dtype, self.group = program, mesh, dtype, group
+        self.backend = backend
+        self.ast = parse(program)
+        self.ir, self.optimized_ir, self.plan = ir, optimized, plan
+        self.options = options
+        self._reference: ReferenceRunner | None = None
+        self._fused: dict[torch.dtype, object] = {}
+        if _group_size(group) is not None:
+            self.rank = dist.get_rank(group)
+            self._reference = ReferenceRunner(plan, self.rank, group)
+        else:
+            self.rank = 0
+
+    # -- shapes -----------------------------------------------------------------
+    def output_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size:
+        """Output shape for an input of `shape`; ValueError if its rows do not divide."""
+        shape = tuple(shape)
+        if len(shape) == 0:
+            raise ValueError("shape must have at least one dimension (rows), got ()")
+        rows = shape[0]
+        if rows % self.ir.granularity:
+            raise ValueError(
+                f"x.shape[0] (rows) = {rows} must be divisible by {self.ir.granularity} "
+                f"for program {self.program!r}"
+            )
+        return torch.Size((int(rows * self.ir.row_factor), *shape[1:]))
+
+    # -- explain ----------------------------------------------------------------
+    def explain(self) -> str:
+        ast = "\n".join(
+            f"  {s}  @ line {s.pos.line}, column {s.pos.column}" for s in self.ast.stmts
+        )
+        return (
+            f"program: {self.program}\nmesh: {self.mesh}\n"
+            f"AST:\n{ast}\n"
+            f"IR: {self.ir}\n"
+            f"IR after passes: {self.optimized_ir}\n"
+            f"plan (fused-capable: {self.plan.one_node}):\n{self.plan.describe()}"
+        )
+
+    # -- calls ------------------------------------------------------------------
+    def _choose(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        from . import fused
+
+        return "fused" if x.is_cuda and fused.should_use(self, x.dtype) else "reference"
+
+    def _expected_device(self, backend: str, x: torch.Tensor) -> torch.device:
+        if backend == "fused" or x.is_cuda:
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _check(self, x: object, out: object | None, backend: str) -> torch.Size:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(f"x.dtype must be {self.dtype} (compiled for it), got {x.dtype}")
+        try:
+            check_dtype(x.dtype, {o.redop for o in self.ir.ops if o.coll != "allgather"})
+        except CompileError as e:
+            raise TypeError(f"x.dtype: {e}") from None
+        if x.dim() == 0:
+            raise ValueError("x must have at least one dimension (rows), got a 0-d tensor")
+        if not x.is_contiguous():
+            raise ValueError("x must be contiguous; call x.contiguous() first")
+        dev = self._expected_device(backend, x)
+        if x.device != dev:
+            raise ValueError(
+                f"x.device must be {dev} (the device of the process group / current CUDA "
+                f"device for backend {backend!r}), got {x.device}"
+            )
+        shape = self.output_shape(x.shape)
+        if out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+            if out.dtype != x.dtype:
+                raise TypeError(f"out.dtype must be {x.dtype} (same as x), got {out.dtype}")
+            if out.shape != shape:
+                raise ValueError(f"out.shape must be {tuple(shape)}, got {tuple(out.shape)}")
+            if out.device != x.device:
+                raise ValueError(f"out.device must be {x.device} (same as x), got {out.device}")
+            if not out.is_contiguous():
+                raise ValueError("out must be contiguous")
+            if out.data_ptr() != x.data_ptr() and _overlaps(x, out):
+                raise ValueError("out must be x itself (in place) or not overlap x")
+        return shape
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the program on this rank's `x`; returns `out` (allocated when None)."""
+        backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
+        shape = self._check(x, out, backend)
+        if backend == "fused":
+            from . import fused
+
+            runner = self._fused.get(x.dtype)
+            if runner is None:
+                runner = self._fused[x.dtype] = fused.FusedRunner(self, x.dtype)
+            return runner(x, out)
+        if self._reference is None:
+            if self.mesh.world_size != 1:
+                raise RuntimeError(
+                    "torch.distributed is not initialized: call "
+                    "torch.distributed.init_process_group before running a collective"
+                )
+            y = x.clone()
+        else:
+            y = self._reference.run(x)
+        if out is None:
+            return y.reshape(shape)
+        out.copy_(y.reshape(shape))
+        return out
+
+    def close(self) -> None:
+        """Release the fused kernels' tables (the shared runtime stays with its group)."""
+        self._fused.clear()
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + a.numel() * a.element_size()
+    b1 = b0 + b.numel() * b.element_size()
+    return a0 < b1 and b0 < a1
+
+
+def compile(  # noqa: A001 - the public name the contract asks for
+    program: str,
+    mesh: Mesh,
+    *,
+    dtype: torch.dtype | None = None,
+    group: dist.ProcessGroup | None = None,
+    backend: str = "auto",
+    rows: int | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    algorithm: str = "auto",
+    timeout_s: float = 5.0,
+    max_blocks: int | None = None,
+) -> Collective:
+    """Compile `program` (text or preset name) for `mesh` over `group` (default WORLD).
+
+    Mesh rank r is rank r of `group`. `rows`, when given, is checked at compile time.
+    `backend`: "auto" (fused where it applies, else reference), "reference" or "fused".
+    Fused options: `workspace_bytes` (per rank, fixed), `algorithm` ("auto",
+    "one_shot", "two_shot"), `timeout_s` for every device-side wait, `max_blocks`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if algorithm not in ("auto", "one_shot", "two_shot"):
+        raise ValueError(f"algorithm must be auto, one_shot or two_shot, got {algorithm!r}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a mixcc.Mesh, got {type(mesh).__name__}")
+    size = _group_size(group)
+    if size is not None and size != mesh.world_size:
+        raise ValueError(
+            f"mesh has {mesh.world_size} ranks but the process group has {size}; "
+            "mesh rank r must be group rank r"
+        )
+    if workspace_bytes < 1 << 16:
+        raise ValueError(f"workspace_bytes must be >= 65536, got {workspace_bytes}")
+    text = resolve(program)
+    ir = build(parse(text), mesh, dtype)
+    if rows is not None:
+        check_rows(ir, rows, text)
+    optimized = optimize(ir, mesh)
+    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    plan = lower(optimized, mesh, elem_bytes=elem, workspace_bytes=workspace_bytes)
+    options = {
+        "workspace_bytes": workspace_bytes,
+        "algorithm": algorithm,
+        "timeout_s": float(timeout_s),
+        "max_blocks": max_blocks,
+    }
+    coll = Collective(text, mesh, ir, optimized, plan, dtype=dtype, group=group,
+                      backend=backend, options=options)
+    if backend == "fused":
+        from . import fused
+
+        fused.check_applicable(coll, dtype)
+    return coll
+
+
+__all__ = ["Collective", "compile"]

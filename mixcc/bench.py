@@ -1,0 +1,222 @@
+"""`mixcc bench`: sweep sizes for programs and backends, nccl-tests style.
+
+Times: CUDA graphs of several calls on GPUs (host timer on CPU), warm-up first,
+median over repeats, then the max over ranks. algbw = input bytes per rank / time;
+busbw = bus bytes / time with the nccl-tests formulas applied per statement
+(allreduce 2(n-1)/n S, allgather (n-1) S, reducescatter (n-1)/n S).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import presets
+from .api import compile as mixcc_compile
+from .ir.build import build
+from .ir.parser import parse
+from .mesh import Mesh
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Row:
+    program: str
+    backend: str
+    mode: str  # oop (out-of-place) | ip (in place)
+    dtype: str
+    world: int
+    rows: int
+    hidden: int
+    bytes: int  # input bytes per rank
+    time_us: float
+    algbw_gbs: float
+    busbw_gbs: float
+    errors: int  # mismatches of the result against the reference backend (-1: not checked)
+
+
+def bus_factor(program: str, mesh: Mesh) -> float:
+    """Bus bytes per input byte of one rank, summed over the program's statements."""
+    ir = build(parse(program), mesh)
+    frac, bus = 1.0, 0.0
+    for op in ir.ops:
+        n = mesh.group_size(op.axes)
+        if op.coll == "allreduce":
+            bus += 2 * (n - 1) / n * frac
+        elif op.coll == "allgather":
+            bus += (n - 1) * frac
+            frac *= n
+        else:
+            bus += (n - 1) / n * frac
+            frac /= n
+    return bus
+
+
+def default_mesh(world: int) -> Mesh:
+    dp = 2 if world % 2 == 0 and world > 1 else 1
+    return Mesh({"dp": dp, "tp": world // dp})
+
+
+def _time_calls(fn, iters: int, repeats: int, cuda: bool) -> float:
+    """Median seconds per call over `repeats` runs of `iters` calls."""
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            for _ in range(iters):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / iters)
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def sizes(min_rows: int, max_rows: int, granularity: int) -> list[int]:
+    out, r = [], max(min_rows, 1)
+    while r <= max_rows:
+        rr = -(-r // granularity) * granularity
+        if rr not in out:
+            out.append(rr)
+        r *= 2
+    return out
+
+
+def run(rank: int, world: int, cfg: dict) -> list[Row]:
+    """Body run on every rank; rank 0 prints and returns the rows."""
+    mesh = Mesh.parse(cfg["mesh"], cfg.get("ranks_per_node")) if cfg.get("mesh") \
+        else default_mesh(world)
+    dtype = DTYPES[cfg["dtype"]]
+    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    gpu_shared = torch.cuda.is_available() and not cuda  # several ranks on one GPU
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    programs = [presets.resolve(p) for p in cfg["programs"]]
+    backends = cfg["backends"]
+    rows_out: list[Row] = []
+    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
+    plan = []
+    for prog in programs:
+        for be in backends:
+            coll = mixcc_compile(prog, mesh, dtype=dtype, backend=be)
+            ref = mixcc_compile(prog, mesh, dtype=dtype, backend="reference") \
+                if be != "reference" else coll
+            modes = ["oop"]
+            if coll.ir.row_factor == 1:
+                modes.append("ip")
+            for rows in sizes(cfg["min_rows"], cfg["max_rows"], coll.ir.granularity):
+                for mode in modes:
+                    plan.append((prog, be, coll, ref, rows, mode))
+    if rank == 0 and gpu_shared:
+        print("note: several ranks share one GPU; times of such a run are not meaningful "
+              "(see docs/PERF.md). Reported: host time of one eager call.", file=sys.stderr)
+    for i, (prog, be, coll, ref, rows, mode) in enumerate(plan):
+        hidden = cfg["hidden"]
+        x = torch.randn((rows, hidden), generator=gen).to(device=device, dtype=dtype)
+        out = x if mode == "ip" else torch.empty(coll.output_shape(x.shape), dtype=dtype,
+                                                  device=device)
+        errors = -1
+        if be != "reference":
+            expect = ref(x)
+            got = coll(x.clone() if mode == "ip" else x)
+            errors = _sum_over_ranks(int((got != expect).sum()), device)
+        t = _time_calls(lambda c=coll, x=x, o=out: c(x, out=o), cfg["iters"], cfg["repeats"],
+                        cuda and not gpu_shared)
+        t = _max_over_ranks(t, device)
+        nbytes = x.numel() * x.element_size()
+        row = Row(prog, be, mode, str(dtype).removeprefix("torch."), world, rows, hidden, nbytes,
+                  t * 1e6, nbytes / t / 1e9, nbytes * bus_factor(prog, mesh) / t / 1e9, errors)
+        rows_out.append(row)
+        if rank == 0:
+            if i == 0:
+                print(header(), flush=True)
+            print(format_row(row), flush=True)
+            print(f"[{i + 1}/{len(plan)}]", file=sys.stderr, flush=True)
+    return rows_out
+
+
+def header() -> str:
+    return (f"{'program':<34} {'backend':<10} {'mode':<4} {'dtype':<8} {'rows':>6} "
+            f"{'bytes':>10} {'time_us':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6}")
+
+
+def format_row(r: Row) -> str:
+    return (f"{r.program:<34} {r.backend:<10} {r.mode:<4} {r.dtype:<8} {r.rows:>6} "
+            f"{r.bytes:>10} {r.time_us:>10.2f} {r.algbw_gbs:>8.3f} {r.busbw_gbs:>8.3f} "
+            f"{r.errors if r.errors >= 0 else 'n/a':>6}")
+
+
+def write_outputs(rows: list[Row], prefix: str) -> list[str]:
+    """Write PREFIX.csv, PREFIX.json and (when matplotlib is present) PREFIX.png."""
+    written = []
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+    written.append(prefix + ".csv")
+    with open(prefix + ".json", "w") as f:
+        json.dump([asdict(r) for r in rows], f, indent=1)
+    written.append(prefix + ".json")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, list[Row]] = {}
+    for r in rows:
+        series.setdefault(f"{r.program} | {r.backend} | {r.mode}", []).append(r)
+    for label, rs in series.items():
+        ax.plot([r.bytes for r in rs], [r.time_us for r in rs], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("input bytes per rank")
+    ax.set_ylabel("time per call (us), max over ranks")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    written.append(prefix + ".png")
+    return written

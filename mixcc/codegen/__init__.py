@@ -1,0 +1,1 @@
+"""Back end: lowering of IR into a stage plan, and rendering plans to CUDA."""

@@ -1,0 +1,102 @@
+"""lower: IR -> plan of stages (ARCHITECTURE.md section 3, step 4).
+
+One-node programs become fused stages: each maximal run of ops sharing one
+reduction (allgathers join any run) is one linear map, scheduled one-shot and
+two-shot, run by one kernel. Programs whose groups cross nodes become
+hierarchical torch.distributed steps: intra-node part, then inter-node part,
+with local block permutations where group order and node order differ.
+"""
+
+from __future__ import annotations
+
+from ..ir.nodes import IR, Op
+from ..mesh import Mesh
+from .linear_map import linear_map
+from .plan import Chunking, Plan, Stage, Step
+from .schedule import one_shot, two_shot
+
+# Default per-rank workspace: 2 halves x MAX_BLOCKS regions. 8 MiB keeps a region
+# at 128 KiB, enough for one-shot messages up to a few MB in a single chunk.
+DEFAULT_WORKSPACE_BYTES = 8 << 20
+MAX_BLOCKS = 32
+
+
+def phases(ops: tuple[Op, ...]) -> list[tuple[str, tuple[Op, ...]]]:
+    """Split ops into maximal runs with one reduction op each."""
+    out: list[tuple[str, list[Op]]] = []
+    for op in ops:
+        red = None if op.coll == "allgather" else op.redop
+        if out and (red is None or out[-1][0] in (red, None)):
+            if out[-1][0] is None:
+                out[-1] = (red, out[-1][1])
+            out[-1][1].append(op)
+        else:
+            out.append((red, [op]))
+    return [(red or "sum", tuple(o)) for red, o in out]
+
+
+def region_bytes(workspace_bytes: int) -> int:
+    return workspace_bytes // (2 * MAX_BLOCKS) // 16 * 16
+
+
+def _steps_for(op: Op, mesh: Mesh) -> tuple[Step, ...]:
+    if op.scope != "hier":
+        scope = "intra" if op.scope == "intra" else "inter"
+        return (Step(op.coll, mesh.partition(op.axes), op.redop, scope),)
+    splits = [mesh.split_group(r, op.axes) for r in range(mesh.world_size)]
+    intra = tuple(sorted({s[0] for s in splits}, key=min))
+    inter = tuple(sorted({s[1] for s in splits}, key=min))
+    if op.coll == "allreduce":
+        return (Step("allreduce", intra, op.redop, "intra"),
+                Step("allreduce", inter, op.redop, "inter"))
+    # Block t = j*k + i of the two-level order comes from member part[j][i].
+    perms = []
+    for r in range(mesh.world_size):
+        members = mesh.group_members(r, op.axes)
+        nodes = sorted({mesh.node_of(m) for m in members})
+        parts = [[m for m in members if mesh.node_of(m) == n] for n in nodes]
+        k = len(parts[0])
+        gi = {m: p for p, m in enumerate(members)}
+        t_of = {m: j * k + i for j, part in enumerate(parts) for i, m in enumerate(part)}
+        if op.coll == "allgather":  # final block gi(m) <- two-level block t(m)
+            perm = [0] * len(members)
+            for m in members:
+                perm[gi[m]] = t_of[m]
+        else:  # reducescatter: two-level block t(m) <- input block gi(m)
+            perm = [0] * len(members)
+            for m in members:
+                perm[t_of[m]] = gi[m]
+        perms.append(tuple(perm))
+    permute = Step("permute", scope="local", perms=tuple(perms))
+    if op.coll == "allgather":
+        return (Step("allgather", intra, op.redop, "intra"),
+                Step("allgather", inter, op.redop, "inter"), permute)
+    return (permute, Step("reducescatter", inter, op.redop, "inter"),
+            Step("reducescatter", intra, op.redop, "intra"))
+
+
+def lower(ir: IR, mesh: Mesh, *, elem_bytes: int | None = None,
+          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Plan:
+    """Lower the optimised IR to a plan. `elem_bytes` (if known) fixes the chunking."""
+    one_node = mesh.num_nodes == 1 or all(op.scope == "intra" for op in ir.ops)
+    if not one_node:
+        stages = []
+        for op in ir.ops:
+            for st in _steps_for(op, mesh):
+                transport = "none" if st.scope == "local" else "nccl"
+                stages.append(Stage(st.scope, transport, "torch.distributed", (op,), (st,)))
+        return Plan(tuple(stages), ir.granularity, False)
+    stages = []
+    units = ir.granularity
+    for redop, ops in phases(ir.ops):
+        lmap = linear_map(ops, mesh, units, redop)
+        scheds = {"one_shot": one_shot(lmap), "two_shot": two_shot(lmap)}
+        chunking = None
+        if elem_bytes:
+            need = max(units + s.slots for s in scheds.values())
+            chunking = Chunking(region_bytes(workspace_bytes), elem_bytes, need)
+        steps = tuple(Step(op.coll, mesh.partition(op.axes), op.redop, "intra") for op in ops)
+        stages.append(Stage("intra", "ipc", "one_shot|two_shot by size", ops, steps, lmap,
+                            scheds, chunking))
+        units = len(lmap.out_units[0])
+    return Plan(tuple(stages), ir.granularity, True)

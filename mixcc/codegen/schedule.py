@@ -1,0 +1,130 @@
+"""Schedules of a linear map for the fused intra-node kernel.
+
+one-shot: every consumer reads all its sources and reduces (one barrier per chunk;
+  reads n x the data from peers: best for small, latency-bound messages).
+two-shot: each distinct output block is split among the ranks that need it; each
+  owner reduces its share into its workspace, then every consumer copies the shares
+  from the owners (two barriers per chunk; moves about 2(n-1)/n of the data:
+  best for large messages).
+
+Tables are per rank, in units, so one compiled kernel serves any row count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .linear_map import LinearMap, Term
+
+DST_OUT, DST_WS = 0, 1
+
+
+@dataclass(frozen=True)
+class ReduceTask:
+    """Reduce `terms` into output unit / workspace slot `dst`; this rank computes share
+    `owner_index` of `owners` of every column block."""
+
+    dst_kind: int
+    dst: int
+    owner_index: int
+    owners: int
+    terms: tuple[Term, ...]
+
+
+@dataclass(frozen=True)
+class GatherTask:
+    """Copy output unit `dst` from its owners: share i comes from (rank, slot) sources[i]."""
+
+    dst: int
+    sources: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class RankSchedule:
+    reduce: tuple[ReduceTask, ...]
+    gather: tuple[GatherTask, ...]
+    neighbors: tuple[int, ...]  # ranks this rank exchanges data with (symmetric)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    algorithm: str  # "one_shot" | "two_shot"
+    in_units: int
+    slots: int  # workspace result slots per rank (two-shot), max over ranks
+    ranks: tuple[RankSchedule, ...]
+
+    def describe(self, rank: int = 0) -> str:
+        rs = self.ranks[rank]
+        lines = [
+            f"{self.algorithm}: {self.in_units} input unit(s), {self.slots} result slot(s); "
+            f"rank {rank} talks to {list(rs.neighbors)}"
+        ]
+        for t in rs.reduce:
+            where = f"out[{t.dst}]" if t.dst_kind == DST_OUT else f"ws_slot[{t.dst}]"
+            share = f" share {t.owner_index}/{t.owners}" if t.owners > 1 else ""
+            terms = " + ".join(
+                (f"{c}*" if c != 1 else "") + f"r{s}.u{u}" for s, u, c in t.terms
+            )
+            lines.append(f"  {where}{share} = reduce({terms})")
+        for g in rs.gather:
+            srcs = ", ".join(f"r{s}.slot{k}" for s, k in g.sources)
+            lines.append(f"  out[{g.dst}] <- shares of [{srcs}]")
+        return "\n".join(lines)
+
+
+def _neighbors(world: int, reads: list[set[int]]) -> list[tuple[int, ...]]:
+    sym = [set(r) for r in reads]
+    for r in range(world):
+        for p in reads[r]:
+            sym[p].add(r)
+    return [tuple(sorted(s - {r})) for r, s in enumerate(sym)]
+
+
+def one_shot(lmap: LinearMap) -> Schedule:
+    ranks, reads = [], []
+    for units in lmap.out_units:
+        tasks = tuple(ReduceTask(DST_OUT, j, 0, 1, terms) for j, terms in enumerate(units))
+        ranks.append(tasks)
+        reads.append({s for terms in units for s, _, _ in terms})
+    nb = _neighbors(lmap.world_size, reads)
+    return Schedule(
+        "one_shot", lmap.in_units, 0,
+        tuple(RankSchedule(t, (), n) for t, n in zip(ranks, nb, strict=True)),
+    )
+
+
+def two_shot(lmap: LinearMap) -> Schedule:
+    world = lmap.world_size
+    consumers: dict[tuple[Term, ...], list[tuple[int, int]]] = {}
+    for r, units in enumerate(lmap.out_units):
+        for j, terms in enumerate(units):
+            consumers.setdefault(terms, []).append((r, j))
+    reduce: list[list[ReduceTask]] = [[] for _ in range(world)]
+    gather: list[list[GatherTask]] = [[] for _ in range(world)]
+    reads: list[set[int]] = [set() for _ in range(world)]
+    slots = [0] * world
+    for terms in sorted(consumers):
+        users = consumers[terms]
+        owners = sorted({r for r, _ in users})
+        if len(owners) == 1:  # nobody to share with: reduce straight into the output
+            for r, j in users:
+                reduce[r].append(ReduceTask(DST_OUT, j, 0, 1, terms))
+                reads[r].update(s for s, _, _ in terms)
+            continue
+        slot_of = {}
+        for i, o in enumerate(owners):
+            slot_of[o] = slots[o]
+            reduce[o].append(ReduceTask(DST_WS, slots[o], i, len(owners), terms))
+            reads[o].update(s for s, _, _ in terms)
+            slots[o] += 1
+        sources = tuple((o, slot_of[o]) for o in owners)
+        for r, j in users:
+            gather[r].append(GatherTask(j, sources))
+            reads[r].update(owners)
+    nb = _neighbors(world, reads)
+    return Schedule(
+        "two_shot", lmap.in_units, max(slots),
+        tuple(
+            RankSchedule(tuple(reduce[r]), tuple(gather[r]), nb[r]) for r in range(world)
+        ),
+    )

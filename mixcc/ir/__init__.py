@@ -1,0 +1,1 @@
+"""Front end: grammar, parser, typed IR, verifier, shape inference and passes."""

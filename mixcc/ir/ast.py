@@ -1,0 +1,49 @@
+"""The syntax tree of a mixcc program, with source positions (1-based)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COLLECTIVES = ("allreduce", "allgather", "reducescatter")
+REDOPS = ("sum", "max", "min")
+
+
+@dataclass(frozen=True)
+class Pos:
+    """A source span: line and column of its first character, and its width."""
+
+    line: int
+    column: int
+    width: int = 1
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """One statement: `coll(group, op=redop)`; `axes` is None for `world`."""
+
+    coll: str
+    axes: tuple[Axis, ...] | None
+    redop: str
+    pos: Pos
+
+    def group_text(self) -> str:
+        return "world" if self.axes is None else "*".join(a.name for a in self.axes)
+
+    def __str__(self) -> str:
+        op = "" if self.redop == "sum" else f", op={self.redop}"
+        return f"{self.coll}({self.group_text()}{op})"
+
+
+@dataclass(frozen=True)
+class Program:
+    stmts: tuple[Stmt, ...]
+    text: str
+
+    def __str__(self) -> str:
+        return "; ".join(str(s) for s in self.stmts)

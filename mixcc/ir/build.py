@@ -1,0 +1,91 @@
+"""build + verify: AST + mesh -> IR, with shape inference (ARCHITECTURE.md section 3, step 2)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+from ..errors import CompileError
+from ..mesh import Mesh
+from .ast import Program
+from .nodes import IR, Op
+
+# Which reductions each dtype supports. Integers: max/min only, because the fused
+# backend accumulates in fp32, which is not exact for int32 sums beyond 2**24.
+_FLOATS = ("sum", "max", "min")
+SUPPORTED: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: _FLOATS,
+    torch.bfloat16: _FLOATS,
+    torch.float16: _FLOATS,
+    torch.float64: _FLOATS,
+    torch.int32: ("max", "min"),
+}
+
+
+def check_dtype(dtype: torch.dtype, redops: set[str], text: str = "") -> None:
+    """Raise CompileError if `dtype` cannot run any of `redops`."""
+    if dtype not in SUPPORTED:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED)
+        raise CompileError(f"dtype {dtype} is not supported; expected one of {names}", text)
+    for op in sorted(redops):
+        if op not in SUPPORTED[dtype]:
+            raise CompileError(
+                f"op={op} is not supported for dtype {dtype}; "
+                f"{dtype} supports op={'|'.join(SUPPORTED[dtype])}",
+                text,
+            )
+
+
+def shape_facts(ops: tuple[Op, ...], mesh: Mesh) -> tuple[int, Fraction]:
+    """(granularity, row_factor): rows must divide by granularity; out = in x factor."""
+    frac, gran = Fraction(1), 1
+    for op in ops:
+        n = mesh.group_size(op.axes)
+        if op.coll == "allgather":
+            frac *= n
+        elif op.coll == "reducescatter":
+            frac /= n
+            gran = math.lcm(gran, frac.denominator)
+    return gran, frac
+
+
+def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
+    """Resolve axes against the mesh and verify the program; raise CompileError."""
+    text = program.text
+    ops = []
+    for st in program.stmts:
+        if st.axes is None:
+            axes = mesh.names
+        else:
+            seen: set[str] = set()
+            for ax in st.axes:
+                if ax.name not in mesh.names:
+                    raise CompileError(
+                        f"unknown axis {ax.name!r}; the mesh has axes {list(mesh.names)}",
+                        text, ax.pos.line, ax.pos.column, ax.pos.width,
+                    )
+                if ax.name in seen:
+                    raise CompileError(
+                        f"axis {ax.name!r} appears twice in one group",
+                        text, ax.pos.line, ax.pos.column, ax.pos.width,
+                    )
+                seen.add(ax.name)
+            axes = tuple(a.name for a in st.axes)
+        ops.append(Op(st.coll, axes, st.redop, st.pos, str(st)))
+    if dtype is not None:
+        check_dtype(dtype, {o.redop for o in ops if o.coll != "allgather"}, text)
+    gran, frac = shape_facts(tuple(ops), mesh)
+    return IR(tuple(ops), gran, frac)
+
+
+def check_rows(ir: IR, rows: int, text: str = "", what: str = "rows") -> int:
+    """Output row count for `rows` input rows; CompileError when they do not divide."""
+    if rows % ir.granularity:
+        raise CompileError(
+            f"{what}={rows} must be divisible by {ir.granularity} "
+            "(the reducescatter group sizes of the program)",
+            text,
+        )
+    return int(rows * ir.row_factor)

@@ -1,0 +1,52 @@
+"""The typed IR: a list of collectives over concrete axis groups of a mesh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+from .ast import Pos
+
+# How a group sits on the nodes of the mesh (set by passes.split_nodes):
+#   intra - every group lies inside one node
+#   inter - every group has at most one member per node
+#   hier  - every group is (equal parts on several nodes) x (members per node)
+#   flat  - irregular: the group crosses nodes unevenly, run as one inter-node step
+SCOPES = ("intra", "inter", "hier", "flat")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One collective over the group of `axes` (row-major in that order)."""
+
+    coll: str
+    axes: tuple[str, ...]
+    redop: str = "sum"
+    pos: Pos | None = None
+    source: str = ""
+    scope: str = "intra"
+
+    def with_(self, **kw: object) -> Op:
+        return replace(self, **kw)
+
+    def __str__(self) -> str:
+        op = "" if self.redop == "sum" else f", op={self.redop}"
+        return f"{self.coll}({'*'.join(self.axes)}{op})"
+
+
+@dataclass(frozen=True)
+class IR:
+    """The verified program: ops in order plus shape facts in units of input rows.
+
+    `granularity` is the number of equal row blocks ("units") the input is cut
+    into: the rows of every call must divide by it. `row_factor` is output rows
+    over input rows.
+    """
+
+    ops: tuple[Op, ...]
+    granularity: int
+    row_factor: Fraction
+
+    def __str__(self) -> str:
+        body = "; ".join(f"{op} [{op.scope}]" for op in self.ops) or "(identity: copy)"
+        return f"{body}  (rows % {self.granularity} == 0, out rows = in rows x {self.row_factor})"

@@ -1,0 +1,110 @@
+"""An independent oracle: the semantics table of ARCHITECTURE.md section 2, in float64.
+
+It parses programs with a regular expression and lays out ranks with itertools,
+sharing no code with mixcc, and rebuilds every rank's input from seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import torch
+
+_STMT = re.compile(r"^\s*(allreduce|allgather|reducescatter)\s*\(\s*([\w\s*]+?)\s*"
+                   r"(?:,\s*op\s*=\s*(sum|max|min)\s*)?\)\s*$")
+
+
+def statements(program: str) -> list[tuple[str, list[str] | None, str]]:
+    body = "\n".join(line.split("#", 1)[0] for line in program.splitlines())
+    out = []
+    for part in body.split(";"):
+        if not part.strip():
+            continue
+        m = _STMT.match(part)
+        assert m, f"oracle cannot read {part!r}"
+        group = m.group(2).replace(" ", "")
+        axes = None if group == "world" else group.split("*")
+        out.append((m.group(1), axes, m.group(3) or "sum"))
+    return out
+
+
+def layout(axes: list[tuple[str, int]]) -> list[dict[str, int]]:
+    """Coordinates of each rank, row-major with the last axis fastest."""
+    names = [a for a, _ in axes]
+    return [dict(zip(names, c, strict=True))
+            for c in itertools.product(*[range(s) for _, s in axes])]
+
+
+def group_of(coords: list[dict[str, int]], rank: int, axes: list[str] | None,
+             mesh_axes: list[tuple[str, int]]) -> list[int]:
+    if axes is None:
+        axes = [a for a, _ in mesh_axes]
+    sizes = dict(mesh_axes)
+    me = coords[rank]
+    members = []
+    for combo in itertools.product(*[range(sizes[a]) for a in axes]):
+        want = dict(me)
+        want.update(zip(axes, combo, strict=True))
+        members.append(coords.index(want))
+    return members
+
+
+def make_input(seed: int, rank: int, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    if dtype in (torch.int32,):
+        return torch.randint(-100, 100, (rows, hidden), generator=g, dtype=dtype)
+    return torch.randn((rows, hidden), generator=g, dtype=torch.float32).to(dtype)
+
+
+def expected(program: str, mesh_axes: list[tuple[str, int]], inputs: list[torch.Tensor]
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Per-rank outputs in float64, the magnitude bound of each element (the same program
+    on |x| with sum, or max |x|), and the largest number of terms behind one element."""
+    coords = layout(mesh_axes)
+    vals = [x.double() for x in inputs]
+    mags = [x.double().abs() for x in inputs]
+    terms = 1
+    for coll, axes, op in statements(program):
+        new_v, new_m = [], []
+        for r in range(len(vals)):
+            g = group_of(coords, r, axes, mesh_axes)
+            if coll == "allgather":
+                new_v.append(torch.cat([vals[m] for m in g]))
+                new_m.append(torch.cat([mags[m] for m in g]))
+                continue
+            stack = torch.stack([vals[m] for m in g])
+            red = {"sum": stack.sum(0), "max": stack.amax(0), "min": stack.amin(0)}[op]
+            mstack = torch.stack([mags[m] for m in g])
+            mag = mstack.sum(0) if op == "sum" else mstack.amax(0)
+            if coll == "reducescatter":
+                n, i = len(g), g.index(r)
+                red, mag = red.chunk(n)[i], mag.chunk(n)[i]
+            new_v.append(red)
+            new_m.append(mag)
+        if coll != "allgather" and op == "sum":
+            terms *= len(group_of(coords, 0, axes, mesh_axes))
+        vals, mags = new_v, new_m
+    return vals, mags, terms
+
+
+EPS = {torch.float32: 2.0**-23, torch.float64: 2.0**-52, torch.bfloat16: 2.0**-8,
+       torch.float16: 2.0**-11, torch.int32: 0.0}
+
+
+def mismatch(out: torch.Tensor, exp: torch.Tensor, mag: torch.Tensor, dtype: torch.dtype,
+             n_statements: int, terms: int) -> str | None:
+    """None if `out` matches, else a short description. Each rounding of a sum of at most
+    `terms` terms costs at most terms*eps of the magnitude; one more for the input."""
+    if out.shape != exp.shape:
+        return f"shape {tuple(out.shape)} != expected {tuple(exp.shape)}"
+    got = out.double()
+    if torch.isnan(got).any():
+        return "NaN in output"
+    tol = EPS[dtype] * mag * (n_statements + 1) * (terms + 1) + 1e-30
+    bad = (got - exp).abs() > tol
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        return (f"{int(bad.sum())} of {bad.numel()} elements differ; first at flat index {i}: "
+                f"got {got.flatten()[i].item()}, expected {exp.flatten()[i].item()}")
+    return None

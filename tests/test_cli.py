@@ -1,0 +1,51 @@
+import csv
+import json
+import subprocess
+import sys
+
+from mixcc.cli import main
+
+
+def test_explain_prints_ast_ir_plan(capsys):
+    assert main(["explain", "allreduce_allgather", "--mesh", "dp=2,tp=4",
+                 "--ranks-per-node", "8", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "allreduce(tp); allgather(dp)" in out
+    assert "IR after passes: allreduce(tp) [intra]; allgather(dp) [intra]" in out
+    assert "transport=ipc" in out and "chunking:" in out
+
+
+def test_explain_reports_errors_with_caret(capsys):
+    assert main(["explain", "allreduce(tp*xx)", "--mesh", "dp=2,tp=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown axis 'xx'" in err and "^^" in err
+
+
+def test_explain_multi_node(capsys):
+    assert main(["explain", "allreduce(tp*dp)", "--mesh", "dp=2,tp=4",
+                 "--ranks-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "[hier]" in out and "stage [inter] transport=nccl" in out
+
+
+def test_bench_on_gloo_writes_csv_and_json(tmp_path):
+    prefix = str(tmp_path / "b")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mixcc", "bench", "--world-size", "4", "--max-rows", "4",
+         "--iters", "2", "--repeats", "2", "--program", "allreduce_allgather",
+         "--program", "reducescatter(dp*tp)", "--out", prefix],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert lines[0].split()[:3] == ["program", "backend", "mode"]
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["program"] for r in rows} == {"allreduce(tp); allgather(dp)",
+                                             "reducescatter(dp*tp)"}
+    assert all(float(r["time_us"]) > 0 and float(r["busbw_gbs"]) > 0 for r in rows)
+    # allreduce(tp); allgather(dp) on dp=2,tp=2: bus bytes = (1 + dp - 2/tp) S = 2 S
+    r = next(r for r in rows if r["program"].startswith("allreduce"))
+    assert abs(float(r["busbw_gbs"]) / float(r["algbw_gbs"]) - 2.0) < 1e-6
+    with open(prefix + ".json") as f:
+        assert len(json.load(f)) == len(rows)
+    assert "[" in proc.stderr  # progress
