@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .codegen.lower import DEFAULT_WORKSPACE_BYTES, lower
+from .codegen.layout import DEFAULT_WORKSPACE_BYTES
+from .codegen.lower import lower
 from .codegen.plan import Plan
 from .errors import CompileError
 from .ir.build import build, check_dtype, check_rows
@@ -150,8 +151,15 @@ class Collective:
         out.copy_(y.reshape(shape))
         return out
 
+    def check(self) -> None:
+        """Raise mixcc.CollectiveTimeout if a device-side wait of this collective's runtime
+        timed out (calls check this themselves before launching)."""
+        for runner in self._fused.values():
+            runner.rt.check()
+
     def close(self) -> None:
-        """Release the fused kernels' tables (the shared runtime stays with its group)."""
+        """Drop this collective's kernels (the shared runtime stays with its group;
+        mixcc.runtime.close_all() releases it)."""
         self._fused.clear()
 
 
@@ -176,6 +184,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
     algorithm: str = "auto",
     timeout_s: float = 5.0,
     max_blocks: int | None = None,
+    multicast: bool = False,
 ) -> Collective:
     """Compile `program` (text or preset name) for `mesh` over `group` (default WORLD).
 
@@ -183,6 +192,9 @@ def compile(  # noqa: A001 - the public name the contract asks for
     `backend`: "auto" (fused where it applies, else reference), "reference" or "fused".
     Fused options: `workspace_bytes` (per rank, fixed), `algorithm` ("auto",
     "one_shot", "two_shot"), `timeout_s` for every device-side wait, `max_blocks`.
+    `multicast=True` asks for the NVLink multicast transport: it is refused when
+    NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 or NVSHMEM_DISABLE_NVLS=1
+    is set, and is not built otherwise; mixcc never creates a multicast object.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -210,10 +222,11 @@ def compile(  # noqa: A001 - the public name the contract asks for
         "algorithm": algorithm,
         "timeout_s": float(timeout_s),
         "max_blocks": max_blocks,
+        "multicast": multicast,
     }
     coll = Collective(text, mesh, ir, optimized, plan, dtype=dtype, group=group,
                       backend=backend, options=options)
-    if backend == "fused":
+    if backend == "fused" or multicast:
         from . import fused
 
         fused.check_applicable(coll, dtype)

@@ -60,7 +60,9 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, ar
 
 def _teardown() -> None:
     from .reference import clear_groups
+    from .runtime import close_all
 
+    close_all()
     clear_groups()
     dist.destroy_process_group()
 

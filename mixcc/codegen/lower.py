@@ -11,14 +11,10 @@ from __future__ import annotations
 
 from ..ir.nodes import IR, Op
 from ..mesh import Mesh
+from .layout import DEFAULT_WORKSPACE_BYTES, region_bytes
 from .linear_map import linear_map
 from .plan import Chunking, Plan, Stage, Step
 from .schedule import one_shot, two_shot
-
-# Default per-rank workspace: 2 halves x MAX_BLOCKS regions. 8 MiB keeps a region
-# at 128 KiB, enough for one-shot messages up to a few MB in a single chunk.
-DEFAULT_WORKSPACE_BYTES = 8 << 20
-MAX_BLOCKS = 32
 
 
 def phases(ops: tuple[Op, ...]) -> list[tuple[str, tuple[Op, ...]]]:
@@ -33,10 +29,6 @@ def phases(ops: tuple[Op, ...]) -> list[tuple[str, tuple[Op, ...]]]:
         else:
             out.append((red, [op]))
     return [(red or "sum", tuple(o)) for red, o in out]
-
-
-def region_bytes(workspace_bytes: int) -> int:
-    return workspace_bytes // (2 * MAX_BLOCKS) // 16 * 16
 
 
 def _steps_for(op: Op, mesh: Mesh) -> tuple[Step, ...]:

@@ -1,0 +1,95 @@
+"""render: a fused plan stage -> CUDA source (ARCHITECTURE.md section 3, step 5).
+
+The per-rank one-shot and two-shot schedules are baked into the source as tables,
+so one source serves every rank and every row count; the text is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import torch
+
+from . import layout
+from .plan import Stage
+from .schedule import Schedule
+
+CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+OP_ENUMS = {"sum": "kSum", "max": "kMax", "min": "kMin"}
+
+
+def templates_dir() -> Path:
+    """templates/ of the checkout, or mixcc/_templates of an installed wheel."""
+    try:
+        installed = Path(str(resources.files("mixcc._templates")))
+        if (installed / "stage_kernel.cu.j2").exists():
+            return installed
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[2] / "templates"
+
+
+@functools.lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates_dir())),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              trim_blocks=True, lstrip_blocks=True)
+
+
+def schedule_table(sched: Schedule) -> tuple[list[int], list[int], int]:
+    """(flat int table, per-rank offsets, max terms) in the layout the template reads."""
+    flat: list[int] = []
+    offsets = []
+    max_terms = 1
+    for rs in sched.ranks:
+        offsets.append(len(flat))
+        flat += [len(rs.neighbors), *rs.neighbors, len(rs.reduce)]
+        for t in rs.reduce:
+            flat += [t.dst_kind, t.dst, t.owner_index, t.owners, len(t.terms)]
+            for src, unit, coef in t.terms:
+                flat += [src, unit, coef]
+            max_terms = max(max_terms, len(t.terms))
+        flat.append(len(rs.gather))
+        for g in rs.gather:
+            flat += [g.dst, len(g.sources)]
+            for src, slot in g.sources:
+                flat += [src, slot]
+    return flat, offsets, max_terms
+
+
+def _ints(values: list[int], per_line: int = 24) -> str:
+    lines = [", ".join(map(str, values[i:i + per_line])) for i in range(0, len(values), per_line)]
+    return ",\n    ".join(lines)
+
+
+def render_stage(stage: Stage, dtype: torch.dtype) -> str:
+    """CUDA source of one fused stage for `dtype`."""
+    if dtype not in CTYPES:
+        raise ValueError(f"the fused backend supports {list(CTYPES)}, not {dtype}")
+    lmap = stage.lmap
+    assert lmap is not None, "render_stage needs a fused (one-node) stage"
+    if lmap.world_size > layout.MAX_RANKS:
+        raise ValueError(f"the fused backend serves at most {layout.MAX_RANKS} ranks per node")
+    scheds = []
+    for name, key in (("OneShot", "one_shot"), ("TwoShot", "two_shot")):
+        flat, offsets, max_terms = schedule_table(stage.schedules[key])
+        scheds.append({"name": name, "table": _ints(flat), "offsets": _ints(offsets),
+                       "max_terms": max_terms})
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _env().get_template("stage_kernel.cu.j2").render(
+        ops="; ".join(str(o) for o in stage.ops),
+        dtype=str(dtype).removeprefix("torch."),
+        redop=lmap.redop,
+        ctype=CTYPES[dtype],
+        op_enum=OP_ENUMS[lmap.redop],
+        nranks=lmap.world_size,
+        max_ranks=layout.MAX_RANKS,
+        max_blocks=layout.MAX_BLOCKS,
+        threads=layout.THREADS,
+        in_units=lmap.in_units,
+        vec=16 // elem,
+        schedules=scheds,
+    )

@@ -1,0 +1,203 @@
+"""Python half of the shared runtime (native half: runtime/mixcc_runtime.cu).
+
+One Runtime per (process group, device), shared by every fused collective compiled
+on that group: a fixed-size workspace per rank (independent of message size), the
+peers' workspaces mapped through CUDA IPC handles exchanged with an object
+collective of the group (no files, no sockets), per-block epoch counters on the
+device (graph-safe) and a host-mapped error record that device-side timeouts fill.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import socket
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .codegen import layout
+from .codegen.build import build_module, device_arch
+from .errors import CollectiveTimeout
+
+
+def runtime_source_dir() -> Path:
+    """runtime/ of the checkout, or mixcc/_runtime of an installed wheel."""
+    try:
+        installed = Path(str(resources.files("mixcc._runtime")))
+        if (installed / "mixcc_runtime.cu").exists():
+            return installed
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[1] / "runtime"
+
+
+def build_native(arch: str) -> Path:
+    src = (runtime_source_dir() / "mixcc_runtime.cu").read_text()
+    return build_module(src, "runtime", arch).path
+
+
+@functools.lru_cache(maxsize=1)
+def native() -> ctypes.CDLL:
+    """The runtime library, built on first use for this GPU (torch's CUDA loaded first)."""
+    torch.cuda.init()
+    lib = ctypes.CDLL(str(build_native(device_arch())))
+    vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+    sigs = {
+        "mixcc_rt_alloc": [i, sz, ctypes.POINTER(vp)],
+        "mixcc_rt_free": [i, vp],
+        "mixcc_rt_ipc_handle": [i, vp, ctypes.c_char_p],
+        "mixcc_rt_ipc_open": [i, ctypes.c_char_p, ctypes.POINTER(vp)],
+        "mixcc_rt_ipc_close": [i, vp],
+        "mixcc_rt_host_alloc": [sz, ctypes.POINTER(vp), ctypes.POINTER(vp)],
+        "mixcc_rt_host_free": [vp],
+    }
+    for name, args in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    lib.mixcc_rt_error_string.argtypes = [ctypes.c_int]
+    lib.mixcc_rt_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def cuda_check(rc: int, what: str) -> None:
+    if rc != 0:
+        msg = native().mixcc_rt_error_string(rc).decode()
+        raise RuntimeError(f"mixcc runtime: {what} failed: CUDA error {rc} ({msg})")
+
+
+class _ErrorRecord(ctypes.Structure):  # mirrors mixcc::ErrorRecord in mixcc_sync.cuh
+    _fields_ = [("status", ctypes.c_int), ("rank", ctypes.c_int), ("peer", ctypes.c_int),
+                ("stage", ctypes.c_int), ("block", ctypes.c_int), ("epoch", ctypes.c_uint)]
+
+
+class Runtime:
+    """Workspace, peer mappings, epochs and error record of one (group, device).
+
+    Use `get_runtime`; `close()` (collective when the group is still alive) releases
+    the mappings and memory; a Runtime is also a context manager.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, device: int, workspace_bytes: int,
+                 timeout_s: float):
+        self.group, self.device, self.workspace_bytes = group, device, workspace_bytes
+        self.timeout_s = timeout_s  # of the last launch, for the error message
+        self._key: tuple[int, int] | None = None
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        if self.world > layout.MAX_RANKS:
+            raise ValueError(f"a runtime serves at most {layout.MAX_RANKS} ranks, "
+                             f"the group has {self.world}")
+        if workspace_bytes < layout.DATA_OFFSET + 2 * layout.MAX_BLOCKS * 1024:
+            raise ValueError(f"workspace_bytes={workspace_bytes} is too small")
+        lib = native()
+        self.region_bytes = layout.region_bytes(workspace_bytes)
+        self._closed = False
+        self._opened: list[int] = []
+        ws = ctypes.c_void_p()
+        cuda_check(lib.mixcc_rt_alloc(device, workspace_bytes, ctypes.byref(ws)), "cudaMalloc")
+        self._ws = ws.value
+        handle = ctypes.create_string_buffer(64)
+        cuda_check(lib.mixcc_rt_ipc_handle(device, self._ws, handle), "cudaIpcGetMemHandle")
+        mine = (handle.raw, socket.gethostname())
+        if self.world > 1:
+            everyone: list = [None] * self.world
+            dist.all_gather_object(everyone, mine, group=group)
+        else:
+            everyone = [mine]
+        hosts = {h for _, h in everyone}
+        if len(hosts) > 1:
+            self.close()
+            raise RuntimeError(f"the fused backend needs every rank on one host, got {hosts}")
+        ptrs = []
+        for r, (h, _) in enumerate(everyone):
+            if r == self.rank:
+                ptrs.append(self._ws)
+                continue
+            p = ctypes.c_void_p()
+            cuda_check(lib.mixcc_rt_ipc_open(device, h, ctypes.byref(p)),
+                       f"cudaIpcOpenMemHandle of rank {r}")
+            self._opened.append(p.value)
+            ptrs.append(p.value)
+        dev = torch.device("cuda", device)
+        self.peers = torch.tensor(ptrs, dtype=torch.int64, device=dev)
+        self.epochs = torch.zeros(layout.MAX_BLOCKS, dtype=torch.int32, device=dev)
+        host, dptr = ctypes.c_void_p(), ctypes.c_void_p()
+        cuda_check(lib.mixcc_rt_host_alloc(ctypes.sizeof(_ErrorRecord), ctypes.byref(host),
+                                           ctypes.byref(dptr)), "cudaHostAlloc")
+        self._err_host, self.err_dev = host.value, dptr.value
+        self._err = _ErrorRecord.from_address(self._err_host)
+
+    def check(self) -> None:
+        """Raise CollectiveTimeout if a device-side wait of this runtime timed out."""
+        if self._closed:
+            raise RuntimeError("this mixcc runtime is closed")
+        e = self._err
+        if e.status:
+            raise CollectiveTimeout(e.rank, e.peer, ["input", "result"][e.stage], e.block,
+                                    e.epoch, self.timeout_s)
+
+    def close(self, barrier: bool = True) -> None:
+        """Release peer mappings and memory. With `barrier` (while the group lives) this is
+        collective: a barrier first, so no peer still reads this workspace."""
+        if self._closed:
+            return
+        self._closed = True
+        lib = native()
+        try:
+            torch.cuda.synchronize(self.device)
+            if barrier and self.world > 1 and dist.is_initialized():
+                dist.barrier(group=self.group)
+        finally:
+            for p in self._opened:
+                lib.mixcc_rt_ipc_close(self.device, p)
+            self._opened = []
+            if getattr(self, "_ws", None):
+                lib.mixcc_rt_free(self.device, self._ws)
+                self._ws = None
+            if getattr(self, "_err_host", None):
+                self._err = None
+                lib.mixcc_rt_host_free(self._err_host)
+                self._err_host = None
+            if self._key is not None:
+                _RUNTIMES.pop(self._key, None)
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_RUNTIMES: dict[tuple[int, int], Runtime] = {}
+
+
+def get_runtime(group: dist.ProcessGroup | None, device: int, workspace_bytes: int,
+                timeout_s: float) -> Runtime:
+    """The runtime of (group, device), created on first use (a collective call)."""
+    key = (id(group if group is not None else dist.group.WORLD), device)
+    rt = _RUNTIMES.get(key)
+    if rt is None:
+        rt = Runtime(group, device, workspace_bytes, timeout_s)
+        rt._key = key
+        _RUNTIMES[key] = rt
+    elif rt.workspace_bytes != workspace_bytes:
+        raise ValueError(
+            f"workspace_bytes={workspace_bytes} differs from the {rt.workspace_bytes} of the "
+            "runtime already serving this group: one fixed workspace per (group, device)"
+        )
+    return rt
+
+
+def close_all(barrier: bool = True) -> None:
+    """Close every runtime (call on every rank before destroying the process groups)."""
+    for rt in list(_RUNTIMES.values()):
+        rt.close(barrier=barrier)
+    _RUNTIMES.clear()
+
+
+# At exit peers may be gone already: release local resources without a barrier.
+atexit.register(close_all, False)

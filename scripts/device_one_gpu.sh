@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h100-x1 / nvidia-h200): the fused backend's one-GPU ladder step.
+# Several processes share the GPU through CUDA IPC, under MPS; then a short fused bench.
+# Call with carry [".whl", ".mxcache"] (lark wheel; prebuilt modules, optional).
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/mixcc-out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
+nvidia-smi -L; nvcc --version | tail -1
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+nvidia-cuda-mps-control -d && echo "MPS started"
+trap 'echo quit | nvidia-cuda-mps-control' EXIT
+python3 scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^W1\|FutureWarning\|warnings.warn"
+python3 -m mixcc bench --world-size 2 --backend fused,reference --program allreduce_allgather \
+  --program reducescatter_allreduce --max-rows 256 --iters 10 --repeats 5 --out "$OUT/bench_1gpu" \
+  2>&1 | grep -v "^\[\|FutureWarning\|warnings.warn" | tee "$OUT/bench_1gpu.log"

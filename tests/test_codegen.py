@@ -1,0 +1,139 @@
+"""Rendering and building (ARCHITECTURE.md section 7, step 2): every preset and a sample
+of fuzzed programs render and compile with nvcc for sm_90; skipped without nvcc."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mixcc
+from mixcc.codegen.build import build_module, cache_key, find_nvcc
+from mixcc.codegen.render import render_stage, schedule_table
+from mixcc.codegen.schedule import DST_OUT
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def stages(program, axes, rpn=None):
+    coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn), backend="reference")
+    return coll.plan.stages
+
+
+def test_render_is_deterministic_and_specialised():
+    st0 = stages("allreduce_allgather", {"dp": 2, "tp": 4})[0]
+    a, b = render_stage(st0, torch.bfloat16), render_stage(st0, torch.bfloat16)
+    assert a == b
+    assert "using T = __nv_bfloat16;" in a and "constexpr int NRANKS = 8;" in a
+    assert "constexpr int VEC_WIDE = 8;" in a and "mixcc::Op::kSum" in a
+    f = render_stage(stages("allreduce(tp, op=max)", {"tp": 2})[0], torch.float32)
+    assert "using T = float;" in f and "VEC_WIDE = 4;" in f and "kMax" in f
+
+
+def test_schedule_table_layout():
+    st0 = stages("allreduce(tp)", {"tp": 2})[0]
+    flat, offsets, max_terms = schedule_table(st0.schedules["one_shot"])
+    # rank 1: 1 neighbour (0), 1 reduce task into out[0] of 2 terms, 0 gathers
+    r1 = flat[offsets[1]:]
+    assert r1[:3] == [1, 0, 1]
+    assert r1[3:8] == [DST_OUT, 0, 0, 1, 2]
+    assert r1[8:14] == [0, 0, 1, 1, 0, 1] and r1[14] == 0
+    assert max_terms == 2
+
+
+def test_render_refuses_unsupported_dtype():
+    with pytest.raises(ValueError, match="supports"):
+        render_stage(stages("allreduce(tp)", {"tp": 2})[0], torch.float64)
+
+
+def test_cache_key_covers_source_flags_version_and_arch():
+    k = cache_key("src", "sm_90", ["-O3"], "V13.0")
+    assert k == cache_key("src", "sm_90", ["-O3"], "V13.0")
+    assert len({k, cache_key("src2", "sm_90", ["-O3"], "V13.0"),
+                cache_key("src", "sm_90a", ["-O3"], "V13.0"),
+                cache_key("src", "sm_90", ["-O2"], "V13.0"),
+                cache_key("src", "sm_90", ["-O3"], "V12.8")}) == 5
+
+
+def test_fused_refuses_multi_node_and_multicast(monkeypatch):
+    mesh = mixcc.Mesh({"dp": 2, "tp": 2}, ranks_per_node=2)
+    with pytest.raises(ValueError, match="cross nodes"):
+        mixcc.compile("allreduce(dp)", mesh, backend="fused")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    with pytest.raises(ValueError, match="multicast is disabled on this machine"):
+        mixcc.compile("allreduce(tp)", mixcc.Mesh({"tp": 2}), multicast=True)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", list(mixcc.presets.PRESETS))
+def test_presets_compile_for_sm90(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    for dtype in DTYPES:
+        for st0 in stages(name, {"dp": 2, "tp": 4}):
+            built = build_module(render_stage(st0, dtype), "stage", "sm_90")
+            assert built.path.exists() and not built.cached
+
+
+@needs_nvcc
+def test_cache_hit_and_concurrent_builds(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    src = render_stage(stages("reducescatter_allreduce", {"dp": 2, "tp": 2})[0], torch.float16)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        build_module(src, "stage", "sm_90"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.path for r in results}) == 1
+    assert sum(not r.cached for r in results) == 1  # one compiled, the others waited
+    again = build_module(src, "stage", "sm_90")
+    assert again.cached and again.seconds == 0.0
+    assert not list((tmp_path / "modules").glob(".stage-*"))  # no stray temp dirs
+
+
+@needs_nvcc
+def test_runtime_library_compiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    from mixcc.runtime import build_native
+
+    assert build_native("sm_90").exists()
+
+
+@st.composite
+def programs(draw):
+    names = ["a", "b", "c"][: draw(st.integers(1, 3))]
+    sizes = [draw(st.sampled_from([1, 2, 4])) for _ in names]
+    if math.prod(sizes) > 8:
+        sizes = [2] * len(names)
+        sizes = sizes[:3] if math.prod(sizes) <= 8 else sizes[:2]
+        names = names[: len(sizes)]
+    stmts = []
+    for _ in range(draw(st.integers(1, 3))):
+        coll = draw(st.sampled_from(["allreduce", "allgather", "reducescatter"]))
+        k = draw(st.integers(1, len(names)))
+        axes = draw(st.permutations(names))[:k]
+        op = draw(st.sampled_from(["", ", op=max", ", op=min"]))
+        stmts.append(f"{coll}({'*'.join(axes)}{op})")
+    return "; ".join(stmts), dict(zip(names, sizes, strict=True)), draw(st.sampled_from(DTYPES))
+
+
+@needs_nvcc
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(case=programs())
+def test_fuzzed_programs_compile_for_sm90(tmp_path_factory, case):
+    program, axes, dtype = case
+    import os
+
+    os.environ["MIXCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        for st0 in stages(program, axes):
+            assert build_module(render_stage(st0, dtype), "stage", "sm_90").path.exists()
+    finally:
+        del os.environ["MIXCC_CACHE_DIR"]
