@@ -43,6 +43,8 @@ class Collective:
         self.options = options
         self._reference: ReferenceRunner | None = None
         self._fused: dict[torch.dtype, object] = {}
+        self._auto: dict[torch.dtype, str] = {}  # backend "auto" picks, per CUDA dtype
+        self._dtype_ok: set[torch.dtype] = set()
         if _group_size(group) is not None:
             self.rank = dist.get_rank(group)
             self._reference = ReferenceRunner(plan, self.rank, group)
@@ -80,9 +82,15 @@ class Collective:
     def _choose(self, x: torch.Tensor) -> str:
         if self.backend != "auto":
             return self.backend
-        from . import fused
+        if not x.is_cuda:
+            return "reference"
+        pick = self._auto.get(x.dtype)
+        if pick is None:
+            from . import fused
 
-        return "fused" if x.is_cuda and fused.should_use(self, x.dtype) else "reference"
+            pick = self._auto[x.dtype] = (
+                "fused" if fused.should_use(self, x.dtype) else "reference")
+        return pick
 
     def _expected_device(self, backend: str, x: torch.Tensor) -> torch.device:
         if backend == "fused" or x.is_cuda:
@@ -96,10 +104,12 @@ class Collective:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if self.dtype is not None and x.dtype != self.dtype:
             raise TypeError(f"x.dtype must be {self.dtype} (compiled for it), got {x.dtype}")
-        try:
-            check_dtype(x.dtype, {o.redop for o in self.ir.ops if o.coll != "allgather"})
-        except CompileError as e:
-            raise TypeError(f"x.dtype: {e}") from None
+        if x.dtype not in self._dtype_ok:
+            try:
+                check_dtype(x.dtype, {o.redop for o in self.ir.ops if o.coll != "allgather"})
+            except CompileError as e:
+                raise TypeError(f"x.dtype: {e}") from None
+            self._dtype_ok.add(x.dtype)
         if x.dim() == 0:
             raise ValueError("x must have at least one dimension (rows), got a 0-d tensor")
         if not x.is_contiguous():
@@ -136,7 +146,7 @@ class Collective:
             runner = self._fused.get(x.dtype)
             if runner is None:
                 runner = self._fused[x.dtype] = fused.FusedRunner(self, x.dtype)
-            return runner(x, out)
+            return runner(x, out, shape)
         if self._reference is None:
             if self.mesh.world_size != 1:
                 raise RuntimeError(

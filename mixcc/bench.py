@@ -9,6 +9,7 @@ busbw = bus bytes / time with the nccl-tests formulas applied per statement
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import statistics
 import sys
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from . import presets
+from . import baselines, presets
 from .api import compile as mixcc_compile
 from .ir.build import build
 from .ir.parser import parse
@@ -33,6 +34,7 @@ class Row:
     program: str
     backend: str
     mode: str  # oop (out-of-place) | ip (in place)
+    timing: str  # graph (CUDA graph + events) | host (issue time of an eager call) | cpu
     dtype: str
     world: int
     rows: int
@@ -66,13 +68,16 @@ def default_mesh(world: int) -> Mesh:
     return Mesh({"dp": dp, "tp": world // dp})
 
 
-def _time_calls(fn, iters: int, repeats: int, cuda: bool) -> float:
-    """Median seconds per call over `repeats` runs of `iters` calls: CUDA graphs and
-    events when `cuda`, else the host clock around eager calls (synchronised at the end
-    of each repeat when a GPU is present)."""
+def _time_calls(fn, iters: int, repeats: int, mode: str) -> float:
+    """Median seconds per call over `repeats` runs of `iters` calls.
+
+    mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU);
+    "host": host time to issue one eager call, without waiting for the GPU (ranks
+    sharing a GPU: their device times are not meaningful); "cpu": host clock.
+    """
     for _ in range(3):
         fn()
-    if cuda:
+    if mode == "graph":
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
@@ -83,25 +88,25 @@ def _time_calls(fn, iters: int, repeats: int, cuda: bool) -> float:
         torch.cuda.current_stream().wait_stream(stream)
         graph.replay()
         torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
+    times = []
+    for _ in range(repeats):
+        if mode != "cpu":
+            torch.cuda.synchronize()
+        dist.barrier()
+        if mode == "graph":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / iters)
-        return statistics.median(times)
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
+            continue
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / iters)
+    if mode != "cpu":
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -154,37 +159,58 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     rows_out: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
     plan = []
+    skipped = []
     for prog in programs:
+        ref = mixcc_compile(prog, mesh, dtype=dtype, backend="reference")
         for be in backends:
-            coll = mixcc_compile(prog, mesh, dtype=dtype, backend=be)
-            ref = mixcc_compile(prog, mesh, dtype=dtype, backend="reference") \
-                if be != "reference" else coll
-            modes = ["oop"]
-            if coll.ir.row_factor == 1:
-                modes.append("ip")
-            for rows in sizes(cfg["min_rows"], cfg["max_rows"], coll.ir.granularity):
+            if be in baselines.BASELINES:
+                try:  # probe once with a one-row shape: Unavailable is shape-independent
+                    baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
+                except baselines.Unavailable as e:
+                    skipped.append(f"{be} for {prog!r}: {e}")
+                    continue
+                coll, modes = None, ["oop"]
+            else:
+                coll = ref if be == "reference" else mixcc_compile(prog, mesh, dtype=dtype,
+                                                                   backend=be)
+                modes = ["oop", "ip"] if coll.ir.row_factor == 1 else ["oop"]
+            for rows in sizes(cfg["min_rows"], cfg["max_rows"], ref.ir.granularity):
                 for mode in modes:
                     plan.append((prog, be, coll, ref, rows, mode))
+    if rank == 0:
+        for line in skipped:
+            print(f"skip: {line}", file=sys.stderr)
     if rank == 0 and gpu_shared:
-        print("note: several ranks share one GPU; times of such a run are not meaningful "
-              "(see docs/PERF.md). Reported: host time of one eager call.", file=sys.stderr)
+        print("note: several ranks share one GPU, so their device times are not meaningful; "
+              "fused rows report the host time to issue one eager call, reference rows the "
+              "gloo time on CPU tensors.", file=sys.stderr)
     for i, (prog, be, coll, ref, rows, mode) in enumerate(plan):
         hidden = cfg["hidden"]
         device = device_for(be)
         x = torch.randn((rows, hidden), generator=gen).to(device=device, dtype=dtype)
-        out = x if mode == "ip" else torch.empty(coll.output_shape(x.shape), dtype=dtype,
+        out = x if mode == "ip" else torch.empty(ref.output_shape(x.shape), dtype=dtype,
                                                   device=device)
+        if coll is None:
+            fn = baselines.make(be, prog, mesh, x.shape, dtype)
+        else:
+            fn = functools.partial(coll.__call__, x, out=out)
+
+        def call(fn=fn, x=x, out=out, baseline=coll is None):
+            return fn(x, out) if baseline else fn()
+
         errors = -1
         if be != "reference":
             expect = ref(x.to(device_for("reference")))
-            got = coll(x.clone() if mode == "ip" else x)
+            got = fn(x, torch.empty_like(out)) if coll is None \
+                else coll(x.clone() if mode == "ip" else x)
             errors = _sum_over_ranks(count_wrong(got, expect), group_device)
-        t = _time_calls(lambda c=coll, x=x, o=out: c(x, out=o), cfg["iters"], cfg["repeats"],
-                        cuda)
+        timing = "graph" if cuda else ("host" if device.type == "cuda" else "cpu")
+        t = _time_calls(call, cfg["iters"], cfg["repeats"], timing)
         t = _max_over_ranks(t, group_device)
         nbytes = x.numel() * x.element_size()
-        row = Row(prog, be, mode, str(dtype).removeprefix("torch."), world, rows, hidden, nbytes,
-                  t * 1e6, nbytes / t / 1e9, nbytes * bus_factor(prog, mesh) / t / 1e9, errors)
+        row = Row(prog, be, mode, timing, str(dtype).removeprefix("torch."), world, rows,
+                  hidden, nbytes, t * 1e6, nbytes / t / 1e9,
+                  nbytes * bus_factor(prog, mesh) / t / 1e9, errors)
         rows_out.append(row)
         if rank == 0:
             if i == 0:
@@ -195,12 +221,14 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
 
 
 def header() -> str:
-    return (f"{'program':<34} {'backend':<10} {'mode':<4} {'dtype':<8} {'rows':>6} "
+    return (f"{'program':<34} {'backend':<10} {'mode':<4} {'timing':<6} {'dtype':<8} "
+            f"{'rows':>6} "
             f"{'bytes':>10} {'time_us':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6}")
 
 
 def format_row(r: Row) -> str:
-    return (f"{r.program:<34} {r.backend:<10} {r.mode:<4} {r.dtype:<8} {r.rows:>6} "
+    return (f"{r.program:<34} {r.backend:<10} {r.mode:<4} {r.timing:<6} {r.dtype:<8} "
+            f"{r.rows:>6} "
             f"{r.bytes:>10} {r.time_us:>10.2f} {r.algbw_gbs:>8.3f} {r.busbw_gbs:>8.3f} "
             f"{r.errors if r.errors >= 0 else 'n/a':>6}")
 

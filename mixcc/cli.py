@@ -66,6 +66,8 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
     from . import fused
 
     mesh = Mesh.parse(args.mesh, args.ranks_per_node)
+    if args.ranks_per_node is None:  # ahead of time: assume the whole mesh is one node
+        mesh = Mesh(list(zip(mesh.names, mesh.sizes, strict=True)), mesh.world_size)
     from .bench import DTYPES
 
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
@@ -92,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks-per-node", type=int, default=None)
     b.add_argument("--world-size", type=int, default=None,
                    help="local ranks to spawn (default: GPU count, or 4 without GPUs)")
-    b.add_argument("--backend", default=None, help="comma list: fused,reference")
+    b.add_argument("--backend", default=None,
+                   help="comma list of fused, reference (the NCCL/gloo composition), nccl1, "
+                        "symm_one_shot, symm_two_shot")
     b.add_argument("--dtype", default=None)
     b.add_argument("--hidden", type=int, default=None)
     b.add_argument("--min-rows", type=int, default=1)
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("prebuild", help="compile the fused kernels of programs ahead of time")
     pb.add_argument("--program", action="append", help="program or preset (default: presets)")
     pb.add_argument("--mesh", required=True)
-    pb.add_argument("--ranks-per-node", type=int, default=None)
+    pb.add_argument("--ranks-per-node", type=int, default=None,
+                    help="default: the whole mesh is one node")
     pb.add_argument("--dtype", default="bfloat16", help="comma list")
     pb.add_argument("--arch", default=None, help="e.g. sm_90a (default: this GPU's)")
     pb.set_defaults(fn=_cmd_prebuild)

@@ -15,11 +15,18 @@ fi
 export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
 nvidia-smi -L; nvcc --version | tail -1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+# Build times: a cold cache, then the same again (cache hits).
+for pass in cold hit; do
+  echo "prebuild ($pass cache):"
+  TIMEFORMAT="  wall %R s"
+  time (MIXCC_CACHE_DIR=/tmp/mixcc-cold python3 -m mixcc prebuild --mesh dp=2,tp=4 \
+    --dtype bfloat16 2>&1 | sed 's/  \/.*$//')
+done
 export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
 mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
 nvidia-cuda-mps-control -d && echo "MPS started"
 trap 'echo quit | nvidia-cuda-mps-control' EXIT
 python3 scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^W1\|FutureWarning\|warnings.warn"
-python3 -m mixcc bench --world-size 2 --backend fused,reference --program allreduce_allgather \
+python3 -m mixcc bench --world-size 2 --backend fused,reference,nccl1 --program allreduce_allgather \
   --program reducescatter_allreduce --max-rows 256 --iters 10 --repeats 5 --out "$OUT/bench_1gpu" \
   2>&1 | grep -v "^\[\|FutureWarning\|warnings.warn" | tee "$OUT/bench_1gpu.log"

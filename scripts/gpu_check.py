@@ -82,16 +82,23 @@ def granularity(program: str, axes) -> int:
 
 
 class Results:
+    """Pass/fail counts per category (the text in the last [...] of a check's name)."""
+
     def __init__(self):
         self.passed, self.failed, self.msgs = 0, 0, []
+        self.by_cat: dict[str, list[int]] = {}
 
     def check(self, name: str, msg: str | None) -> None:
+        cat = name.rsplit("[", 1)[-1].rstrip("]") if name.endswith("]") else name.split(" ")[0]
+        counts = self.by_cat.setdefault(cat, [0, 0])
         if msg:
             self.failed += 1
+            counts[1] += 1
             if len(self.msgs) < 40:
                 self.msgs.append(f"{name}: {msg}")
         else:
             self.passed += 1
+            counts[0] += 1
 
 
 def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name: str,
@@ -158,12 +165,12 @@ def graph_case(res: Results, rank: int, world: int, dtype_name: str) -> None:
         g.replay()
         torch.cuda.synchronize()
         exp, mag, terms = expected(program, axes, inputs)
-        res.check(f"graph replay {it} {dtype_name}",
+        res.check(f"replay {it} {dtype_name} [graph replay]",
                   mismatch(out.cpu(), exp[rank], mag[rank], dtype, 2, terms))
     # eager calls after the replays still agree (epochs stayed consistent)
     out2 = coll(x)
     torch.cuda.synchronize()
-    res.check("eager after graph", mismatch(out2.cpu(), exp[rank], mag[rank], dtype, 2, terms))
+    res.check("[eager after graph]", mismatch(out2.cpu(), exp[rank], mag[rank], dtype, 2, terms))
 
 
 def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
@@ -183,16 +190,16 @@ def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
         torch.cuda.synchronize()
         try:
             coll.check()
-            res.check("timeout raised", "no CollectiveTimeout after a peer skipped")
+            res.check("[timeout raised]", "no CollectiveTimeout after a peer skipped")
         except mixcc.CollectiveTimeout as e:
             ok = e.peer == skipper and e.rank == rank and "skipped" in str(e)
-            res.check("timeout raised", None if ok else f"wrong info: {e}")
+            res.check("[timeout raised]", None if ok else f"wrong info: {e}")
             try:
                 coll(x)
-                res.check("timeout sticky", "call after a timeout did not raise")
+                res.check("[timeout sticky]", "call after a timeout did not raise")
             except mixcc.CollectiveTimeout:
-                res.check("timeout sticky", None)
-        res.check("timeout took < 10 s", None if time.time() - t0 < 10 else
+                res.check("[timeout sticky]", None)
+        res.check("[timeout < 10 s]", None if time.time() - t0 < 10 else
                   f"{time.time() - t0:.1f} s")
     dist.barrier(group=gloo)
     from mixcc.runtime import _RUNTIMES
@@ -206,8 +213,8 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     res = Results()
     gloo = dist.group.WORLD
     t0 = time.time()
+    cases: list = []
     try:
-        cases = []
         for axes in meshes_for(world):
             for prog in presets.PRESETS.values():
                 g = granularity(prog, axes)
@@ -244,7 +251,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     except Exception:
         res.check("worker", traceback.format_exc(limit=6))
     summary = {"rank": rank, "passed": res.passed, "failed": res.failed, "msgs": res.msgs,
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "by_category": res.by_cat, "cases": len(cases)}
     everyone = [None] * world
     dist.all_gather_object(everyone, summary)
     if rank == 0:
@@ -252,10 +259,16 @@ def worker(rank: int, world: int, cfg: dict) -> None:
         if path:
             with open(path, "w") as f:
                 json.dump(everyone, f, indent=1)
-        print(json.dumps({"world": world, "passed": sum(s["passed"] for s in everyone),
-                          "failed": sum(s["failed"] for s in everyone),
-                          "first_failures": [m for s in everyone for m in s["msgs"]][:10]}),
-              flush=True)
+        cats: dict[str, list[int]] = {}
+        for s in everyone:
+            for c, (p, f) in s["by_category"].items():
+                cats.setdefault(c, [0, 0])
+                cats[c][0] += p
+                cats[c][1] += f
+        for m in [m for s in everyone for m in s["msgs"]][:10]:
+            print("FAIL", m, flush=True)
+        with open(cfg["table_path"], "a") as f:
+            f.write(json.dumps([world, everyone[0]["cases"], cats]) + "\n")
 
 
 def prebuild(worlds: list[int], cfg: dict) -> None:
@@ -295,17 +308,33 @@ def main() -> None:
     ap.add_argument("--prebuild-only", action="store_true")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
+    import tempfile
+
     cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"),
-           "arch": args.arch}
+           "arch": args.arch,
+           "table_path": os.path.join(tempfile.mkdtemp(), "table.jsonl")}
     prebuild(worlds, cfg)
     if args.prebuild_only:
         return
     from mixcc import launch
 
+    secs = {}
     for w in worlds:
         t0 = time.time()
         launch.spawn(worker, w, cfg, backend="gloo")
-        print(f"world {w}: {time.time() - t0:.1f} s", flush=True)
+        secs[w] = time.time() - t0
+    rows = [json.loads(line) for line in open(cfg["table_path"])]
+    cats = sorted({c for _, _, cs in rows for c in cs})
+    print(f"\n{'check':<22}" + "".join(f"{f'world {w}':>16}" for w, _, _ in rows))
+    print(f"{'cases':<22}" + "".join(f"{n:>16}" for _, n, _ in rows))
+    for c in cats:
+        cells = [f"{cs.get(c, [0, 0])[0]} ok/{cs.get(c, [0, 0])[1]} bad" for _, _, cs in rows]
+        print(f"{c:<22}" + "".join(f"{x:>16}" for x in cells))
+    print(f"{'seconds':<22}" + "".join(f"{secs[w]:>16.1f}" for w, _, _ in rows))
+    total_bad = sum(f for _, _, cs in rows for _, f in cs.values())
+    total_ok = sum(p for _, _, cs in rows for p, _ in cs.values())
+    print(f"TOTAL: {total_ok} passed, {total_bad} failed")
+    sys.exit(1 if total_bad else 0)
 
 
 if __name__ == "__main__":

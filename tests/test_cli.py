@@ -33,7 +33,8 @@ def test_bench_on_gloo_writes_csv_and_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mixcc", "bench", "--world-size", "4", "--max-rows", "4",
          "--iters", "2", "--repeats", "2", "--program", "allreduce_allgather",
-         "--program", "reducescatter(dp*tp)", "--out", prefix],
+         "--program", "reducescatter(dp*tp)", "--program", "reducescatter_allreduce",
+         "--backend", "reference,nccl1", "--out", prefix],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -41,10 +42,18 @@ def test_bench_on_gloo_writes_csv_and_json(tmp_path):
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["program"] for r in rows} == {"allreduce(tp); allgather(dp)",
-                                             "reducescatter(dp*tp)"}
+                                             "reducescatter(dp*tp)",
+                                             "reducescatter(dp); allreduce(tp)"}
+    # the one-call baseline runs for the two combined presets and agrees with reference
+    one = [r for r in rows if r["backend"] == "nccl1"]
+    assert {r["program"] for r in one} == {"allreduce(tp); allgather(dp)",
+                                           "reducescatter(dp); allreduce(tp)"}
+    assert all(r["errors"] == "0" for r in one)
+    assert "skip: nccl1 for 'reducescatter(dp*tp)'" in proc.stderr
     assert all(float(r["time_us"]) > 0 and float(r["busbw_gbs"]) > 0 for r in rows)
     # allreduce(tp); allgather(dp) on dp=2,tp=2: bus bytes = (1 + dp - 2/tp) S = 2 S
-    r = next(r for r in rows if r["program"].startswith("allreduce"))
+    r = next(r for r in rows if r["program"].startswith("allreduce")
+             and r["backend"] == "reference")
     assert abs(float(r["busbw_gbs"]) / float(r["algbw_gbs"]) - 2.0) < 1e-6
     with open(prefix + ".json") as f:
         assert len(json.load(f)) == len(rows)
