@@ -208,9 +208,13 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
         t = _time_calls(call, cfg["iters"], cfg["repeats"], timing)
         t = _max_over_ranks(t, group_device)
         nbytes = x.numel() * x.element_size()
+        if timing == "host":  # an issue time says nothing about bandwidth
+            t_bw = float("nan")
+        else:
+            t_bw = t
         row = Row(prog, be, mode, timing, str(dtype).removeprefix("torch."), world, rows,
-                  hidden, nbytes, t * 1e6, nbytes / t / 1e9,
-                  nbytes * bus_factor(prog, mesh) / t / 1e9, errors)
+                  hidden, nbytes, t * 1e6, nbytes / t_bw / 1e9,
+                  nbytes * bus_factor(prog, mesh) / t_bw / 1e9, errors)
         rows_out.append(row)
         if rank == 0:
             if i == 0:

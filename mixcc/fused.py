@@ -27,6 +27,13 @@ TWO_SHOT_MIN_BYTES = 512 << 10
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
+def _current_stream(device: int) -> int:
+    """The raw current stream of `device`: torch's fast private accessor (a few us cheaper
+    per call than building a Stream object), else the public API."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 def multicast_refusal() -> str | None:
     """Why multicast must not be used here, or None."""
     bad = [v for v in MULTICAST_ENV
@@ -107,21 +114,15 @@ class FusedRunner:
                             for st, _ in self.stages]
         self._peers = self.rt.peers.data_ptr()
         self._epochs = self.rt.epochs.data_ptr()
+        self._param_cache: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
-    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int) -> None:
-        stage, lib = self.stages[i]
-        lmap = stage.lmap
-        unit_elems = x.shape[0] // lmap.in_units * inner
-        if unit_elems == 0:
-            return
-        sched = "one_shot"
-        if self.algorithm == "two_shot" or (
-            self.algorithm == "auto"
-            and x.numel() * self.elem >= TWO_SHOT_MIN_BYTES
-            and self._has_gather[i]
-        ):
-            sched = "two_shot"
-        units = lmap.in_units + stage.schedules[sched].slots
+    def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
+        """(algorithm, columns per block, chunks, blocks) for stage i; the same on every
+        rank for the same shape, as the barriers require."""
+        stage = self.stages[i][0]
+        two = self.algorithm == "two_shot" or (
+            self.algorithm == "auto" and nbytes >= TWO_SHOT_MIN_BYTES and self._has_gather[i])
+        units = stage.lmap.in_units + (stage.schedules["two_shot"].slots if two else 0)
         cols = self.rt.region_bytes // (units * self.elem) // self.vec * self.vec
         if cols < self.vec:
             raise ValueError(
@@ -129,25 +130,35 @@ class FusedRunner:
                 "per block region; raise workspace_bytes"
             )
         nblocks = max(1, min(self.max_blocks, math.ceil(unit_elems / (layout.THREADS * self.vec))))
-        n_chunks = math.ceil(unit_elems / (nblocks * cols))
+        return int(two), cols, math.ceil(unit_elems / (nblocks * cols)), nblocks
+
+    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int) -> None:
+        unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
+        if unit_elems == 0:
+            return
+        key = (i, unit_elems)
+        params = self._param_cache.get(key)
+        if params is None:
+            params = self._param_cache[key] = self._params(i, unit_elems,
+                                                           x.numel() * self.elem)
+        algo, cols, n_chunks, nblocks = params
         wide = int(unit_elems % self.vec == 0 and x.data_ptr() % 16 == 0
                    and dst.data_ptr() % 16 == 0)
-        self.rt.timeout_s = self.timeout_ns / 1e9
-        rc = lib.mixcc_launch(
-            1 if sched == "two_shot" else 0, wide, x.data_ptr(), dst.data_ptr(), unit_elems,
-            cols, n_chunks, nblocks, self._peers, self._epochs,
-            self.rt.rank, layout.DATA_OFFSET, self.rt.region_bytes, self.timeout_ns,
-            self.rt.err_dev, torch.cuda.current_stream().cuda_stream,
+        rc = self.stages[i][1].mixcc_launch(
+            algo, wide, x.data_ptr(), dst.data_ptr(), unit_elems, cols, n_chunks, nblocks,
+            self._peers, self._epochs, self.rt.rank, layout.DATA_OFFSET, self.rt.region_bytes,
+            self.timeout_ns, self.rt.err_dev, _current_stream(self.device),
         )
         if rc != 0:
             from .runtime import cuda_check
 
-            cuda_check(rc, f"launch of {stage.algorithm} stage")
+            cuda_check(rc, f"launch of fused stage {i}")
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size
                  ) -> torch.Tensor:
         """Run on validated input; `shape` is the output shape."""
         self.rt.check()
+        self.rt.timeout_s = self.timeout_ns / 1e9
         if out is None:
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
         inner = math.prod(x.shape[1:])

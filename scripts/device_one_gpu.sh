@@ -30,3 +30,4 @@ python3 scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^W1
 python3 -m mixcc bench --world-size 2 --backend fused,reference,nccl1 --program allreduce_allgather \
   --program reducescatter_allreduce --max-rows 256 --iters 10 --repeats 5 --out "$OUT/bench_1gpu" \
   2>&1 | grep -v "^\[\|FutureWarning\|warnings.warn" | tee "$OUT/bench_1gpu.log"
+python3 scripts/host_overhead.py 2>&1 | grep -v "Warning\|warn" | tee "$OUT/host_overhead.log"
