@@ -182,7 +182,7 @@ def prebuild(programs: list[str], mesh, dtypes: list[torch.dtype], arch: str | N
              ) -> Iterator[str]:
     """Compile the runtime and every fused stage of `programs` ahead of time."""
     from .api import compile as mixcc_compile
-    from .runtime import runtime_source_dir
+    from .paths import runtime_source_dir
 
     arch = arch or device_arch()
     src = (runtime_source_dir() / "mixcc_runtime.cu").read_text()

@@ -13,7 +13,6 @@ import atexit
 import ctypes
 import functools
 import socket
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,17 +21,7 @@ import torch.distributed as dist
 from .codegen import layout
 from .codegen.build import build_module, device_arch
 from .errors import CollectiveTimeout
-
-
-def runtime_source_dir() -> Path:
-    """runtime/ of the checkout, or mixcc/_runtime of an installed wheel."""
-    try:
-        installed = Path(str(resources.files("mixcc._runtime")))
-        if (installed / "mixcc_runtime.cu").exists():
-            return installed
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[1] / "runtime"
+from .paths import runtime_source_dir
 
 
 def build_native(arch: str) -> Path:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .render import templates_dir
+from ..paths import templates_dir
 
 
 class BuildError(RuntimeError):

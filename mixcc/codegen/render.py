@@ -7,29 +7,17 @@ so one source serves every rank and every row count; the text is deterministic.
 from __future__ import annotations
 
 import functools
-from importlib import resources
-from pathlib import Path
 
 import jinja2
 import torch
 
+from ..paths import templates_dir
 from . import layout
 from .plan import Stage
 from .schedule import Schedule
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 OP_ENUMS = {"sum": "kSum", "max": "kMax", "min": "kMin"}
-
-
-def templates_dir() -> Path:
-    """templates/ of the checkout, or mixcc/_templates of an installed wheel."""
-    try:
-        installed = Path(str(resources.files("mixcc._templates")))
-        if (installed / "stage_kernel.cu.j2").exists():
-            return installed
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parents[2] / "templates"
 
 
 @functools.lru_cache(maxsize=1)
