@@ -144,7 +144,7 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     mesh = Mesh.parse(cfg["mesh"], cfg.get("ranks_per_node")) if cfg.get("mesh") \
         else default_mesh(world)
     dtype = DTYPES[cfg["dtype"]]
-    cuda = torch.cuda.is_available() and dist.get_backend() == "nccl"
+    cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend())
     gpu_shared = torch.cuda.is_available() and not cuda  # several ranks share GPUs (gloo)
     cpu = torch.device("cpu")
     gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else cpu

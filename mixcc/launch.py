@@ -48,7 +48,7 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn: Callable, ar
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
     kw: dict[str, Any] = {"timeout": timedelta(seconds=300)}
-    if backend == "nccl":
+    if "nccl" in backend:
         kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, rank=rank, world_size=world_size, **kw)
     try:

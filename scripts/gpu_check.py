@@ -1,5 +1,8 @@
 """One-GPU (or several-GPU) correctness run of the fused backend: ARCHITECTURE.md
-section 7, steps 3-4. Run by scripts/device_one_gpu.sh inside one device call.
+section 7, steps 3-4. Run by scripts/device_one_gpu.sh (several processes share one
+GPU, gloo process group) or scripts/device_multi_gpu.sh (`--pg nccl`: one process per
+GPU, process group "cpu:gloo,cuda:nccl", and the reference backend on NCCL is checked
+too, also on simulated nodes).
 
 World sizes 2, 4 and 8 (processes; they share GPUs round-robin, so on one GPU all
 share it through CUDA IPC, under MPS). For each world: all five presets on several
@@ -101,8 +104,26 @@ class Results:
             counts[0] += 1
 
 
+def nccl_reference_case(res: Results, rank: int, world: int, program: str, axes, rpn: int,
+                        dtype_name: str, rows: int, hidden: int, seed: int, group) -> None:
+    """The reference backend on CUDA tensors (NCCL subgroups) against the oracle."""
+    dtype = DTYPES[dtype_name]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn), dtype=dtype,
+                         group=group, backend="reference")
+    inputs = [make_input(seed, r, rows, hidden, dtype) for r in range(world)]
+    exp, mag, terms = expected(program, axes, inputs)
+    out = coll(inputs[rank].to(dev))
+    torch.cuda.synchronize()
+    where = "simulated nodes" if rpn < world else "one node"
+    res.check(f"{program} {axes} rpn={rpn} {dtype_name} [nccl reference, {where}]",
+              mismatch(out.cpu(), exp[rank], mag[rank], dtype, len(statements(program)), terms))
+    return out
+
+
 def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name: str,
-             rows: int, hidden: int, algorithm: str, seed: int, ws: int, gloo, group) -> None:
+             rows: int, hidden: int, algorithm: str, seed: int, ws: int, gloo, group,
+             nccl: bool = False) -> None:
     dtype = DTYPES[dtype_name]
     dev = torch.device("cuda", torch.cuda.current_device())
     mesh = mixcc.Mesh(axes, ranks_per_node=world)
@@ -135,6 +156,13 @@ def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name
     bad = [(a, b) for a in range(world) for b in range(a + 1, world)
            if torch.equal(exp[a], exp[b]) and not torch.equal(everyone[a], everyone[b])]
     res.check(name + " [replicas bitwise]", f"differ: {bad[:4]}" if bad else None)
+    if nccl:  # the same case on the NCCL reference backend, and fused against it
+        ref = nccl_reference_case(res, rank, world, program, axes, world, dtype_name, rows,
+                                  hidden, seed, group)
+        from mixcc.bench import count_wrong
+
+        wrong = count_wrong(out, ref)
+        res.check(name + " [fused vs nccl]", f"{wrong} elements differ" if wrong else None)
 
 
 def graph_case(res: Results, rank: int, world: int, dtype_name: str) -> None:
@@ -210,6 +238,8 @@ def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
 
 
 def worker(rank: int, world: int, cfg: dict) -> None:
+    nccl = cfg["pg"] == "nccl"
+    pg_backend = None if nccl else "gloo"  # None: the default group's "cpu:gloo,cuda:nccl"
     res = Results()
     gloo = dist.group.WORLD
     t0 = time.time()
@@ -237,14 +267,28 @@ def worker(rank: int, world: int, cfg: dict) -> None:
         groups = {}
         for i, (prog, axes, dtype_name, rows, hidden, algo, ws) in enumerate(cases):
             if ws not in groups:
-                groups[ws] = dist.new_group(list(range(world)), backend="gloo")
+                groups[ws] = dist.new_group(list(range(world)), backend=pg_backend)
             try:
                 run_case(res, rank, world, prog, axes, dtype_name, rows, hidden, algo,
-                         1000 + i, ws, gloo, groups[ws])
+                         1000 + i, ws, gloo, groups[ws], nccl)
             except Exception as e:  # a crash on one case must not hide the others
                 res.check(f"{prog} {axes} {dtype_name} {rows}", f"{type(e).__name__}: {e}")
                 if isinstance(e, mixcc.CollectiveTimeout):
                     raise
+        if nccl and world >= 4:  # hierarchical plans on simulated nodes, NCCL reference
+            for rpn in (world // 2, world // 4):
+                for prog in list(presets.PRESETS.values()) + ["allreduce(tp*dp)",
+                                                              "allgather(tp*dp)",
+                                                              "reducescatter(tp*dp)"]:
+                    axes = [("dp", 2), ("tp", world // 2)]
+                    g = granularity(prog, axes)
+                    for dtype_name in DTYPES:
+                        try:
+                            nccl_reference_case(res, rank, world, prog, axes, rpn, dtype_name,
+                                                g * 5, 96, 77, groups[SMALL_WS])
+                        except Exception as e:
+                            res.check(f"{prog} rpn={rpn} [nccl reference, simulated nodes]",
+                                      f"{type(e).__name__}: {e}")
         for dtype_name in DTYPES:
             graph_case(res, rank, world, dtype_name)
         timeout_case(res, rank, world, gloo)
@@ -306,12 +350,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--arch", default=None, help="prebuild for this arch (default: the GPU's)")
     ap.add_argument("--prebuild-only", action="store_true")
+    ap.add_argument("--pg", choices=("gloo", "nccl"), default="gloo",
+                    help="gloo: ranks share GPUs; nccl: one process per GPU, NCCL checked too")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
     import tempfile
 
     cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"),
-           "arch": args.arch,
+           "arch": args.arch, "pg": args.pg,
            "table_path": os.path.join(tempfile.mkdtemp(), "table.jsonl")}
     prebuild(worlds, cfg)
     if args.prebuild_only:
@@ -321,7 +367,7 @@ def main() -> None:
     secs = {}
     for w in worlds:
         t0 = time.time()
-        launch.spawn(worker, w, cfg, backend="gloo")
+        launch.spawn(worker, w, cfg, backend="gloo" if args.pg == "gloo" else "cpu:gloo,cuda:nccl")
         secs[w] = time.time() - t0
     rows = [json.loads(line) for line in open(cfg["table_path"])]
     cats = sorted({c for _, _, cs in rows for c in cs})
