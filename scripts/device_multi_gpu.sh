@@ -7,16 +7,7 @@
 #     call (nccl1) and, for plain allreduce, torch symmetric memory one_shot/two_shot.
 # Call with carry [".whl", ".mxcache"]. NEVER RUN YET: no multi-GPU kind was lent.
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/mixcc-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
+source "$(dirname "$0")/device_env.sh"
 N=$(nvidia-smi -L | wc -l)
 nvidia-smi -L; nvidia-smi topo -m; nvcc --version | tail -1
 worlds=$(python3 -c "print(','.join(str(w) for w in (2, 4, 8) if w <= $N))")

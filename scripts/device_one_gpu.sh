@@ -3,16 +3,7 @@
 # Several processes share the GPU through CUDA IPC, under MPS; then a short fused bench.
 # Call with carry [".whl", ".mxcache"] (lark wheel; prebuilt modules, optional).
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/mixcc-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi -L; nvcc --version | tail -1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 # Build times: a cold cache, then the same again (cache hits).

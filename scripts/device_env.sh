@@ -1,0 +1,13 @@
+# Sourced by the device scripts: the environment every mixcc process on a lent machine
+# needs. Multicast stays off (ARCHITECTURE.md section 5); lark comes from the carried
+# .whl folder; kernels built here come from the carried .mxcache when the keys match.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/mixcc-out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
