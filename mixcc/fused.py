@@ -64,6 +64,13 @@ def unavailable_reason(coll, dtype: torch.dtype | None) -> str | None:
     return None
 
 
+def shares_reduction(stage) -> bool:
+    """Whether two-shot splits a real reduction among owners. For pure data movement
+    (allgather) two-shot only doubles the remote traffic, so auto never picks it."""
+    return any(len(t.terms) > 1 and t.owners > 1
+               for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
+
+
 def should_use(coll, dtype: torch.dtype) -> bool:
     return unavailable_reason(coll, dtype) is None
 
@@ -110,8 +117,7 @@ class FusedRunner:
             self.build_seconds += secs
             self.stages.append((stage, lib))
         # per-stage facts the hot path needs, computed once
-        self._has_gather = [any(rs.gather for rs in st.schedules["two_shot"].ranks)
-                            for st, _ in self.stages]
+        self._shares_reduction = [shares_reduction(st) for st, _ in self.stages]
         self._peers = self.rt.peers.data_ptr()
         self._epochs = self.rt.epochs.data_ptr()
         self._param_cache: dict[tuple[int, int], tuple[int, int, int, int]] = {}
@@ -121,7 +127,7 @@ class FusedRunner:
         rank for the same shape, as the barriers require."""
         stage = self.stages[i][0]
         two = self.algorithm == "two_shot" or (
-            self.algorithm == "auto" and nbytes >= TWO_SHOT_MIN_BYTES and self._has_gather[i])
+            self.algorithm == "auto" and nbytes >= TWO_SHOT_MIN_BYTES and self._shares_reduction[i])
         units = stage.lmap.in_units + (stage.schedules["two_shot"].slots if two else 0)
         cols = self.rt.region_bytes // (units * self.elem) // self.vec * self.vec
         if cols < self.vec:

@@ -86,6 +86,8 @@ class Runtime:
         self.region_bytes = layout.region_bytes(workspace_bytes)
         self._closed = False
         self._opened: list[int] = []
+        self._ws: int | None = None
+        self._err_host: int | None = None
         ws = ctypes.c_void_p()
         cuda_check(lib.mixcc_rt_alloc(device, workspace_bytes, ctypes.byref(ws)), "cudaMalloc")
         self._ws = ws.value
@@ -136,23 +138,26 @@ class Runtime:
             return
         self._closed = True
         lib = native()
+        failures = []
         try:
             torch.cuda.synchronize(self.device)
             if barrier and self.world > 1 and dist.is_initialized():
                 dist.barrier(group=self.group)
         finally:
             for p in self._opened:
-                lib.mixcc_rt_ipc_close(self.device, p)
+                failures.append(("cudaIpcCloseMemHandle", lib.mixcc_rt_ipc_close(self.device, p)))
             self._opened = []
-            if getattr(self, "_ws", None):
-                lib.mixcc_rt_free(self.device, self._ws)
+            if self._ws:
+                failures.append(("cudaFree", lib.mixcc_rt_free(self.device, self._ws)))
                 self._ws = None
-            if getattr(self, "_err_host", None):
+            if self._err_host:
                 self._err = None
-                lib.mixcc_rt_host_free(self._err_host)
+                failures.append(("cudaFreeHost", lib.mixcc_rt_host_free(self._err_host)))
                 self._err_host = None
             if self._key is not None:
                 _RUNTIMES.pop(self._key, None)
+        for what, rc in failures:  # everything was released first; now report
+            cuda_check(rc, what)
 
     def __enter__(self) -> Runtime:
         return self
@@ -188,5 +193,13 @@ def close_all(barrier: bool = True) -> None:
     _RUNTIMES.clear()
 
 
-# At exit peers may be gone already: release local resources without a barrier.
-atexit.register(close_all, False)
+def _close_at_exit() -> None:
+    # Peers may be gone already: no barrier. The CUDA context may be tearing down too,
+    # so a failed release here is not worth a traceback at interpreter exit.
+    try:
+        close_all(barrier=False)
+    except RuntimeError:
+        pass
+
+
+atexit.register(_close_at_exit)

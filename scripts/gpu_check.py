@@ -49,6 +49,11 @@ def meshes_for(world: int) -> list[list[tuple[str, int]]]:
     return out
 
 
+def mixed_mesh(world: int) -> list[tuple[str, int]]:
+    """dp=2 x tp=world/2 from 4 ranks up (both axes real), else dp=1 x tp=world."""
+    return [("dp", 2), ("tp", world // 2)] if world >= 4 else [("dp", 1), ("tp", world)]
+
+
 def fuzz_programs(world: int, n: int, seed: int) -> list[tuple[str, list, int]]:
     rng = random.Random(seed * 31 + world)
     cases = []
@@ -168,7 +173,7 @@ def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name
 def graph_case(res: Results, rank: int, world: int, dtype_name: str) -> None:
     dtype = DTYPES[dtype_name]
     dev = torch.device("cuda", torch.cuda.current_device())
-    axes = meshes_for(world)[1] if len(meshes_for(world)) > 1 else meshes_for(world)[0]
+    axes = mixed_mesh(world)
     program = presets.ALLREDUCE_ALLGATHER
     coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=world), dtype=dtype,
                          backend="fused", workspace_bytes=SMALL_WS, max_blocks=8)
@@ -237,7 +242,26 @@ def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
             rt.close(barrier=False)  # its flags are inconsistent now
 
 
+def mutate_tables() -> None:
+    """Negative control: render every stage with the last term of each reduction dropped."""
+    from mixcc.codegen import render
+    from mixcc.codegen.schedule import RankSchedule, Schedule
+
+    original = render.schedule_table
+
+    def broken(sched: Schedule):
+        ranks = tuple(RankSchedule(tuple(t.__class__(t.dst_kind, t.dst, t.owner_index, t.owners,
+                                                     t.terms[:-1] or t.terms)
+                                         for t in rs.reduce), rs.gather, rs.neighbors)
+                      for rs in sched.ranks)
+        return original(Schedule(sched.algorithm, sched.in_units, sched.slots, ranks))
+
+    render.schedule_table = broken
+
+
 def worker(rank: int, world: int, cfg: dict) -> None:
+    if cfg["mutate"]:
+        mutate_tables()
     nccl = cfg["pg"] == "nccl"
     pg_backend = None if nccl else "gloo"  # None: the default group's "cpu:gloo,cuda:nccl"
     res = Results()
@@ -260,7 +284,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
                 cases.append((prog, axes, dtype_name, g * 16, 512, "two_shot", SMALL_WS))
         # default workspace, big rows: 2 presets in bf16
         for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE):
-            axes = meshes_for(world)[1] if len(meshes_for(world)) > 1 else meshes_for(world)[0]
+            axes = mixed_mesh(world)
             g = granularity(prog, axes)
             cases.append((prog, axes, "bfloat16", g * 256, 7168, "auto", 8 << 20))
         # runtimes are per (group, workspace): use one group per workspace size
@@ -350,6 +374,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--arch", default=None, help="prebuild for this arch (default: the GPU's)")
     ap.add_argument("--prebuild-only", action="store_true")
+    ap.add_argument("--mutate", action="store_true",
+                    help="negative control: drop the last term of every reduction in the "
+                         "rendered tables; the run must then report failures")
     ap.add_argument("--pg", choices=("gloo", "nccl"), default="gloo",
                     help="gloo: ranks share GPUs; nccl: one process per GPU, NCCL checked too")
     args = ap.parse_args()
@@ -357,8 +384,10 @@ def main() -> None:
     import tempfile
 
     cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"),
-           "arch": args.arch, "pg": args.pg,
+           "arch": args.arch, "pg": args.pg, "mutate": args.mutate,
            "table_path": os.path.join(tempfile.mkdtemp(), "table.jsonl")}
+    if args.mutate:
+        mutate_tables()
     prebuild(worlds, cfg)
     if args.prebuild_only:
         return
