@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import mixcc
 from mixcc.codegen.render import schedule_table
 from mixcc.codegen.schedule import DST_OUT
+
 from oracle import expected
 
 VEC = 4  # columns move in packs of VEC, as in the kernel's wide path
