@@ -63,7 +63,8 @@ class Collective:
                 f"x.shape[0] (rows) = {rows} must be divisible by {self.ir.granularity} "
                 f"for program {self.program!r}"
             )
-        return torch.Size((int(rows * self.ir.row_factor), *shape[1:]))
+        factor = self.ir.row_factor  # a Fraction: integer arithmetic is cheaper per call
+        return torch.Size((rows * factor.numerator // factor.denominator, *shape[1:]))
 
     # -- explain ----------------------------------------------------------------
     def explain(self) -> str:
