@@ -3,7 +3,6 @@ of fuzzed programs render and compile with nvcc for sm_90; skipped without nvcc.
 
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
@@ -15,6 +14,8 @@ import mixcc
 from mixcc.codegen.build import build_module, cache_key, find_nvcc
 from mixcc.codegen.render import render_stage, schedule_table
 from mixcc.codegen.schedule import DST_OUT
+
+from strategies import one_node_programs
 
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -105,30 +106,12 @@ def test_runtime_library_compiles(tmp_path, monkeypatch):
     assert build_native("sm_90").exists()
 
 
-@st.composite
-def programs(draw):
-    names = ["a", "b", "c"][: draw(st.integers(1, 3))]
-    sizes = [draw(st.sampled_from([1, 2, 4])) for _ in names]
-    if math.prod(sizes) > 8:
-        sizes = [2] * len(names)
-        sizes = sizes[:3] if math.prod(sizes) <= 8 else sizes[:2]
-        names = names[: len(sizes)]
-    stmts = []
-    for _ in range(draw(st.integers(1, 3))):
-        coll = draw(st.sampled_from(["allreduce", "allgather", "reducescatter"]))
-        k = draw(st.integers(1, len(names)))
-        axes = draw(st.permutations(names))[:k]
-        op = draw(st.sampled_from(["", ", op=max", ", op=min"]))
-        stmts.append(f"{coll}({'*'.join(axes)}{op})")
-    return "; ".join(stmts), dict(zip(names, sizes, strict=True)), draw(st.sampled_from(DTYPES))
-
-
 @needs_nvcc
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(case=programs())
-def test_fuzzed_programs_compile_for_sm90(tmp_path_factory, case):
-    program, axes, dtype = case
+@given(case=one_node_programs(max_statements=3), dtype=st.sampled_from(DTYPES))
+def test_fuzzed_programs_compile_for_sm90(tmp_path_factory, case, dtype):
+    program, axes = case
     import os
 
     os.environ["MIXCC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))

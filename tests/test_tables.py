@@ -18,6 +18,7 @@ from mixcc.codegen.render import schedule_table
 from mixcc.codegen.schedule import DST_OUT
 
 from oracle import expected
+from strategies import one_node_programs
 
 VEC = 4  # columns move in packs of VEC, as in the kernel's wide path
 
@@ -110,28 +111,10 @@ def test_mixed_reductions_and_repeated_sums():
     check("allreduce(tp); allreduce(tp); allgather(world)", [("dp", 2), ("tp", 2)], 3)
 
 
-@st.composite
-def programs(draw):
-    names = ["a", "b", "c"][: draw(st.integers(1, 3))]
-    sizes, left = [], 8
-    for _ in names:
-        s = draw(st.sampled_from([d for d in (1, 2, 4) if left % d == 0]))
-        sizes.append(s)
-        left //= s
-    stmts = []
-    for _ in range(draw(st.integers(1, 4))):
-        coll = draw(st.sampled_from(["allreduce", "allgather", "reducescatter"]))
-        k = draw(st.integers(1, len(names)))
-        axes = draw(st.permutations(names))[:k]
-        op = draw(st.sampled_from(["", ", op=max", ", op=min"]))
-        stmts.append(f"{coll}({'*'.join(axes)}{op})")
-    return "; ".join(stmts), list(zip(names, sizes, strict=True)), draw(st.integers(0, 999))
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=programs())
-def test_random_programs(case):
-    program, axes, seed = case
+@given(case=one_node_programs(), seed=st.integers(0, 999))
+def test_random_programs(case, seed):
+    program, axes = case
     mesh = mixcc.Mesh(axes, ranks_per_node=math.prod(s for _, s in axes))
     coll = mixcc.compile(program, mesh, backend="reference")
     if coll.ir.granularity * max(1, coll.ir.row_factor) > 256:
