@@ -188,11 +188,10 @@ def prebuild(programs: list[str], mesh, dtypes: list[torch.dtype], arch: str | N
              ) -> Iterator[str]:
     """Compile the runtime and every fused stage of `programs` ahead of time."""
     from .api import compile as mixcc_compile
-    from .paths import runtime_source_dir
+    from .runtime import build_native
 
     arch = arch or device_arch()
-    src = (runtime_source_dir() / "mixcc_runtime.cu").read_text()
-    b = build_module(src, "runtime", arch)
+    b = build_native(arch)
     yield f"runtime  {'cached' if b.cached else f'built in {b.seconds:.1f} s'}  {b.path}"
     for prog in programs:
         coll = mixcc_compile(prog, mesh, backend="reference")

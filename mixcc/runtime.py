@@ -13,27 +13,27 @@ import atexit
 import ctypes
 import functools
 import socket
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .codegen import layout
-from .codegen.build import build_module, device_arch
+from .codegen.build import Built, build_module, device_arch
 from .errors import CollectiveTimeout
 from .paths import runtime_source_dir
 
 
-def build_native(arch: str) -> Path:
+def build_native(arch: str) -> Built:
+    """Build (or find in the cache) the native runtime library for `arch`."""
     src = (runtime_source_dir() / "mixcc_runtime.cu").read_text()
-    return build_module(src, "runtime", arch).path
+    return build_module(src, "runtime", arch)
 
 
 @functools.lru_cache(maxsize=1)
 def native() -> ctypes.CDLL:
     """The runtime library, built on first use for this GPU (torch's CUDA loaded first)."""
     torch.cuda.init()
-    lib = ctypes.CDLL(str(build_native(device_arch())))
+    lib = ctypes.CDLL(str(build_native(device_arch()).path))
     vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     sigs = {
         "mixcc_rt_alloc": [i, sz, ctypes.POINTER(vp)],

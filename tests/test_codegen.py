@@ -103,7 +103,7 @@ def test_runtime_library_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
     from mixcc.runtime import build_native
 
-    assert build_native("sm_90").exists()
+    assert build_native("sm_90").path.exists()
 
 
 @needs_nvcc
