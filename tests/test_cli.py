@@ -58,3 +58,21 @@ def test_bench_on_gloo_writes_csv_and_json(tmp_path):
     with open(prefix + ".json") as f:
         assert len(json.load(f)) == len(rows)
     assert "[" in proc.stderr  # progress
+
+
+def test_explain_ir_before_passes_has_no_scope_label(capsys):
+    # the scope is only known after passes: before them no op may claim [intra]
+    assert main(["explain", "allreduce(tp); allgather(dp)", "--mesh", "dp=2,tp=4",
+                 "--ranks-per-node", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "IR: allreduce(tp); allgather(dp)  (out rows = in rows x 2)" in lines
+    assert ("IR after passes: allreduce(tp) [intra]; allgather(dp) [inter]  "
+            "(out rows = in rows x 2)") in lines
+
+
+def test_explain_prints_row_granularity_only_when_it_constrains(capsys):
+    assert main(["explain", "reducescatter(dp)", "--mesh", "dp=2,tp=4"]) == 0
+    out = capsys.readouterr().out
+    assert "IR: reducescatter(dp)  (rows % 2 == 0, out rows = in rows x 1/2)" in out
+    assert main(["explain", "allreduce(tp)", "--mesh", "dp=2,tp=4"]) == 0
+    assert "rows % 1" not in capsys.readouterr().out

@@ -12,6 +12,7 @@ from .ast import Pos
 #   inter - every group has at most one member per node
 #   hier  - every group is (equal parts on several nodes) x (members per node)
 #   flat  - irregular: the group crosses nodes unevenly, run as one inter-node step
+# Before split_nodes an op's scope is "" (not known yet) and prints without a label.
 SCOPES = ("intra", "inter", "hier", "flat")
 
 
@@ -24,7 +25,7 @@ class Op:
     redop: str = "sum"
     pos: Pos | None = None
     source: str = ""
-    scope: str = "intra"
+    scope: str = ""  # one of SCOPES once passes.split_nodes ran
 
     def with_(self, **kw: object) -> Op:
         return replace(self, **kw)
@@ -48,5 +49,6 @@ class IR:
     row_factor: Fraction
 
     def __str__(self) -> str:
-        body = "; ".join(f"{op} [{op.scope}]" for op in self.ops) or "(identity: copy)"
-        return f"{body}  (rows % {self.granularity} == 0, out rows = in rows x {self.row_factor})"
+        body = "; ".join(f"{op} [{op.scope}]" if op.scope else str(op) for op in self.ops)
+        rows = f"rows % {self.granularity} == 0, " if self.granularity > 1 else ""
+        return f"{body or '(identity: copy)'}  ({rows}out rows = in rows x {self.row_factor})"
