@@ -133,7 +133,8 @@ class Collective:
                 raise ValueError(f"out.device must be {x.device} (same as x), got {out.device}")
             if not out.is_contiguous():
                 raise ValueError("out must be contiguous")
-            if out.data_ptr() != x.data_ptr() and _overlaps(x, out):
+            same = out.data_ptr() == x.data_ptr() and out.numel() == x.numel()
+            if not same and _overlaps(x, out):  # in place only on the same storage range
                 raise ValueError("out must be x itself (in place) or not overlap x")
         return shape
 

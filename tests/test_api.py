@@ -62,6 +62,16 @@ def test_out_overlapping_x_is_refused(rs_ar):
         rs_ar(x, out=x[2:])
 
 
+def test_out_starting_at_x_but_longer_is_not_in_place():
+    # same data_ptr, different extent: a partial overlap, not "x itself"
+    ag = mixcc.compile("allgather(dp)", MESH, dtype=torch.float32, backend="reference")
+    t = torch.zeros(8, 2)
+    with pytest.raises(ValueError, match="not overlap x"):
+        ag(t[:4], out=t[0:8])
+    with pytest.raises(ValueError, match="not overlap x"):
+        ag(t[4:], out=t[0:8])  # ends at the same address
+
+
 def test_unsupported_dtype_at_call_time():
     coll = mixcc.compile("allreduce(tp)", MESH, backend="reference")
     with pytest.raises(TypeError, match="op=sum is not supported for dtype torch.int32"):
