@@ -38,8 +38,14 @@ def _dp_tp(mesh: Mesh) -> tuple[int, int]:
     return mesh.sizes[0], mesh.sizes[1]
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the local sums: float32, or float64 for float64 data."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def one_call(program: str, mesh: Mesh, group: dist.ProcessGroup | None = None) -> Fn:
-    """The combined presets as one world collective plus a local sum (fp32 accumulate)."""
+    """The combined presets as one world collective plus a local sum (fp32 accumulate,
+    fp64 for fp64)."""
     dp, tp = _dp_tp(mesh)
     world = dp * tp
     d_of = [r // tp for r in range(world)]
@@ -47,7 +53,7 @@ def one_call(program: str, mesh: Mesh, group: dist.ProcessGroup | None = None) -
         def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             buf = x.new_empty((world * x.shape[0], *x.shape[1:]))
             _all_gather(buf, x, group=group)
-            summed = buf.view(dp, tp, *x.shape).float().sum(1)
+            summed = buf.view(dp, tp, *x.shape).to(_acc(x.dtype)).sum(1)
             out.copy_(summed.reshape(out.shape))
             return out
         return fn
@@ -57,7 +63,7 @@ def one_call(program: str, mesh: Mesh, group: dist.ProcessGroup | None = None) -
             send = torch.cat([chunks[d_of[q]] for q in range(world)])
             recv = torch.empty_like(send)
             dist.all_to_all_single(recv, send, group=group)
-            out.copy_(recv.view(world, *out.shape).float().sum(0))
+            out.copy_(recv.view(world, *out.shape).to(_acc(x.dtype)).sum(0))
             return out
         return fn
     raise Unavailable("one-call composition exists for allreduce_allgather and "
@@ -67,12 +73,9 @@ def one_call(program: str, mesh: Mesh, group: dist.ProcessGroup | None = None) -
 def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Size,
                        dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> Fn:
     """torch symmetric-memory one_shot / two_shot allreduce (sum) over the whole group."""
-    if program != presets.ALLREDUCE or mesh.group_size(("tp",)) != mesh.world_size:
-        raise Unavailable("symmetric-memory baseline: allreduce(tp) with tp = world only")
-    if not torch.cuda.is_available() or "nccl" not in str(dist.get_backend(group)):
-        raise Unavailable("symmetric-memory baseline needs CUDA and one GPU per rank")
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise Unavailable("symmetric-memory allreduce supports bfloat16 and float32")
+    reason = _symm_refusal(program, mesh, dtype, "nccl" in str(dist.get_backend(group)))
+    if reason:
+        raise Unavailable(reason)
     import torch.distributed._symmetric_memory as symm_mem
 
     pg = group if group is not None else dist.group.WORLD
@@ -91,6 +94,31 @@ def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Si
             out.copy_(buf)
             return out
     return fn
+
+
+def _symm_refusal(program: str, mesh: Mesh, dtype: torch.dtype, nccl: bool) -> str | None:
+    if program != presets.ALLREDUCE or mesh.group_size(("tp",)) != mesh.world_size:
+        return "symmetric-memory baseline: allreduce(tp) with tp = world only"
+    if not torch.cuda.is_available() or not nccl:
+        return "symmetric-memory baseline needs CUDA and one GPU per rank (NCCL)"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return "symmetric-memory allreduce supports bfloat16 and float32"
+    return None
+
+
+def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, *,
+                       nccl: bool) -> str | None:
+    """Why baseline `name` cannot run `program` (resolved text), or None. Needs no process
+    group, so the launcher can check before spawning; `nccl`: one GPU per rank on NCCL."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+    if name == "nccl1":
+        try:
+            one_call(program, mesh)
+        except Unavailable as e:
+            return str(e)
+        return None
+    return _symm_refusal(program, mesh, dtype, nccl)
 
 
 def make(name: str, program: str, mesh: Mesh, shape: torch.Size, dtype: torch.dtype,

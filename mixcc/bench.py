@@ -11,22 +11,27 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
 
-from . import baselines, presets
+from . import baselines
 from .api import compile as mixcc_compile
 from .ir.build import build
 from .ir.parser import parse
 from .mesh import Mesh
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+          "float64": torch.float64,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+BACKENDS = ("fused", "reference", *baselines.BASELINES)  # what --backend accepts
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Row:
     timing: str  # graph (CUDA graph + events) | host (issue time of an eager call) | cpu
     dtype: str
     world: int
+    mesh: str  # e.g. dp=2,tp=4
+    ranks_per_node: int
     rows: int
     hidden: int
     bytes: int  # input bytes per rank
@@ -63,9 +70,61 @@ def bus_factor(program: str, mesh: Mesh) -> float:
     return bus
 
 
-def default_mesh(world: int) -> Mesh:
+def default_mesh(world: int, ranks_per_node: int | None = None) -> Mesh:
     dp = 2 if world % 2 == 0 and world > 1 else 1
-    return Mesh({"dp": dp, "tp": world // dp})
+    return Mesh({"dp": dp, "tp": world // dp}, ranks_per_node=ranks_per_node)
+
+
+def mesh_spec(mesh: Mesh) -> str:
+    """The CLI form of `mesh`'s axes, e.g. dp=2,tp=4."""
+    return ",".join(f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes, strict=True))
+
+
+def fused_refusal(dtype: torch.dtype) -> str | None:
+    """Why the fused backend cannot run on this machine for `dtype`, checked without a
+    process group (whether it applies to a program is fused.check_applicable's call)."""
+    from .codegen.build import find_nvcc
+    from .codegen.render import CTYPES
+
+    if not torch.cuda.is_available():
+        return "it needs a CUDA GPU and torch.cuda.is_available() is False"
+    if dtype not in CTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in CTYPES)
+        return f"it supports dtypes {names}, not {str(dtype).removeprefix('torch.')}"
+    if find_nvcc() is None:
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+class Progress:
+    """`[i/n] label` on stderr: one line updated in place on a terminal, else one line
+    per step (logs; filter them with grep -v '^\\[')."""
+
+    def __init__(self, total: int, stream: TextIO | None = None):
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.shown = False
+
+    def update(self, i: int, label: str) -> None:
+        text = f"[{i}/{self.total}] {label}"
+        if self.tty:  # cut to the width: a wrapped line could not be redrawn in place
+            try:
+                width = os.get_terminal_size(self.stream.fileno()).columns - 1
+            except (OSError, ValueError, AttributeError):
+                width = 79
+            self.stream.write(f"\r\033[K{text[:width]}")
+            self.shown = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the in-place line (before printing a result line)."""
+        if self.tty and self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
 
 
 def _time_calls(fn, iters: int, repeats: int, mode: str) -> float:
@@ -125,7 +184,7 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
 def count_wrong(got: torch.Tensor, expect: torch.Tensor) -> int:
     """Elements outside rounding of each other (backends round 16-bit sums differently)."""
     g, e = got.double().cpu(), expect.double().cpu()
-    tol = 1e-5 if got.dtype == torch.float32 else 2e-2
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(got.dtype, 2e-2)
     return int(((g - e).abs() > tol * (1 + e.abs())).sum())
 
 
@@ -140,11 +199,16 @@ def sizes(min_rows: int, max_rows: int, granularity: int) -> list[int]:
 
 
 def run(rank: int, world: int, cfg: dict) -> list[Row]:
-    """Body run on every rank; rank 0 prints and returns the rows."""
-    mesh = Mesh.parse(cfg["mesh"], cfg.get("ranks_per_node")) if cfg.get("mesh") \
-        else default_mesh(world)
+    """Body run on every rank; rank 0 prints and returns the rows.
+
+    `cfg` is checked by the CLI before any process starts: mesh_axes, ranks_per_node,
+    pairs [(program text, backend)], dtype, hidden, min_rows, max_rows, iters, repeats.
+    """
+    mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
     dtype = DTYPES[cfg["dtype"]]
-    cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend())
+    dtype_name = str(dtype).removeprefix("torch.")
+    pg = str(dist.get_backend())
+    cuda = torch.cuda.is_available() and "nccl" in pg
     gpu_shared = torch.cuda.is_available() and not cuda  # several ranks share GPUs (gloo)
     cpu = torch.device("cpu")
     gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else cpu
@@ -154,37 +218,50 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     def device_for(backend: str) -> torch.device:
         return gpu if cuda or backend == "fused" else cpu
 
-    programs = [presets.resolve(p) for p in cfg["programs"]]
-    backends = cfg["backends"]
     rows_out: list[Row] = []
     gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
     plan = []
     skipped = []
-    for prog in programs:
-        ref = mixcc_compile(prog, mesh, dtype=dtype, backend="reference")
-        for be in backends:
-            if be in baselines.BASELINES:
-                try:  # probe once with a one-row shape: Unavailable is shape-independent
-                    baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
-                except baselines.Unavailable as e:
-                    skipped.append(f"{be} for {prog!r}: {e}")
-                    continue
-                coll, modes = None, ["oop"]
-            else:
-                coll = ref if be == "reference" else mixcc_compile(prog, mesh, dtype=dtype,
-                                                                   backend=be)
-                modes = ["oop", "ip"] if coll.ir.row_factor == 1 else ["oop"]
-            for rows in sizes(cfg["min_rows"], cfg["max_rows"], ref.ir.granularity):
-                for mode in modes:
-                    plan.append((prog, be, coll, ref, rows, mode))
+    refs: dict[str, object] = {}
+    for prog, be in cfg["pairs"]:
+        ref = refs.get(prog)
+        if ref is None:  # compile is collective: every rank walks the same pairs
+            ref = refs[prog] = mixcc_compile(prog, mesh, dtype=dtype, backend="reference")
+        if be in baselines.BASELINES:
+            try:  # probe once with a one-row shape: Unavailable is shape-independent
+                baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
+            except baselines.Unavailable as e:
+                skipped.append(f"{be} cannot run {prog!r}: {e}")
+                continue
+            coll, modes = None, ["oop"]
+        elif be == "reference":
+            coll, modes = ref, ["oop", "ip"] if ref.ir.row_factor == 1 else ["oop"]
+        else:
+            try:  # the same verdict on every rank: it depends on the program and machine
+                coll = mixcc_compile(prog, mesh, dtype=dtype, backend=be)
+            except ValueError as e:
+                skipped.append(str(e))
+                continue
+            modes = ["oop", "ip"] if coll.ir.row_factor == 1 else ["oop"]
+        for rows in sizes(cfg["min_rows"], cfg["max_rows"], ref.ir.granularity):
+            for mode in modes:
+                plan.append((prog, be, coll, ref, rows, mode))
+    if not plan:
+        raise ValueError("nothing to run: " + "; ".join(skipped))
     if rank == 0:
         for line in skipped:
             print(f"skip: {line}", file=sys.stderr)
-    if rank == 0 and gpu_shared:
-        print("note: several ranks share one GPU, so their device times are not meaningful; "
-              "fused rows report the host time to issue one eager call, reference rows the "
-              "gloo time on CPU tensors.", file=sys.stderr)
+        if gpu_shared:
+            print("note: several ranks share one GPU, so their device times are not "
+                  "meaningful; fused rows report the host time to issue one eager call, "
+                  "reference rows the gloo time on CPU tensors.", file=sys.stderr)
+        backends = ",".join(dict.fromkeys(item[1] for item in plan))
+        print(preamble(mesh, world, pg, dtype_name, backends, cfg), flush=True)
+        print(header(), flush=True)
+    progress = Progress(len(plan))
     for i, (prog, be, coll, ref, rows, mode) in enumerate(plan):
+        if rank == 0:
+            progress.update(i + 1, f"{prog} | {be} | {mode} | rows {rows}")
         hidden = cfg["hidden"]
         device = device_for(be)
         x = torch.randn((rows, hidden), generator=gen).to(device=device, dtype=dtype)
@@ -212,29 +289,43 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
             t_bw = float("nan")
         else:
             t_bw = t
-        row = Row(prog, be, mode, timing, str(dtype).removeprefix("torch."), world, rows,
-                  hidden, nbytes, t * 1e6, nbytes / t_bw / 1e9,
+        row = Row(prog, be, mode, timing, dtype_name, world, mesh_spec(mesh),
+                  mesh.ranks_per_node, rows, hidden, nbytes, t * 1e6, nbytes / t_bw / 1e9,
                   nbytes * bus_factor(prog, mesh) / t_bw / 1e9, errors)
         rows_out.append(row)
         if rank == 0:
-            if i == 0:
-                print(header(), flush=True)
+            progress.clear()
             print(format_row(row), flush=True)
-            print(f"[{i + 1}/{len(plan)}]", file=sys.stderr, flush=True)
+    if rank == 0:
+        progress.clear()
     return rows_out
+
+
+def preamble(mesh: Mesh, world: int, pg: str, dtype: str, backends: str, cfg: dict) -> str:
+    """The '#' lines above the table: what was measured, and how."""
+    return (f"# mixcc bench: mesh {mesh_spec(mesh)} (ranks_per_node {mesh.ranks_per_node}), "
+            f"world {world}, process group {pg}\n"
+            f"# dtype {dtype}, hidden {cfg['hidden']}, backends {backends}; time: median of "
+            f"{cfg['repeats']} repeats of {cfg['iters']} calls, max over ranks")
 
 
 def header() -> str:
     return (f"{'program':<34} {'backend':<10} {'mode':<4} {'timing':<6} {'dtype':<8} "
-            f"{'rows':>6} "
-            f"{'bytes':>10} {'time_us':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>6}")
+            f"{'rows':>6} {'size(B)':>10} {'time(us)':>10} {'algbw(GB/s)':>11} "
+            f"{'busbw(GB/s)':>11} {'#wrong':>6}")
 
 
 def format_row(r: Row) -> str:
     return (f"{r.program:<34} {r.backend:<10} {r.mode:<4} {r.timing:<6} {r.dtype:<8} "
-            f"{r.rows:>6} "
-            f"{r.bytes:>10} {r.time_us:>10.2f} {r.algbw_gbs:>8.3f} {r.busbw_gbs:>8.3f} "
-            f"{r.errors if r.errors >= 0 else 'n/a':>6}")
+            f"{r.rows:>6} {r.bytes:>10} {r.time_us:>10.2f} {r.algbw_gbs:>11.3f} "
+            f"{r.busbw_gbs:>11.3f} {r.errors if r.errors >= 0 else 'n/a':>6}")
+
+
+def plot_available() -> bool:
+    """Whether PREFIX.png can be drawn (matplotlib: the `mixcc[plot]` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def write_outputs(rows: list[Row], prefix: str) -> list[str]:
@@ -249,13 +340,13 @@ def write_outputs(rows: list[Row], prefix: str) -> list[str]:
     with open(prefix + ".json", "w") as f:
         json.dump([asdict(r) for r in rows], f, indent=1)
     written.append(prefix + ".json")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not plot_available():
         return written
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5))
     series: dict[str, list[Row]] = {}
     for r in rows:
@@ -264,10 +355,13 @@ def write_outputs(rows: list[Row], prefix: str) -> list[str]:
         ax.plot([r.bytes for r in rs], [r.time_us for r in rs], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("input bytes per rank")
+    ax.set_xlabel("input bytes per rank (B)")
     ax.set_ylabel("time per call (us), max over ranks")
+    r0 = rows[0]
+    ax.set_title(f"mixcc bench: mesh {r0.mesh}, world {r0.world}, {r0.dtype}", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
     written.append(prefix + ".png")
     return written
