@@ -140,6 +140,11 @@ class Collective:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the program on this rank's `x`; returns `out` (allocated when None)."""
+        if torch.compiler.is_compiling():  # torch.compile: one custom op, see torch_ops.py
+            from . import torch_ops
+
+            if not torch_ops.in_op_impl():
+                return torch_ops.traced_call(self, x, out)
         backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
         shape = self._check(x, out, backend)
         if backend == "fused":
