@@ -110,9 +110,10 @@ class Progress:
         text = f"[{i}/{self.total}] {label}"
         if self.tty:  # cut to the width: a wrapped line could not be redrawn in place
             try:
-                width = os.get_terminal_size(self.stream.fileno()).columns - 1
+                cols = os.get_terminal_size(self.stream.fileno()).columns
             except (OSError, ValueError, AttributeError):
-                width = 79
+                cols = 0
+            width = (cols or 80) - 1  # 0: a terminal that does not tell its size
             self.stream.write(f"\r\033[K{text[:width]}")
             self.shown = True
         else:
