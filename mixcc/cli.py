@@ -298,7 +298,7 @@ def _stdout_closed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .launch import RankError
+    from .launch import RankError, under_torchrun
 
     try:
         code = args.fn(args)
@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixcc: error: {e}", file=sys.stderr)
         return 1
     except (MixccError, ValueError) as e:
-        print(f"mixcc: error: {e}", file=sys.stderr)
+        if not under_torchrun() or os.environ["RANK"] == "0":  # every rank checks; one says
+            print(f"mixcc: error: {e}", file=sys.stderr)
         return 2
 
 

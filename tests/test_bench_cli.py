@@ -234,3 +234,15 @@ def test_default_run_says_how_to_write_files(tmp_path):
     assert "note: nothing written; --out PREFIX writes PREFIX.csv, PREFIX.json and " \
            "PREFIX.png" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_under_torchrun_the_world_is_torchruns_and_rank_0_reports(capsys, no_spawn,
+                                                                   monkeypatch, rank, printed):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert main(["bench", "--mesh", "dp=2,tp=2"]) == 2
+    err = capsys.readouterr().err
+    expect = "mixcc: error: --mesh dp=2,tp=2 has 4 ranks but torchrun's WORLD_SIZE is 2\n"
+    assert err == (expect if printed else "")
