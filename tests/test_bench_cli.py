@@ -246,3 +246,15 @@ def test_under_torchrun_the_world_is_torchruns_and_rank_0_reports(capsys, no_spa
     err = capsys.readouterr().err
     expect = "mixcc: error: --mesh dp=2,tp=2 has 4 ranks but torchrun's WORLD_SIZE is 2\n"
     assert err == (expect if printed else "")
+
+
+def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "comma list of fused, reference, nccl1, symm_one_shot, symm_two_shot" in text
+    for b in bench.BACKENDS:
+        try:
+            cli.bench_config(_args("--backend", b, "--program", "allreduce_allgather"))
+        except cli.UsageError as e:  # may not apply here (no GPU), but is a known name
+            assert str(e).startswith(f"--backend {b} cannot run "), str(e)
