@@ -65,15 +65,13 @@ class ReferenceRunner:
         self.plan, self.rank, self.group = plan, rank, group
         kinds = _kinds(group)
         self._steps: list[tuple[Step, tuple[int, ...], dict[str, object]]] = []
-        for stage in plan.stages:
-            for step in stage.steps:
-                if step.coll == "permute":
-                    self._steps.append((step, step.perms[rank], {}))
-                    continue
-                members = next(g for g in step.groups if rank in g)
-                pgs = {k: subgroup(k, group, members) for k in kinds} if len(members) > 1 \
-                    else {}
-                self._steps.append((step, members, pgs))
+        for step in plan.steps:
+            if step.coll == "permute":
+                self._steps.append((step, step.perms[rank], {}))
+                continue
+            members = next(g for g in step.groups if rank in g)
+            pgs = {k: subgroup(k, group, members) for k in kinds} if len(members) > 1 else {}
+            self._steps.append((step, members, pgs))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The program's output for input `x` (a new tensor)."""

@@ -1,8 +1,10 @@
 import pytest
 
 from mixcc import Mesh
+from mixcc.codegen import layout
 from mixcc.codegen.linear_map import linear_map
 from mixcc.codegen.lower import lower, phases
+from mixcc.codegen.plan import HierStage, IntraStage, grid, hier_cols, intra_cols, share_cap
 from mixcc.codegen.schedule import DST_OUT, DST_WS, one_shot, two_shot
 from mixcc.ir.build import build
 from mixcc.ir.parser import parse
@@ -60,12 +62,17 @@ def test_phases_split_on_reduction_op():
 
 def test_one_node_plan_is_fused_capable_with_chunking():
     m = Mesh({"dp": 2, "tp": 4}, ranks_per_node=8)
-    plan = lowered("allreduce(tp); allgather(dp)", m, elem_bytes=2)
+    plan = lowered("allreduce(tp); allgather(dp)", m)
     assert plan.one_node and len(plan.stages) == 1
     st = plan.stages[0]
-    assert st.transport == "ipc" and set(st.schedules) == {"one_shot", "two_shot"}
-    assert st.chunking.elems_per_block % 8 == 0 and st.chunking.units_per_region == 3
-    assert "two_shot" in plan.describe()
+    assert isinstance(st, IntraStage) and st.transports == ("ipc",)
+    assert set(st.schedules) == {"one_shot", "two_shot"}
+    region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
+    cols = intra_cols(st, True, 2, region)
+    assert cols % 8 == 0 and st.units_per_region(True) == 3
+    assert 3 * cols * 2 <= region < 3 * (cols + 8) * 2
+    text = plan.describe(2)
+    assert "two_shot chunk" in text and "pipeline depth 1" in text
 
 
 @pytest.mark.parametrize("coll", ["allreduce", "allgather", "reducescatter"])
@@ -73,10 +80,43 @@ def test_multi_node_plan_is_hierarchical(coll):
     m = Mesh({"dp": 2, "tp": 4}, ranks_per_node=2)
     plan = lowered(f"{coll}(tp*dp)", m)
     assert not plan.one_node
-    scopes = [s.scope for s in plan.stages]
+    (st,) = plan.stages  # one fused kernel: IPC inside the node, NVSHMEM across
+    assert isinstance(st, HierStage) and st.transports == ("ipc", "nvshmem")
+    assert st.hier.nodes == 4 and st.hier.local == 2
+    scopes = [s.scope for s in plan.steps]  # the reference backend's view
     assert "intra" in scopes and "inter" in scopes
     if coll != "allreduce":
         assert "local" in scopes
+
+
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("program", ["allreduce(world)", "allreduce(tp); allgather(dp)",
+                                     "reducescatter(dp); allreduce(tp)", "allgather(world)"])
+def test_hier_chunk_fits_both_workspaces(program, elem):
+    m = Mesh({"dp": 2, "tp": 4}, ranks_per_node=4)
+    (st,) = lowered(program, m).stages
+    for ws, sym in ((256 << 10, 256 << 10), (16 << 20, 16 << 20), (16 << 20, 1 << 20)):
+        region, sregion = layout.region_bytes(ws), layout.sym_region_bytes(sym)
+        cols = hier_cols(st, elem, region, sregion)
+        h, sc = st.hier, share_cap(cols, elem, st.hier.local)
+        assert cols > 0 and cols % (16 // elem) == 0
+        assert (h.in_units * cols + h.max_finals * sc) * elem <= region
+        assert 2 * h.nodes * h.max_parts * sc * elem <= sregion
+        bigger = cols + 16 // elem  # the next width does not fit one of the two
+        sc2 = share_cap(bigger, elem, h.local)
+        assert ((h.in_units * bigger + h.max_finals * sc2) * elem > region
+                or 2 * h.nodes * h.max_parts * sc2 * elem > sregion)
+    text = lowered(program, m).describe(elem)
+    assert "[intra+inter] transport=ipc+nvshmem" in text and "pipeline depth 2" in text
+    assert "NVSHMEM symmetric heap 16777216 B" in text
+
+
+def test_grid_covers_every_column():
+    for unit_elems in (1, 7, 8192, 7168 * 4096):
+        for cols in (8, 4096):
+            nblocks, chunks = grid(unit_elems, cols, 2, 32)
+            assert 1 <= nblocks <= 32
+            assert chunks * nblocks * cols >= unit_elems > (chunks - 1) * nblocks * cols
 
 
 def test_identity_program_has_no_stage():

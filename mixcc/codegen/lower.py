@@ -1,19 +1,20 @@
 """lower: IR -> plan of stages (ARCHITECTURE.md section 3, step 4).
 
-One-node programs become fused stages: each maximal run of ops sharing one
-reduction (allgathers join any run) is one linear map, scheduled one-shot and
-two-shot, run by one kernel. Programs whose groups cross nodes become
-hierarchical torch.distributed steps: intra-node part, then inter-node part,
-with local block permutations where group order and node order differ.
+Fused stages: each maximal run of ops sharing one reduction (allgathers join any
+run) is one linear map run by one kernel: scheduled one-shot and two-shot over IPC
+when no term crosses a node, hierarchically (IPC + NVSHMEM, codegen/hier.py) when
+some do. Reference steps: each op as torch.distributed collectives, split into an
+intra-node part and an inter-node part where its groups cross nodes, with local
+block permutations where group order and node order differ.
 """
 
 from __future__ import annotations
 
 from ..ir.nodes import IR, Op
 from ..mesh import Mesh
-from .layout import DEFAULT_WORKSPACE_BYTES, region_bytes
-from .linear_map import linear_map
-from .plan import Chunking, Plan, Stage, Step
+from .hier import hier_schedule
+from .linear_map import LinearMap, linear_map
+from .plan import HierStage, IntraStage, Plan, Stage, Step
 from .schedule import one_shot, two_shot
 
 
@@ -67,28 +68,28 @@ def _steps_for(op: Op, mesh: Mesh) -> tuple[Step, ...]:
             Step("reducescatter", intra, op.redop, "intra"))
 
 
-def lower(ir: IR, mesh: Mesh, *, elem_bytes: int | None = None,
-          workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Plan:
-    """Lower the optimised IR to a plan. `elem_bytes` (if known) fixes the chunking."""
+def _crosses_nodes(lmap: LinearMap, mesh: Mesh) -> bool:
+    return any(mesh.node_of(src) != mesh.node_of(r)
+               for r, units in enumerate(lmap.out_units) for terms in units
+               for src, _, _ in terms)
+
+
+def lower(ir: IR, mesh: Mesh) -> Plan:
+    """Lower the optimised IR to a plan: fused stages (one per run of ops sharing a
+    reduction; hierarchical where the run's map crosses nodes) and reference steps."""
     one_node = mesh.num_nodes == 1 or all(op.scope == "intra" for op in ir.ops)
-    if not one_node:
-        stages = []
-        for op in ir.ops:
-            for st in _steps_for(op, mesh):
-                transport = "none" if st.scope == "local" else "nccl"
-                stages.append(Stage(st.scope, transport, "torch.distributed", (op,), (st,)))
-        return Plan(tuple(stages), ir.granularity, False)
-    stages = []
+    steps: list[Step] = []
+    for op in ir.ops:
+        steps += _steps_for(op, mesh)
+    stages: list[Stage] = []
     units = ir.granularity
     for redop, ops in phases(ir.ops):
         lmap = linear_map(ops, mesh, units, redop)
-        scheds = {"one_shot": one_shot(lmap), "two_shot": two_shot(lmap)}
-        chunking = None
-        if elem_bytes:
-            need = max(units + s.slots for s in scheds.values())
-            chunking = Chunking(region_bytes(workspace_bytes), elem_bytes, need)
-        steps = tuple(Step(op.coll, mesh.partition(op.axes), op.redop, "intra") for op in ops)
-        stages.append(Stage("intra", "ipc", "one_shot|two_shot by size", ops, steps, lmap,
-                            scheds, chunking))
+        if mesh.num_nodes > 1 and _crosses_nodes(lmap, mesh):
+            stages.append(HierStage(ops, lmap, hier_schedule(lmap, mesh)))
+            one_node = False
+        else:
+            stages.append(IntraStage(ops, lmap, {"one_shot": one_shot(lmap),
+                                                 "two_shot": two_shot(lmap)}))
         units = len(lmap.out_units[0])
-    return Plan(tuple(stages), ir.granularity, True)
+    return Plan(tuple(stages), tuple(steps), ir.granularity, one_node)

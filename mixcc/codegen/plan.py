@@ -1,10 +1,26 @@
-"""The plan: stages with scope, transport, algorithm and chunking, as printable data."""
+"""The plan: typed stages with scope, transports, algorithm and chunking, as data.
+
+A plan has two views of the same program, both computed once by `lower`:
+- `stages`: what the fused backend launches, one kernel per stage. `IntraStage` runs a
+  linear map whose terms stay inside each node (transport IPC, one-shot or two-shot);
+  `HierStage` runs one whose terms cross nodes (IPC inside the node, NVSHMEM between
+  nodes, chunks pipelined). Each stage is one maximal run of ops with one reduction.
+- `steps`: what the reference backend runs, torch.distributed collectives over
+  partitions plus local block permutations (`Step`).
+
+The chunking of a stage (columns per block per chunk, workspace per rank) is a pure
+function of the stage, the element size and the workspace sizes: `chunk_cols` and
+`grid` below serve the launcher and `explain` alike.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..ir.nodes import Op
+from . import layout
+from .hier import HierSchedule
 from .linear_map import LinearMap
 from .schedule import Schedule
 
@@ -22,66 +38,137 @@ class Step:
 
     def __str__(self) -> str:
         if self.coll == "permute":
-            return f"permute blocks (local), rank 0: {list(self.perms[0])}"
+            return f"permute blocks [local], rank 0: {list(self.perms[0])}"
         op = "" if self.redop == "sum" else f", op={self.redop}"
         groups = " ".join(str(list(g)) for g in self.groups[:4])
         more = f" ... ({len(self.groups)} groups)" if len(self.groups) > 4 else ""
-        return f"{self.coll}{op} [{self.scope}] over {groups}{more}"
+        transport = "" if self.scope == "local" else " (nccl/gloo)"
+        return f"{self.coll}{op} [{self.scope}]{transport} over {groups}{more}"
 
 
 @dataclass(frozen=True)
-class Chunking:
-    """Fused stages stream each unit through per-block workspace regions."""
+class IntraStage:
+    """One fused kernel over CUDA IPC: every term of the map lies on the consumer's node."""
 
-    region_bytes: int  # one block's share of one half of the double-buffered workspace
-    elem_bytes: int
-    units_per_region: int  # input units + result slots kept per block and chunk
-
-    @property
-    def elems_per_block(self) -> int:
-        """Columns of every unit one block handles per chunk (multiple of 16 bytes)."""
-        per = self.region_bytes // (self.units_per_region * self.elem_bytes)
-        vec = max(1, 16 // self.elem_bytes)
-        return per // vec * vec
-
-    def __str__(self) -> str:
-        return (
-            f"{self.elems_per_block} elements of every unit per block per chunk "
-            f"({self.region_bytes} B regions, {self.units_per_region} unit(s) each), "
-            "double-buffered"
-        )
-
-
-@dataclass(frozen=True)
-class Stage:
-    scope: str  # intra | inter | local
-    transport: str  # ipc | nccl | none
-    algorithm: str
     ops: tuple[Op, ...]
-    steps: tuple[Step, ...]
-    lmap: LinearMap | None = None
+    lmap: LinearMap
     schedules: dict[str, Schedule] = field(default_factory=dict)
-    chunking: Chunking | None = None
+    scope = "intra"
+    transports = ("ipc",)
 
-    def describe(self) -> str:
-        ops = "; ".join(str(o) for o in self.ops)
-        lines = [f"stage [{self.scope}] transport={self.transport} "
-                 f"algorithm={self.algorithm}: {ops}"]
-        lines += [f"    step: {s}" for s in self.steps]
-        if self.chunking is not None:
-            lines.append(f"    chunking: {self.chunking}")
-        for sched in self.schedules.values():
-            lines += ["    " + ln for ln in sched.describe(0).splitlines()]
-        return "\n".join(lines)
+    def units_per_region(self, two_shot: bool) -> int:
+        return self.lmap.in_units + (self.schedules["two_shot"].slots if two_shot else 0)
+
+
+@dataclass(frozen=True)
+class HierStage:
+    """One fused kernel whose terms cross nodes: IPC inside a node, NVSHMEM between nodes
+    (rail-aligned), chunks pipelined (codegen/hier.py)."""
+
+    ops: tuple[Op, ...]
+    lmap: LinearMap
+    hier: HierSchedule
+    scope = "intra+inter"
+    transports = ("ipc", "nvshmem")
+
+
+Stage = IntraStage | HierStage
+
+
+def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int) -> int:
+    """Columns of every unit one block handles per chunk (a multiple of 16 bytes), or 0 when
+    the region is too small for one vector."""
+    vec = max(1, 16 // elem)
+    per = region_bytes // (stage.units_per_region(two_shot) * elem)
+    return per // vec * vec
+
+
+def share_cap(cols: int, elem: int, local: int) -> int:
+    """Elements of one column share of `cols` split among `local` ranks in 16-byte packs."""
+    vec = max(1, 16 // elem)
+    return -(-(cols // vec) // local) * vec
+
+
+def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int) -> int:
+    """The largest chunk width (multiple of 16 bytes) whose staging and result slots fit an
+    IPC region and whose send and receive parts fit an NVSHMEM region; 0 if none does."""
+    h = stage.hier
+    vec = max(1, 16 // elem)
+
+    def fits(cols: int) -> bool:
+        sc = share_cap(cols, elem, h.local)
+        ipc = (h.in_units * cols + h.max_finals * sc) * elem
+        sym = 2 * h.nodes * h.max_parts * sc * elem
+        return ipc <= region_bytes and sym <= sym_region_bytes
+
+    lo, hi = 0, region_bytes // (h.in_units * elem) // vec  # in packs
+    while lo < hi:  # the largest packs count that fits (fits() is monotone)
+        mid = (lo + hi + 1) // 2
+        if fits(mid * vec):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * vec
+
+
+def grid(unit_elems: int, cols: int, elem: int, max_blocks: int) -> tuple[int, int]:
+    """(blocks, chunks) for `unit_elems` columns per unit: as many blocks as there are
+    full 16-byte passes of THREADS threads, capped at max_blocks, then enough chunks."""
+    vec = max(1, 16 // elem)
+    nblocks = max(1, min(max_blocks, math.ceil(unit_elems / (layout.THREADS * vec))))
+    return nblocks, math.ceil(unit_elems / (nblocks * cols))
 
 
 @dataclass(frozen=True)
 class Plan:
-    stages: tuple[Stage, ...]
+    stages: tuple[Stage, ...]  # fused view: one kernel each
+    steps: tuple[Step, ...]  # reference view
     granularity: int
-    one_node: bool  # every stage is intra-node: the fused backend can run it
+    one_node: bool  # no term crosses a node: IPC alone runs every stage
 
-    def describe(self) -> str:
+    def describe(self, elem: int | None = None,
+                 workspace_bytes: int = layout.DEFAULT_WORKSPACE_BYTES,
+                 symmetric_bytes: int = layout.DEFAULT_SYMMETRIC_BYTES,
+                 depth: int = 2) -> str:
+        """Every stage with scope, transport, algorithm, chunk bytes (when the element size
+        is known), pipeline depth and workspace per rank; then the reference steps."""
         if not self.stages:
             return "no stage: the program is the identity (output = copy of input)"
-        return "\n".join(s.describe() for s in self.stages)
+        lines = []
+        region = layout.region_bytes(workspace_bytes)
+        sym = layout.sym_region_bytes(symmetric_bytes)
+        for i, st in enumerate(self.stages):
+            ops = "; ".join(str(o) for o in st.ops)
+            lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
+            if isinstance(st, IntraStage):
+                lines.append("    algorithm: one_shot below the auto threshold, two_shot above "
+                             "(where it splits a reduction); pipeline depth 1")
+                if elem:
+                    for two in (False, True):
+                        cols = intra_cols(st, two, elem, region)
+                        name = "two_shot" if two else "one_shot"
+                        lines.append(f"    {name} chunk: {cols} elements x "
+                                     f"{st.units_per_region(two)} unit(s) per block = "
+                                     f"{cols * elem * st.lmap.in_units} B of input per block")
+                lines.append(f"    workspace per rank: IPC {workspace_bytes} B "
+                             f"({layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
+                             f"{region} B), symmetric heap 0 B")
+                for sched in st.schedules.values():
+                    lines += ["    " + ln for ln in sched.describe(0).splitlines()]
+            else:
+                h = st.hier
+                lines.append(f"    algorithm: hierarchical (intra reduce of node parts -> "
+                             f"rail-aligned NVSHMEM put-with-signal -> combine -> intra "
+                             f"gather); pipeline depth {depth} (chunks in flight)")
+                if elem:
+                    cols = hier_cols(st, elem, region, sym)
+                    lines.append(f"    chunk: {cols} elements per unit per block "
+                                 f"({cols * elem * h.in_units} B of input per block), share "
+                                 f"{share_cap(cols, elem, h.local)} elements per local rank")
+                lines.append(f"    workspace per rank: IPC {workspace_bytes} B, NVSHMEM "
+                             f"symmetric heap {symmetric_bytes} B (fixed, independent of the "
+                             "message size)")
+                lines += ["    " + ln for ln in h.describe(0).splitlines()]
+        lines.append("reference backend steps:")
+        lines += [f"    {s}" for s in self.steps]
+        return "\n".join(lines)
