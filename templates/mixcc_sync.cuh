@@ -44,27 +44,51 @@ __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
   return v;
 }
 
-// Spin until *flag >= epoch (wrapping). On timeout, record (rank, peer, stage, block,
-// epoch) in `err` (first writer wins) and return false.
-__device__ __forceinline__ bool wait_flag(const unsigned* flag, unsigned epoch,
-                                          uint64_t timeout_ns, ErrorRecord* err, int rank,
-                                          int peer, int stage, int block) {
-  if ((int)(ld_acquire_sys(flag) - epoch) >= 0) return true;
+// Record a timed-out wait in `err` (the first writer wins). Stages: 0 input barrier,
+// 1 result barrier, 2 inter-node data (NVSHMEM signal), 3 inter-node credit.
+__device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int peer, int stage,
+                                               int block, unsigned epoch) {
+  if (atomicCAS((int*)&err->status, 0, 1) == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->stage = stage;
+    err->block = block;
+    err->epoch = epoch;
+    __threadfence_system();
+  }
+}
+
+// Another wait of this runtime already timed out: every later wait gives up at once, so
+// kernels queued behind a failed one return instead of each waiting its own timeout.
+__device__ __forceinline__ bool runtime_failed(const ErrorRecord* err) {
+  return *(volatile const int*)&err->status != 0;
+}
+
+// Spin until load() >= value in wrapping uint32 arithmetic. On timeout (or when the
+// runtime already failed), record (rank, peer, stage, block, value) and return false.
+template <typename Load>
+__device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t timeout_ns,
+                                           ErrorRecord* err, int rank, int peer, int stage,
+                                           int block) {
+  if ((int)(load() - value) >= 0) return true;
   const uint64_t start = globaltimer_ns();
-  while ((int)(ld_acquire_sys(flag) - epoch) < 0) {
+  unsigned n = 0;
+  while ((int)(load() - value) < 0) {
+    if ((++n & 1023) == 0 && runtime_failed(err)) return false;
     if (globaltimer_ns() - start > timeout_ns) {
-      if (atomicCAS((int*)&err->status, 0, 1) == 0) {
-        err->rank = rank;
-        err->peer = peer;
-        err->stage = stage;
-        err->block = block;
-        err->epoch = epoch;
-        __threadfence_system();
-      }
+      record_timeout(err, rank, peer, stage, block, value);
       return false;
     }
   }
   return true;
+}
+
+// Spin until *flag >= epoch (a peer's IPC store, acquire at system scope).
+__device__ __forceinline__ bool wait_flag(const unsigned* flag, unsigned epoch,
+                                          uint64_t timeout_ns, ErrorRecord* err, int rank,
+                                          int peer, int stage, int block) {
+  return spin_until([flag] { return ld_acquire_sys(flag); }, epoch, timeout_ns, err, rank,
+                    peer, stage, block);
 }
 
 // Cross-rank barrier of block `block` at (stage, epoch) with `nbrs` (no self).

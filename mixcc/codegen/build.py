@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import templates_dir
+from .spec import BuildSpec
 
 
 class BuildError(RuntimeError):
@@ -70,22 +71,14 @@ def find_ninja() -> str:
     return found
 
 
-def arch_flags(arch: str) -> list[str]:
-    """nvcc target flags: 'sm_90a' -> -gencode=arch=compute_90a,code=sm_90a."""
-    num = arch.removeprefix("sm_")
-    return [f"-gencode=arch=compute_{num},code=sm_{num}"]
-
-
 def device_arch() -> str:
     """The current GPU's target: sm_90a on Hopper (its arch-specific features), else sm_XY."""
     import torch
 
+    if not torch.cuda.is_available():
+        raise BuildError("no CUDA device: name the target arch (e.g. --arch sm_90a)")
     major, minor = torch.cuda.get_device_capability()
     return f"sm_{major}{minor}" + ("a" if (major, minor) in ((9, 0), (10, 0)) else "")
-
-
-BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
-              "-lineinfo"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +97,10 @@ def _headers_digest() -> str:
     return h.hexdigest()
 
 
-def cache_key(source: str, arch: str, flags: list[str], nvcc_ver: str) -> str:
+def cache_key(source: str, arch: str, flags: list[str], nvcc_ver: str, versions: str = ""
+              ) -> str:
     h = hashlib.sha256()
-    for part in (source, _headers_digest(), " ".join(flags), nvcc_ver, arch):
+    for part in (source, _headers_digest(), " ".join(flags), nvcc_ver, arch, versions):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
@@ -125,22 +119,25 @@ def _ninja_file(nvcc: str, flags: list[str]) -> str:
     )
 
 
-def build_module(source: str, name: str, arch: str, extra_flags: tuple[str, ...] = ()
-                 ) -> Built:
-    """Compile `source` into a shared library (or find it in the cache)."""
+def build_module(source: str, name: str, arch: str) -> Built:
+    """Compile a self-contained `source` into a shared library (or find it in the cache)."""
+    return build(BuildSpec(name, source, arch))
+
+
+def build(spec: BuildSpec) -> Built:
+    """Build the module `spec` describes (or find it in the cache)."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    flags = [*BASE_FLAGS, *arch_flags(arch), *extra_flags]
-    # The include dir's path stays out of the key (the headers' contents are in it), so
-    # a cache built in one checkout serves another.
-    key = cache_key(source, arch, flags, nvcc_version(nvcc))
-    flags.append(f"-I{templates_dir()}")
+    flags = spec.key_flags()
+    key = cache_key(spec.source, spec.arch, flags, nvcc_version(nvcc), spec.versions)
+    name = spec.name
     root = cache_dir() / "modules"
     final = root / f"{name}-{key}"
     lib = final / "module.so"
     if lib.exists():
         return Built(lib, key, 0.0, True)
+    flags = [*flags, f"-I{templates_dir()}", *spec.path_flags()]
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{name}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; the others wait here
@@ -148,7 +145,7 @@ def build_module(source: str, name: str, arch: str, extra_flags: tuple[str, ...]
             return Built(lib, key, 0.0, True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            (tmp / "source.cu").write_text(source)
+            (tmp / "source.cu").write_text(spec.source)
             (tmp / "build.ninja").write_text(_ninja_file(nvcc, flags))
             t0 = time.perf_counter()
             proc = subprocess.run([find_ninja(), "-C", str(tmp)], capture_output=True,

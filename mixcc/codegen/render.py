@@ -12,8 +12,9 @@ import jinja2
 import torch
 
 from ..paths import templates_dir
-from . import layout
-from .plan import Stage
+from . import abi, layout
+from .hier import hier_table
+from .plan import HierStage, IntraStage, Stage
 from .schedule import Schedule
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -53,21 +54,14 @@ def _ints(values: list[int], per_line: int = 24) -> str:
     return ",\n    ".join(lines)
 
 
-def render_stage(stage: Stage, dtype: torch.dtype) -> str:
-    """CUDA source of one fused stage for `dtype`."""
+def _common(stage: Stage, dtype: torch.dtype) -> dict:
     if dtype not in CTYPES:
         raise ValueError(f"the fused backend supports {list(CTYPES)}, not {dtype}")
     lmap = stage.lmap
-    assert lmap is not None, "render_stage needs a fused (one-node) stage"
     if lmap.world_size > layout.MAX_RANKS:
-        raise ValueError(f"the fused backend serves at most {layout.MAX_RANKS} ranks per node")
-    scheds = []
-    for name, key in (("OneShot", "one_shot"), ("TwoShot", "two_shot")):
-        flat, offsets, max_terms = schedule_table(stage.schedules[key])
-        scheds.append({"name": name, "table": _ints(flat), "offsets": _ints(offsets),
-                       "max_terms": max_terms})
+        raise ValueError(f"the fused backend serves at most {layout.MAX_RANKS} ranks")
     elem = torch.empty((), dtype=dtype).element_size()
-    return _env().get_template("stage_kernel.cu.j2").render(
+    return dict(
         ops="; ".join(str(o) for o in stage.ops),
         dtype=str(dtype).removeprefix("torch."),
         redop=lmap.redop,
@@ -79,5 +73,36 @@ def render_stage(stage: Stage, dtype: torch.dtype) -> str:
         threads=layout.THREADS,
         in_units=lmap.in_units,
         vec=16 // elem,
-        schedules=scheds,
+        nsets=layout.NSETS,
+        abi_struct=abi.c_struct(),
+        abi_version=abi.VERSION,
     )
+
+
+def render_stage(stage: Stage, dtype: torch.dtype) -> str:
+    """CUDA source of one fused stage for `dtype` (deterministic text)."""
+    if isinstance(stage, HierStage):
+        return render_hier(stage, dtype)
+    if not isinstance(stage, IntraStage):
+        raise TypeError(f"not a fused stage: {stage!r}")
+    ctx = _common(stage, dtype)
+    scheds = []
+    for name, key in (("OneShot", "one_shot"), ("TwoShot", "two_shot")):
+        flat, offsets, max_terms = schedule_table(stage.schedules[key])
+        scheds.append({"name": name, "table": _ints(flat), "offsets": _ints(offsets),
+                       "max_terms": max_terms})
+    return _env().get_template("stage_kernel.cu.j2").render(schedules=scheds, **ctx)
+
+
+def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
+    """CUDA source of one hierarchical (IPC + NVSHMEM) stage for `dtype`."""
+    ctx = _common(stage, dtype)
+    h = stage.hier
+    if h.nodes > layout.MAX_NODES:
+        raise ValueError(f"the fused backend serves at most {layout.MAX_NODES} nodes")
+    flat, offsets, max_terms, max_src = hier_table(h)
+    return _env().get_template("hier_kernel.cu.j2").render(
+        table=_ints(flat), offsets=_ints(offsets), max_terms=max_terms, max_src=max_src,
+        local=h.local, nodes=h.nodes, max_parts=h.max_parts, max_nodes=layout.MAX_NODES,
+        sig_bytes=layout.SIG_BYTES, credit_bytes=layout.CREDIT_BYTES,
+        sym_data_offset=layout.SYM_DATA_OFFSET, **ctx)
