@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
-from .codegen.layout import DEFAULT_WORKSPACE_BYTES
+from . import fused
+from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
 from .codegen.plan import Plan
 from .errors import CompileError
@@ -42,7 +45,7 @@ class Collective:
         self.ir, self.optimized_ir, self.plan = ir, optimized, plan
         self.options = options
         self._reference: ReferenceRunner | None = None
-        self._fused: dict[torch.dtype, object] = {}
+        self._fused: dict[torch.dtype, fused.FusedRunner] = {}
         self._auto: dict[torch.dtype, str] = {}  # backend "auto" picks, per CUDA dtype
         self._dtype_ok: set[torch.dtype] = set()
         if _group_size(group) is not None:
@@ -68,6 +71,7 @@ class Collective:
 
     # -- explain ----------------------------------------------------------------
     def explain(self) -> str:
+        elem = torch.empty((), dtype=self.dtype).element_size() if self.dtype else None
         ast = "\n".join(
             f"  {s}  @ line {s.pos.line}, column {s.pos.column}" for s in self.ast.stmts
         )
@@ -76,7 +80,10 @@ class Collective:
             f"AST:\n{ast}\n"
             f"IR: {self.ir}\n"
             f"IR after passes: {self.optimized_ir}\n"
-            f"plan (fused-capable: {self.plan.one_node}):\n{self.plan.describe()}"
+            f"plan ({'one node: IPC only' if self.plan.one_node else 'crosses nodes'}):\n"
+            + self.plan.describe(elem, self.options["workspace_bytes"],
+                                 self.options["symmetric_bytes"],
+                                 self.options["pipeline_depth"])
         )
 
     # -- calls ------------------------------------------------------------------
@@ -87,10 +94,11 @@ class Collective:
             return "reference"
         pick = self._auto.get(x.dtype)
         if pick is None:
-            from . import fused
-
-            pick = self._auto[x.dtype] = (
-                "fused" if fused.should_use(self, x.dtype) else "reference")
+            reason = fused.unavailable_reason(self.plan, self.mesh, self.options, x.dtype)
+            if reason and not self.plan.one_node and "NVSHMEM" in reason:
+                _warn_once(f"mixcc: {self.program!r} runs on the reference backend (chains of "
+                           f"torch.distributed calls): {reason}")
+            pick = self._auto[x.dtype] = "reference" if reason else "fused"
         return pick
 
     def _expected_device(self, backend: str, x: torch.Tensor) -> torch.device:
@@ -148,11 +156,11 @@ class Collective:
         backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
         shape = self._check(x, out, backend)
         if backend == "fused":
-            from . import fused
-
             runner = self._fused.get(x.dtype)
             if runner is None:
-                runner = self._fused[x.dtype] = fused.FusedRunner(self, x.dtype)
+                check_fused(self.program, self.plan, self.mesh, self.options, x.dtype)
+                runner = self._fused[x.dtype] = fused.FusedRunner(
+                    self.plan, self.mesh, self.group, self.options, x.dtype)
             return runner(x, out, shape)
         if self._reference is None:
             if self.mesh.world_size != 1:
@@ -199,6 +207,8 @@ def compile(  # noqa: A001 - the public name the contract asks for
     rows: int | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
     algorithm: str = "auto",
+    pipeline_depth: int = 2,
+    symmetric_bytes: int = DEFAULT_SYMMETRIC_BYTES,
     timeout_s: float = 5.0,
     max_blocks: int | None = None,
     multicast: bool = False,
@@ -207,8 +217,10 @@ def compile(  # noqa: A001 - the public name the contract asks for
 
     Mesh rank r is rank r of `group`. `rows`, when given, is checked at compile time.
     `backend`: "auto" (fused where it applies, else reference), "reference" or "fused".
-    Fused options: `workspace_bytes` (per rank, fixed), `algorithm` ("auto",
-    "one_shot", "two_shot"), `timeout_s` for every device-side wait, `max_blocks`.
+    Fused options: `workspace_bytes` (IPC workspace per rank, fixed), `algorithm` ("auto",
+    "one_shot", "two_shot"; one-node stages), `pipeline_depth` (chunks in flight in a
+    cross-node stage, 1-3; 1 = no overlap), `symmetric_bytes` (NVSHMEM workspace per
+    rank, fixed), `timeout_s` for every device-side wait, `max_blocks`.
     `multicast=True` asks for the NVLink multicast transport: it is refused when
     NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 or NVSHMEM_DISABLE_NVLS=1
     is set, and is not built otherwise; mixcc never creates a multicast object.
@@ -225,18 +237,23 @@ def compile(  # noqa: A001 - the public name the contract asks for
             f"mesh has {mesh.world_size} ranks but the process group has {size}; "
             "mesh rank r must be group rank r"
         )
-    if workspace_bytes < 1 << 16:
-        raise ValueError(f"workspace_bytes must be >= 65536, got {workspace_bytes}")
+    if workspace_bytes < 1 << 18:
+        raise ValueError(f"workspace_bytes must be >= 262144, got {workspace_bytes}")
+    if symmetric_bytes < 1 << 18:
+        raise ValueError(f"symmetric_bytes must be >= 262144, got {symmetric_bytes}")
+    if pipeline_depth not in (1, 2, 3):
+        raise ValueError(f"pipeline_depth must be 1, 2 or 3, got {pipeline_depth!r}")
     text = resolve(program)
     ir = build(parse(text), mesh, dtype)
     if rows is not None:
         check_rows(ir, rows, text)
     optimized = optimize(ir, mesh)
-    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
-    plan = lower(optimized, mesh, elem_bytes=elem, workspace_bytes=workspace_bytes)
+    plan = lower(optimized, mesh)
     options = {
         "workspace_bytes": workspace_bytes,
         "algorithm": algorithm,
+        "pipeline_depth": pipeline_depth,
+        "symmetric_bytes": symmetric_bytes,
         "timeout_s": float(timeout_s),
         "max_blocks": max_blocks,
         "multicast": multicast,
@@ -244,10 +261,25 @@ def compile(  # noqa: A001 - the public name the contract asks for
     coll = Collective(text, mesh, ir, optimized, plan, dtype=dtype, group=group,
                       backend=backend, options=options)
     if backend == "fused" or multicast:
-        from . import fused
-
-        fused.check_applicable(coll, dtype)
+        check_fused(text, plan, mesh, options, dtype)
     return coll
+
+
+def check_fused(program: str, plan: Plan, mesh: Mesh, options: dict,
+                dtype: torch.dtype | None) -> None:
+    """Raise ValueError with the reason when the fused backend cannot run the program."""
+    reason = fused.unavailable_reason(plan, mesh, options, dtype)
+    if reason is not None:
+        raise ValueError(f"backend='fused' cannot run {program!r}: {reason}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 __all__ = ["Collective", "compile"]

@@ -229,7 +229,10 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
         raise UsageError("--arch is needed on a machine without a CUDA GPU, e.g. --arch sm_90a")
     if find_nvcc() is None:
         raise UsageError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    for line in fused.prebuild(progs, mesh, dtypes, arch=args.arch):
+    from .api import compile as mixcc_compile
+
+    plans = [(p, mixcc_compile(p, mesh, backend="reference").plan) for p in progs]
+    for line in fused.prebuild(plans, dtypes, arch=args.arch):
         print(line, flush=True)
     return 0
 

@@ -1,9 +1,11 @@
-"""The fused backend: generated CUDA for one-node programs over CUDA IPC.
+"""The fused backend: generated CUDA, IPC inside a node and NVSHMEM between nodes.
 
-`should_use` is the predicate `auto` asks; `check_applicable` raises the reason
-when `backend="fused"` cannot run a program. Each fused plan stage becomes one
-kernel launch on the current stream; every launch is CUDA-graph capturable (the
-first call per dtype renders, builds and allocates, so make it before capture).
+`unavailable_reason` is the hard check (auto falls back to the reference backend when
+it gives a reason; `backend="fused"` raises it); the performance heuristics (one-shot
+or two-shot, chunking, pipeline depth) live apart, in `_params` / `_make_args` and the
+plan. Each plan stage becomes one kernel launch on the current stream; every launch is
+CUDA-graph capturable (the first call per dtype renders, builds and allocates, so make
+it before capture).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .codegen import layout
-from .codegen.build import build_module, device_arch, find_nvcc
+from . import nvshmem
+from .codegen import abi, layout
+from .codegen.build import build, device_arch, find_nvcc
+from .codegen.plan import HierStage, IntraStage, Plan, Stage, grid, hier_cols, intra_cols, share_cap
 from .codegen.render import CTYPES, render_stage
+from .codegen.spec import BuildSpec, nvshmem_spec
 
 # One-shot reads every source from every consumer: n x the bytes but one barrier.
 # Two-shot moves ~2(n-1)/n of the bytes with a second barrier (a few us). Past about
@@ -41,120 +46,136 @@ def multicast_refusal() -> str | None:
     return f"multicast is disabled on this machine ({', '.join(bad)} set)" if bad else None
 
 
-def unavailable_reason(coll, dtype: torch.dtype | None) -> str | None:
-    """Why the fused backend cannot run `coll` for `dtype`, or None if it can."""
-    if coll.options.get("multicast"):
+def unavailable_reason(plan: Plan, mesh, options: dict, dtype: torch.dtype | None
+                       ) -> str | None:
+    """Why the fused backend cannot run `plan` for `dtype`, or None if it can."""
+    if options.get("multicast"):
         refusal = multicast_refusal()
         if refusal:
             return f"the multicast transport was requested but {refusal}"
         return "the multicast transport is not built (use the default ipc transport)"
-    if not coll.plan.one_node:
-        return (f"its groups cross nodes (ranks_per_node={coll.mesh.ranks_per_node}); the fused "
-                "backend has no inter-node transport yet")
     if dtype is not None and dtype not in CTYPES:
         return f"dtype {dtype} is not one of {list(CTYPES)}"
-    if coll.mesh.world_size > layout.MAX_RANKS:
-        return f"it has {coll.mesh.world_size} ranks (at most {layout.MAX_RANKS})"
+    if mesh.world_size > layout.MAX_RANKS:
+        return f"it has {mesh.world_size} ranks (at most {layout.MAX_RANKS})"
+    if not plan.one_node:
+        reason = nvshmem.available()
+        if reason:
+            return f"its groups cross nodes and {reason}"
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     if find_nvcc() is None:
         return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
-    if coll.mesh.world_size > 1 and not dist.is_initialized():
+    if mesh.world_size > 1 and not dist.is_initialized():
         return "torch.distributed is not initialized"
     return None
 
 
-def shares_reduction(stage) -> bool:
+def shares_reduction(stage: IntraStage) -> bool:
     """Whether two-shot splits a real reduction among owners. For pure data movement
     (allgather) two-shot only doubles the remote traffic, so auto never picks it."""
     return any(len(t.terms) > 1 and t.owners > 1
                for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
 
 
-def should_use(coll, dtype: torch.dtype) -> bool:
-    return unavailable_reason(coll, dtype) is None
-
-
-def check_applicable(coll, dtype: torch.dtype | None) -> None:
-    reason = unavailable_reason(coll, dtype)
-    if reason is not None:
-        raise ValueError(f"backend='fused' cannot run {coll.program!r}: {reason}")
-
-
-def load_stage(source: str, arch: str) -> tuple[ctypes.CDLL, float, bool]:
-    built = build_module(source, "stage", arch)
-    lib = ctypes.CDLL(str(built.path))
-    vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-    lib.mixcc_launch.argtypes = [i, i, vp, vp, ll, ll, i, i, vp, vp, i, ll, ll,
-                                 ctypes.c_ulonglong, vp, vp]
-    lib.mixcc_launch.restype = i
-    return lib, built.seconds, built.cached
+def load_stage(stage: Stage, dtype: torch.dtype, arch: str) -> tuple[ctypes.CDLL, float]:
+    """Render, build (or find in the cache) and load the module of one stage."""
+    source = render_stage(stage, dtype)
+    spec = (nvshmem_spec("hier", source, arch) if isinstance(stage, HierStage)
+            else BuildSpec("stage", source, arch))
+    built = build(spec)
+    return abi.bind(ctypes.CDLL(str(built.path))), built.seconds
 
 
 class FusedRunner:
-    """The fused kernels of one collective for one dtype, bound to the shared runtime."""
+    """The fused kernels of one collective for one dtype, bound to the shared runtime
+    (and to NVSHMEM when a stage crosses nodes)."""
 
-    def __init__(self, coll, dtype: torch.dtype):
+    def __init__(self, plan: Plan, mesh, group: dist.ProcessGroup | None, options: dict,
+                 dtype: torch.dtype):
         from .runtime import get_runtime, native
 
-        check_applicable(coll, dtype)
-        self.coll, self.dtype = coll, dtype
+        self.plan, self.mesh, self.dtype = plan, mesh, dtype
         self.elem = torch.empty((), dtype=dtype).element_size()
         self.vec = 16 // self.elem
-        opts = coll.options
-        self.algorithm = opts["algorithm"]
-        self.timeout_ns = int(opts["timeout_s"] * 1e9)
-        self.max_blocks = min(opts["max_blocks"] or layout.MAX_BLOCKS, layout.MAX_BLOCKS)
+        self.algorithm = options["algorithm"]
+        self.depth = options["pipeline_depth"]
+        self.timeout_ns = int(options["timeout_s"] * 1e9)
+        self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, layout.MAX_BLOCKS)
         self.device = torch.cuda.current_device()
         native()
-        self.rt = get_runtime(coll.group, self.device, opts["workspace_bytes"],
-                              opts["timeout_s"])
+        self.rt = get_runtime(group, self.device, options["workspace_bytes"],
+                              options["timeout_s"])
+        node = mesh.node_of(self.rt.rank)
+        self.rt.check_node(list(range(node * mesh.ranks_per_node,
+                                      (node + 1) * mesh.ranks_per_node)))
+        self.nv = None
+        if not plan.one_node:
+            self.nv = nvshmem.get(group, options["symmetric_bytes"])
         arch = device_arch()
-        self.stages = []
+        self.stages: list[tuple[Stage, ctypes.CDLL]] = []
         self.build_seconds = 0.0
-        for stage in coll.plan.stages:
-            lib, secs, _ = load_stage(render_stage(stage, dtype), arch)
+        for stage in plan.stages:
+            lib, secs = load_stage(stage, dtype, arch)
+            if isinstance(stage, HierStage):
+                self.nv.bind_module(lib)
             self.build_seconds += secs
             self.stages.append((stage, lib))
         # per-stage facts the hot path needs, computed once
-        self._shares_reduction = [shares_reduction(st) for st, _ in self.stages]
-        self._peers = self.rt.peers.data_ptr()
-        self._epochs = self.rt.epochs.data_ptr()
-        self._param_cache: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+        self._shares_reduction = [isinstance(st, IntraStage) and shares_reduction(st)
+                                  for st, _ in self.stages]
+        self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
+                            if self.nv else 0)
+        self._args: dict[tuple[int, int], abi.LaunchArgs] = {}
 
     def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
-        """(algorithm, columns per block, chunks, blocks) for stage i; the same on every
-        rank for the same shape, as the barriers require."""
+        """(algorithm, columns per block, chunks, blocks) for intra stage i; the same on
+        every rank for the same shape, as the barriers require."""
         stage = self.stages[i][0]
         two = self.algorithm == "two_shot" or (
             self.algorithm == "auto" and nbytes >= TWO_SHOT_MIN_BYTES and self._shares_reduction[i])
-        units = stage.lmap.in_units + (stage.schedules["two_shot"].slots if two else 0)
-        cols = self.rt.region_bytes // (units * self.elem) // self.vec * self.vec
+        cols = intra_cols(stage, two, self.elem, self.rt.region_bytes)
         if cols < self.vec:
             raise ValueError(
-                f"workspace_bytes={self.rt.workspace_bytes} is too small for {units} units "
-                "per block region; raise workspace_bytes"
-            )
-        nblocks = max(1, min(self.max_blocks, math.ceil(unit_elems / (layout.THREADS * self.vec))))
-        return int(two), cols, math.ceil(unit_elems / (nblocks * cols)), nblocks
+                f"workspace_bytes={self.rt.workspace_bytes} is too small for "
+                f"{stage.units_per_region(two)} units per block region; raise workspace_bytes")
+        nblocks, n_chunks = grid(unit_elems, cols, self.elem, self.max_blocks)
+        return int(two), cols, n_chunks, nblocks
+
+    def _make_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+        """The launch arguments of stage i for this shape (pointers and stream are set
+        per call)."""
+        stage = self.stages[i][0]
+        a = abi.LaunchArgs()
+        a.unit_elems, a.rank, a.timeout_ns = unit_elems, self.rt.rank, self.timeout_ns
+        a.peers, a.epochs = self.rt.peers.data_ptr(), self.rt.epochs.data_ptr()
+        a.data_off, a.region_bytes, a.err = layout.DATA_OFFSET, self.rt.region_bytes, \
+            self.rt.err_dev
+        if isinstance(stage, IntraStage):
+            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes)
+            return a
+        cols = hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
+        if cols < self.vec:
+            raise ValueError("workspace_bytes / symmetric_bytes are too small for this "
+                             "hierarchical stage; raise them")
+        a.cols, a.share_cap = cols, share_cap(cols, self.elem, stage.hier.local)
+        a.nblocks, a.n_chunks = grid(unit_elems, cols, self.elem, self.max_blocks)
+        a.depth = max(1, min(self.depth, a.n_chunks))
+        a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
+        return a
 
     def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int) -> None:
         unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
         if unit_elems == 0:
             return
         key = (i, unit_elems)
-        params = self._param_cache.get(key)
-        if params is None:
-            params = self._param_cache[key] = self._params(i, unit_elems,
-                                                           x.numel() * self.elem)
-        algo, cols, n_chunks, nblocks = params
-        wide = int(unit_elems % self.vec == 0 and x.data_ptr() % 16 == 0
-                   and dst.data_ptr() % 16 == 0)
-        rc = self.stages[i][1].mixcc_launch(
-            algo, wide, x.data_ptr(), dst.data_ptr(), unit_elems, cols, n_chunks, nblocks,
-            self._peers, self._epochs, self.rt.rank, layout.DATA_OFFSET, self.rt.region_bytes,
-            self.timeout_ns, self.rt.err_dev, _current_stream(self.device),
-        )
+        a = self._args.get(key)
+        if a is None:
+            a = self._args[key] = self._make_args(i, unit_elems, x.numel() * self.elem)
+        a.in_ptr, a.out_ptr = x.data_ptr(), dst.data_ptr()
+        a.wide = int(unit_elems % self.vec == 0 and a.in_ptr % 16 == 0 and a.out_ptr % 16 == 0)
+        a.stream = _current_stream(self.device)
+        rc = self.stages[i][1].mixcc_launch(ctypes.byref(a))
         if rc != 0:
             from .runtime import cuda_check
 
@@ -184,22 +205,29 @@ class FusedRunner:
         return out
 
 
-def prebuild(programs: list[str], mesh, dtypes: list[torch.dtype], arch: str | None = None
+def prebuild(plans: list[tuple[str, Plan]], dtypes: list[torch.dtype], arch: str | None = None
              ) -> Iterator[str]:
-    """Compile the runtime and every fused stage of `programs` ahead of time."""
-    from .api import compile as mixcc_compile
+    """Compile the runtime libraries and every fused stage of `plans` ahead of time."""
     from .runtime import build_native
 
     arch = arch or device_arch()
     b = build_native(arch)
     yield f"runtime  {'cached' if b.cached else f'built in {b.seconds:.1f} s'}  {b.path}"
-    for prog in programs:
-        coll = mixcc_compile(prog, mesh, backend="reference")
-        if not coll.plan.one_node:
-            yield f"{coll.program}: skipped (crosses nodes: no fused stage)"
-            continue
+    if any(not p.one_node for _, p in plans):
+        if nvshmem.available():
+            yield f"cross-node stages skipped: {nvshmem.available()}"
+        else:
+            b = nvshmem.build_library(arch)
+            yield (f"nvshmem runtime  {'cached' if b.cached else f'built in {b.seconds:.1f} s'}"
+                   f"  {b.path}")
+    for program, plan in plans:
         for dtype in dtypes:
-            for stage in coll.plan.stages:
-                b = build_module(render_stage(stage, dtype), "stage", arch)
+            for stage in plan.stages:
+                if isinstance(stage, HierStage) and nvshmem.available():
+                    continue
+                source = render_stage(stage, dtype)
+                spec = (nvshmem_spec("hier", source, arch) if isinstance(stage, HierStage)
+                        else BuildSpec("stage", source, arch))
+                b = build(spec)
                 how = "cached" if b.cached else f"built in {b.seconds:.1f} s"
-                yield f"{coll.program} [{str(dtype).removeprefix('torch.')}]  {how}  {b.path}"
+                yield f"{program} [{str(dtype).removeprefix('torch.')}]  {how}  {b.path}"

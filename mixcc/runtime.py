@@ -2,9 +2,10 @@
 
 One Runtime per (process group, device), shared by every fused collective compiled
 on that group: a fixed-size workspace per rank (independent of message size), the
-peers' workspaces mapped through CUDA IPC handles exchanged with an object
-collective of the group (no files, no sockets), per-block epoch counters on the
-device (graph-safe) and a host-mapped error record that device-side timeouts fill.
+workspaces of the peers on the same host mapped through CUDA IPC handles exchanged
+with an object collective of the group (no files, no sockets), per-block epoch and
+NVSHMEM sequence counters on the device (graph-safe) and a host-mapped error record
+that device-side timeouts fill. Cross-node stages add NVSHMEM (mixcc/nvshmem.py).
 """
 
 from __future__ import annotations
@@ -99,14 +100,14 @@ class Runtime:
             dist.all_gather_object(everyone, mine, group=group)
         else:
             everyone = [mine]
-        hosts = {h for _, h in everyone}
-        if len(hosts) > 1:
-            self.close()
-            raise RuntimeError(f"the fused backend needs every rank on one host, got {hosts}")
+        self.hosts = [h for _, h in everyone]
         ptrs = []
-        for r, (h, _) in enumerate(everyone):
+        for r, (h, host) in enumerate(everyone):
             if r == self.rank:
                 ptrs.append(self._ws)
+                continue
+            if host != self.hosts[self.rank]:  # another host: reached through NVSHMEM only
+                ptrs.append(0)
                 continue
             p = ctypes.c_void_p()
             cuda_check(lib.mixcc_rt_ipc_open(device, h, ctypes.byref(p)),
@@ -114,8 +115,10 @@ class Runtime:
             self._opened.append(p.value)
             ptrs.append(p.value)
         dev = torch.device("cuda", device)
+        self._ptrs = ptrs
         self.peers = torch.tensor(ptrs, dtype=torch.int64, device=dev)
-        self.epochs = torch.zeros(layout.MAX_BLOCKS, dtype=torch.int32, device=dev)
+        # [MAX_BLOCKS] IPC epochs, then [MAX_BLOCKS] NVSHMEM chunk sequence numbers
+        self.epochs = torch.zeros(2 * layout.MAX_BLOCKS, dtype=torch.int32, device=dev)
         host, dptr = ctypes.c_void_p(), ctypes.c_void_p()
         cuda_check(lib.mixcc_rt_host_alloc(ctypes.sizeof(_ErrorRecord), ctypes.byref(host),
                                            ctypes.byref(dptr)), "cudaHostAlloc")
@@ -128,8 +131,17 @@ class Runtime:
             raise RuntimeError("this mixcc runtime is closed")
         e = self._err
         if e.status:
-            raise CollectiveTimeout(e.rank, e.peer, ["input", "result"][e.stage], e.block,
-                                    e.epoch, self.timeout_s)
+            raise CollectiveTimeout(e.rank, e.peer, STAGE_NAMES[e.stage], e.block, e.epoch,
+                                    self.timeout_s)
+
+    def check_node(self, members: list[int]) -> None:
+        """Raise unless every rank of `members` (this rank's node per the mesh) is mapped."""
+        missing = [r for r in members if int(self._ptrs[r]) == 0]
+        if missing:
+            raise RuntimeError(
+                f"the mesh puts ranks {missing} on the node of rank {self.rank}, but they run "
+                f"on other hosts ({sorted({self.hosts[r] for r in missing})}); set the "
+                "mesh's ranks_per_node to the ranks per host")
 
     def close(self, barrier: bool = True) -> None:
         """Release peer mappings and memory. With `barrier` (while the group lives) this is
@@ -166,6 +178,9 @@ class Runtime:
         self.close()
 
 
+# Stage codes of the device error record (templates/mixcc_sync.cuh).
+STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit")
+
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 
 
@@ -188,9 +203,13 @@ def get_runtime(group: dist.ProcessGroup | None, device: int, workspace_bytes: i
 
 def close_all(barrier: bool = True) -> None:
     """Close every runtime (call on every rank before destroying the process groups)."""
+    from . import nvshmem
+
     for rt in list(_RUNTIMES.values()):
         rt.close(barrier=barrier)
     _RUNTIMES.clear()
+    if barrier:  # NVSHMEM's free and finalize are collective: not without the peers
+        nvshmem.close()
 
 
 def _close_at_exit() -> None:

@@ -12,7 +12,7 @@ def test_explain_prints_ast_ir_plan(capsys):
     out = capsys.readouterr().out
     assert "allreduce(tp); allgather(dp)" in out
     assert "IR after passes: allreduce(tp) [intra]; allgather(dp) [intra]" in out
-    assert "transport=ipc" in out and "chunking:" in out
+    assert "transport=ipc" in out and "one_shot chunk:" in out and "workspace per rank" in out
 
 
 def test_explain_reports_errors_with_caret(capsys):
@@ -25,7 +25,9 @@ def test_explain_multi_node(capsys):
     assert main(["explain", "allreduce(tp*dp)", "--mesh", "dp=2,tp=4",
                  "--ranks-per-node", "4"]) == 0
     out = capsys.readouterr().out
-    assert "[hier]" in out and "stage [inter] transport=nccl" in out
+    assert "[hier]" in out and "stage 0 [intra+inter] transport=ipc+nvshmem" in out
+    assert "pipeline depth 2" in out and "NVSHMEM symmetric heap" in out
+    assert "allreduce [inter] (nccl/gloo)" in out  # the reference backend's steps
 
 
 def test_bench_on_gloo_writes_csv_and_json(tmp_path):

@@ -61,9 +61,16 @@ def test_cache_key_covers_source_flags_version_and_arch():
                 cache_key("src", "sm_90", ["-O3"], "V12.8")}) == 5
 
 
-def test_fused_refuses_multi_node_and_multicast(monkeypatch):
+def test_fused_refusals_name_the_reason(monkeypatch):
     mesh = mixcc.Mesh({"dp": 2, "tp": 2}, ranks_per_node=2)
-    with pytest.raises(ValueError, match="cross nodes"):
+    from mixcc.codegen import spec
+
+    monkeypatch.setattr(spec, "find_nvshmem", lambda: None)
+    with pytest.raises(ValueError, match=r"cross nodes and NVSHMEM is not installed: pip "
+                                         r"install 'mixcc\[nvshmem-cu13\]'"):
+        mixcc.compile("allreduce(dp)", mesh, backend="fused")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="no CUDA device"):  # this machine has no GPU
         mixcc.compile("allreduce(dp)", mesh, backend="fused")
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     with pytest.raises(ValueError, match="multicast is disabled on this machine"):
@@ -120,3 +127,56 @@ def test_fuzzed_programs_compile_for_sm90(tmp_path_factory, case, dtype):
             assert build_module(render_stage(st0, dtype), "stage", "sm_90").path.exists()
     finally:
         del os.environ["MIXCC_CACHE_DIR"]
+
+
+def _exports(path) -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if " T " in line}
+
+
+def test_abi_is_one_definition():
+    from mixcc.codegen import abi
+
+    text = render_stage(stages("allreduce(tp)", {"tp": 2})[0], torch.bfloat16)
+    assert abi.c_struct() in text and f"return {abi.VERSION};" in text
+    assert [f for f, _ in abi.LaunchArgs._fields_] == [f for f, _ in abi.FIELDS]
+    # the struct lies outside the anonymous namespace, or mixcc_launch loses its linkage
+    assert text.index("struct LaunchArgs") < text.index("namespace {")
+
+
+@needs_nvcc
+def test_stage_module_exports_the_launch_abi(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    built = build_module(render_stage(stages("allreduce(tp)", {"dp": 1, "tp": 4})[0],
+                                      torch.float32), "stage", "sm_90")
+    assert {"mixcc_launch", "mixcc_abi_version", "mixcc_nranks"} <= _exports(built.path)
+
+
+@needs_nvcc
+@pytest.mark.skipif(__import__("mixcc.codegen.spec", fromlist=["x"]).find_nvshmem() is None,
+                    reason="nvidia-nvshmem wheel not installed")
+@pytest.mark.parametrize("program", ["allreduce_allgather", "reducescatter_allreduce"])
+def test_hier_stage_compiles_and_links_nvshmem(tmp_path, monkeypatch, program):
+    from mixcc.codegen.build import build
+    from mixcc.codegen.plan import HierStage
+    from mixcc.codegen.spec import nvshmem_spec
+
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    (st,) = stages(program, {"dp": 2, "tp": 2}, rpn=2)
+    assert isinstance(st, HierStage)
+    built = build(nvshmem_spec("hier", render_stage(st, torch.bfloat16), "sm_90"))
+    assert {"mixcc_launch", "mixcc_abi_version", "mixcc_module_init"} <= _exports(built.path)
+
+
+@needs_nvcc
+@pytest.mark.skipif(__import__("mixcc.codegen.spec", fromlist=["x"]).find_nvshmem() is None,
+                    reason="nvidia-nvshmem wheel not installed")
+def test_nvshmem_runtime_library_compiles(tmp_path, monkeypatch):
+    from mixcc import nvshmem
+
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    exports = _exports(nvshmem.build_library("sm_90").path)
+    assert {"mixcc_nv_uniqueid", "mixcc_module_init", "mixcc_nv_malloc"} <= exports
