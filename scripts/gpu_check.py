@@ -128,33 +128,37 @@ def nccl_reference_case(res: Results, rank: int, world: int, program: str, axes,
 
 def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name: str,
              rows: int, hidden: int, algorithm: str, seed: int, ws: int, gloo, group,
-             nccl: bool = False) -> None:
+             nccl: bool = False, rpn: int | None = None, depth: int = 2) -> None:
     dtype = DTYPES[dtype_name]
     dev = torch.device("cuda", torch.cuda.current_device())
-    mesh = mixcc.Mesh(axes, ranks_per_node=world)
-    name = f"{program} {axes} {dtype_name} rows={rows}x{hidden} {algorithm}"
+    mesh = mixcc.Mesh(axes, ranks_per_node=rpn or world)
+    tag = f" rpn={rpn} depth={depth}" if rpn else ""
+    name = f"{program} {axes}{tag} {dtype_name} rows={rows}x{hidden} {algorithm}"
     coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend="fused",
-                         algorithm=algorithm, workspace_bytes=ws,
-                         max_blocks=8 if world > 4 else 16)
+                         algorithm=algorithm, workspace_bytes=ws, symmetric_bytes=ws,
+                         pipeline_depth=depth, max_blocks=8 if world > 4 else 16)
     inputs = [make_input(seed, r, rows, hidden, dtype) for r in range(world)]
     exp, mag, terms = expected(program, axes, inputs)
     nst = len(statements(program))
     x = inputs[rank].to(dev)
     out = coll(x)
     torch.cuda.synchronize()
-    res.check(name + " [oop]", mismatch(out.cpu(), exp[rank], mag[rank], dtype, nst, terms))
+    cat = " [hier oop]" if rpn else " [oop]"
+    res.check(name + cat, mismatch(out.cpu(), exp[rank], mag[rank], dtype, nst, terms))
     res.check(name + " [input kept]", None if torch.equal(x.cpu(), inputs[rank])
               else "input modified")
     buf = torch.full(tuple(out.shape), float("nan"), device=dev).to(dtype)
     coll(x, out=buf)
     torch.cuda.synchronize()
-    res.check(name + " [out=]", mismatch(buf.cpu(), exp[rank], mag[rank], dtype, nst, terms))
+    h = "hier " if rpn else ""
+    res.check(name + f" [{h}out=]", mismatch(buf.cpu(), exp[rank], mag[rank], dtype, nst,
+                                             terms))
     if tuple(out.shape) == tuple(x.shape):
         y = x.clone()
         coll(y, out=y)
         torch.cuda.synchronize()
-        res.check(name + " [in place]", mismatch(y.cpu(), exp[rank], mag[rank], dtype, nst,
-                                                 terms))
+        res.check(name + f" [{h}in place]", mismatch(y.cpu(), exp[rank], mag[rank], dtype,
+                                                     nst, terms))
     # replicas: ranks whose exact expected outputs agree must agree bitwise
     everyone = [torch.empty_like(out.cpu()) for _ in range(world)]
     dist.all_gather(everyone, out.cpu().contiguous(), group=gloo)
@@ -170,13 +174,15 @@ def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name
         res.check(name + " [fused vs nccl]", f"{wrong} elements differ" if wrong else None)
 
 
-def graph_case(res: Results, rank: int, world: int, dtype_name: str) -> None:
+def graph_case(res: Results, rank: int, world: int, dtype_name: str, rpn: int | None = None,
+               ws: int = SMALL_WS) -> None:
     dtype = DTYPES[dtype_name]
     dev = torch.device("cuda", torch.cuda.current_device())
     axes = mixed_mesh(world)
     program = presets.ALLREDUCE_ALLGATHER
-    coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=world), dtype=dtype,
-                         backend="fused", workspace_bytes=SMALL_WS, max_blocks=8)
+    coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn or world), dtype=dtype,
+                         backend="fused", workspace_bytes=ws, symmetric_bytes=ws, max_blocks=8)
+    tag = "hier " if rpn else ""
     rows, hidden = 16, 520
     x = make_input(100, rank, rows, hidden, dtype).to(dev)
     out = torch.empty(coll.output_shape(x.shape), dtype=dtype, device=dev)
@@ -198,20 +204,25 @@ def graph_case(res: Results, rank: int, world: int, dtype_name: str) -> None:
         g.replay()
         torch.cuda.synchronize()
         exp, mag, terms = expected(program, axes, inputs)
-        res.check(f"replay {it} {dtype_name} [graph replay]",
+        res.check(f"replay {it} {dtype_name} rpn={rpn} [{tag}graph replay]",
                   mismatch(out.cpu(), exp[rank], mag[rank], dtype, 2, terms))
     # eager calls after the replays still agree (epochs stayed consistent)
     out2 = coll(x)
     torch.cuda.synchronize()
-    res.check("[eager after graph]", mismatch(out2.cpu(), exp[rank], mag[rank], dtype, 2, terms))
+    res.check(f"[{tag}eager after graph]", mismatch(out2.cpu(), exp[rank], mag[rank], dtype, 2,
+                                                    terms))
 
 
-def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
-    group = dist.new_group(list(range(world)), backend="gloo")  # own runtime
+def timeout_case(res: Results, rank: int, world: int, gloo, rpn: int | None = None,
+                 ws: int = SMALL_WS) -> None:
+    # one-node: a group of its own (own runtime); cross-node: the group NVSHMEM serves,
+    # so this must be the last case (the skipped call leaves its sequence numbers behind)
+    group = None if rpn else dist.new_group(list(range(world)), backend="gloo")
     dev = torch.device("cuda", torch.cuda.current_device())
-    coll = mixcc.compile("allreduce(world)", mixcc.Mesh({"w": world}, ranks_per_node=world),
+    coll = mixcc.compile("allreduce(world)", mixcc.Mesh({"w": world}, ranks_per_node=rpn or world),
                          dtype=torch.float32, group=group, backend="fused", timeout_s=1.0,
-                         workspace_bytes=SMALL_WS, max_blocks=4)
+                         workspace_bytes=ws, symmetric_bytes=ws, max_blocks=4)
+    tag = "hier " if rpn else ""
     x = torch.ones(8, 64, device=dev)
     coll(x)
     torch.cuda.synchronize()
@@ -223,16 +234,17 @@ def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
         torch.cuda.synchronize()
         try:
             coll.check()
-            res.check("[timeout raised]", "no CollectiveTimeout after a peer skipped")
+            res.check(f"[{tag}timeout raised]", "no CollectiveTimeout after a peer skipped")
         except mixcc.CollectiveTimeout as e:
-            ok = e.peer == skipper and e.rank == rank and "skipped" in str(e)
-            res.check("[timeout raised]", None if ok else f"wrong info: {e}")
+            # cross-node: a rank may wait on the skipper's rail peer that waits on it
+            ok = e.rank == rank and "skipped" in str(e) and (rpn or e.peer == skipper)
+            res.check(f"[{tag}timeout raised]", None if ok else f"wrong info: {e}")
             try:
                 coll(x)
-                res.check("[timeout sticky]", "call after a timeout did not raise")
+                res.check(f"[{tag}timeout sticky]", "call after a timeout did not raise")
             except mixcc.CollectiveTimeout:
-                res.check("[timeout sticky]", None)
-        res.check("[timeout < 10 s]", None if time.time() - t0 < 10 else
+                res.check(f"[{tag}timeout sticky]", None)
+        res.check(f"[{tag}timeout < 10 s]", None if time.time() - t0 < 10 else
                   f"{time.time() - t0:.1f} s")
     dist.barrier(group=gloo)
     from mixcc.runtime import _RUNTIMES
@@ -240,6 +252,41 @@ def timeout_case(res: Results, rank: int, world: int, gloo) -> None:
     for rt in list(_RUNTIMES.values()):
         if rt.group is group:
             rt.close(barrier=False)  # its flags are inconsistent now
+
+
+HIER_WS = SMALL_WS  # IPC and NVSHMEM workspaces of the cross-node cases: many chunks
+EXTRA = ["allreduce(tp*dp)", "allgather(tp*dp)", "reducescatter(tp*dp)", "allreduce(world)",
+         "allgather(world)", "reducescatter(world)"]
+
+
+def hier_cases(world: int, rpns: list[int], fuzz: int, seed: int) -> list[tuple]:
+    """Cross-node cases (nodes simulated by ranks_per_node): presets and the plain
+    collectives over tp*dp and world on every (dp, tp) mesh, a fuzzed sample, three
+    dtypes, rows 1 (granularity), odd and large (at least 4 chunks), depth 2 and 1."""
+    cases = []
+    # world 8: two meshes with both axes real and two dtypes keep the module count (each
+    # links NVSHMEM's device library: about 8 s of nvcc) within one device call
+    meshes = meshes_for(world) if world < 8 else [[("dp", 2), ("tp", world // 2)],
+                                                  [("dp", 4), ("tp", world // 4)]]
+    dtypes = list(DTYPES) if world < 8 else ["bfloat16", "float32"]
+    for rpn in rpns:
+        for axes in meshes:
+            for prog in list(presets.PRESETS.values()) + EXTRA:
+                g = granularity(prog, axes)
+                if mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn),
+                                 backend="reference").plan.one_node:
+                    continue
+                for dtype_name in dtypes:
+                    cases.append((prog, axes, rpn, dtype_name, g, 1024, 2))
+                    cases.append((prog, axes, rpn, dtype_name, g * 7, 7, 2))
+                    cases.append((prog, axes, rpn, dtype_name, g * 64, 1032, 2))
+                cases.append((prog, axes, rpn, "bfloat16", g * 64, 1032, 1))
+        for prog, axes, _ in fuzz_programs(world, fuzz, seed + rpn):
+            g = granularity(prog, axes)
+            for dtype_name in dtypes:
+                cases.append((prog, axes, rpn, dtype_name, g * 3, 33, 2))
+                cases.append((prog, axes, rpn, dtype_name, g * 16, 512, 3))
+    return cases
 
 
 def mutate_tables() -> None:
@@ -257,6 +304,18 @@ def mutate_tables() -> None:
         return original(Schedule(sched.algorithm, sched.in_units, sched.slots, ranks))
 
     render.schedule_table = broken
+    original_hier = render.hier_table
+
+    def broken_hier(sched):  # drop the last term of every reduced part
+        from mixcc.codegen.hier import HierRank, HierSchedule, Part
+
+        ranks = tuple(HierRank(rs.neighbors, tuple(
+            tuple(Part(p.terms[:-1] or p.terms, p.copy) for p in row) for row in rs.sends),
+            rs.finals, rs.out_finals, rs.recv_nodes, rs.put_nodes) for rs in sched.ranks)
+        return original_hier(HierSchedule(sched.nodes, sched.local, sched.in_units, sched.redop,
+                                          sched.max_parts, sched.max_finals, ranks))
+
+    render.hier_table = broken_hier
 
 
 def worker(rank: int, world: int, cfg: dict) -> None:
@@ -269,7 +328,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     t0 = time.time()
     cases: list = []
     try:
-        for axes in meshes_for(world):
+        for axes in meshes_for(world) if not cfg["skip_one_node"] else []:
             for prog in presets.PRESETS.values():
                 g = granularity(prog, axes)
                 for dtype_name in DTYPES:
@@ -277,13 +336,16 @@ def worker(rank: int, world: int, cfg: dict) -> None:
                         algos = ["one_shot", "two_shot"] if rows > g else ["auto"]
                         for algo in algos:
                             cases.append((prog, axes, dtype_name, rows, hidden, algo, SMALL_WS))
-        for prog, axes, _ in fuzz_programs(world, cfg["fuzz"], cfg["seed"]):
+        one_node_fuzz = [] if cfg["skip_one_node"] else fuzz_programs(world, cfg["fuzz"],
+                                                                      cfg["seed"])
+        for prog, axes, _ in one_node_fuzz:
             g = granularity(prog, axes)
             for dtype_name in DTYPES:
                 cases.append((prog, axes, dtype_name, g * 3, 33, "auto", SMALL_WS))
                 cases.append((prog, axes, dtype_name, g * 16, 512, "two_shot", SMALL_WS))
         # default workspace, big rows: 2 presets in bf16
-        for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE):
+        for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE)[
+                :0 if cfg["skip_one_node"] else 2]:
             axes = mixed_mesh(world)
             g = granularity(prog, axes)
             cases.append((prog, axes, "bfloat16", g * 256, 7168, "auto", 8 << 20))
@@ -315,7 +377,24 @@ def worker(rank: int, world: int, cfg: dict) -> None:
                                       f"{type(e).__name__}: {e}")
         for dtype_name in DTYPES:
             graph_case(res, rank, world, dtype_name)
-        timeout_case(res, rank, world, gloo)
+        hier_rpns = cfg["nodes"].get(world, [])
+        if hier_rpns:
+            hier = hier_cases(world, hier_rpns, cfg["fuzz"], cfg["seed"])
+            cases += hier
+            for i, (prog, axes, rpn, dtype_name, rows, hidden, depth) in enumerate(hier):
+                try:
+                    run_case(res, rank, world, prog, axes, dtype_name, rows, hidden, "auto",
+                             5000 + i, HIER_WS, gloo, None, rpn=rpn, depth=depth)
+                except Exception as e:
+                    res.check(f"{prog} {axes} rpn={rpn} {dtype_name} {rows} [hier oop]",
+                              f"{type(e).__name__}: {e}")
+                    if isinstance(e, mixcc.CollectiveTimeout):
+                        raise
+            for dtype_name in DTYPES:
+                graph_case(res, rank, world, dtype_name, hier_rpns[0], HIER_WS)
+            timeout_case(res, rank, world, gloo, hier_rpns[0], HIER_WS)
+        else:
+            timeout_case(res, rank, world, gloo)
     except Exception:
         res.check("worker", traceback.format_exc(limit=6))
     summary = {"rank": rank, "passed": res.passed, "failed": res.failed, "msgs": res.msgs,
@@ -341,11 +420,16 @@ def worker(rank: int, world: int, cfg: dict) -> None:
 
 def prebuild(worlds: list[int], cfg: dict) -> None:
     """Render and build every module the run needs, in parallel (nvcc processes)."""
-    from mixcc.codegen.build import build_module, device_arch
+    from mixcc.codegen.build import device_arch
     from mixcc.codegen.render import render_stage
     from mixcc.runtime import build_native
 
     arch = cfg["arch"] or device_arch()
+    from mixcc.codegen.spec import BuildSpec
+
+    def BuildSpecOf(src: str) -> BuildSpec:  # noqa: N802
+        return BuildSpec("stage", src, arch)
+
     t0 = time.time()
     build_native(arch)
     jobs = {}
@@ -359,8 +443,35 @@ def prebuild(worlds: list[int], cfg: dict) -> None:
                 for st in coll.plan.stages:
                     src = render_stage(st, dt)
                     jobs[src] = None
+    from mixcc import nvshmem
+    from mixcc.codegen.build import build
+    from mixcc.codegen.plan import HierStage
+    from mixcc.codegen.spec import nvshmem_spec
+
+    hier_jobs = {}
+    for w, rpns in cfg["nodes"].items():
+        nvshmem.build_library(arch)
+        for prog, axes, rpn, *_ in hier_cases(w, rpns, cfg["fuzz"], cfg["seed"]):
+            coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn), backend="reference")
+            for dt in DTYPES.values():
+                for st in coll.plan.stages:
+                    src = render_stage(st, dt)
+                    if isinstance(st, HierStage):
+                        hier_jobs[src] = None
+                    else:
+                        jobs[src] = None
+        for rpn in rpns:
+            for prog, axes in ((presets.ALLREDUCE_ALLGATHER, mixed_mesh(w)),
+                               ("allreduce(world)", [("w", w)])):
+                coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn),
+                                     backend="reference")
+                for dt in DTYPES.values():
+                    for st in coll.plan.stages:
+                        (hier_jobs if isinstance(st, HierStage) else jobs)[
+                            render_stage(st, dt)] = None
+    specs = [BuildSpecOf(s) for s in jobs] + [nvshmem_spec("hier", s, arch) for s in hier_jobs]
     with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
-        built = list(ex.map(lambda s: build_module(s, "stage", arch), jobs))
+        built = list(ex.map(build, specs))
     cold = [b.seconds for b in built if not b.cached]
     print(f"prebuild: {len(built)} modules for {arch}, {len(cold)} compiled "
           f"(mean {sum(cold) / max(1, len(cold)):.2f} s each, in parallel), "
@@ -377,13 +488,23 @@ def main() -> None:
     ap.add_argument("--mutate", action="store_true",
                     help="negative control: drop the last term of every reduction in the "
                          "rendered tables; the run must then report failures")
+    ap.add_argument("--nodes", default="",
+                    help="cross-node (NVSHMEM) cases, world:ranks_per_node pairs, e.g. "
+                         "4:2,8:4,8:2 (nodes simulated on the GPUs at hand)")
+    ap.add_argument("--skip-one-node", action="store_true",
+                    help="only the cross-node cases (and the graph / timeout cases)")
     ap.add_argument("--pg", choices=("gloo", "nccl"), default="gloo",
                     help="gloo: ranks share GPUs; nccl: one process per GPU, NCCL checked too")
     args = ap.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
     import tempfile
 
-    cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"),
+    nodes: dict[int, list[int]] = {}
+    for pair in filter(None, args.nodes.split(",")):
+        w, rpn = (int(v) for v in pair.split(":"))
+        nodes.setdefault(w, []).append(rpn)
+    cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"), "nodes": nodes,
+           "skip_one_node": args.skip_one_node,
            "arch": args.arch, "pg": args.pg, "mutate": args.mutate,
            "table_path": os.path.join(tempfile.mkdtemp(), "table.jsonl")}
     if args.mutate:
@@ -395,6 +516,11 @@ def main() -> None:
 
     secs = {}
     for w in worlds:
+        if cfg["nodes"].get(w) and torch.cuda.device_count() < w:
+            # NVSHMEM with several PEs on one GPU needs MPS with the PEs' active thread
+            # percentages summing to at most 100 (full multi-process-per-GPU support).
+            per_gpu = -(-w // torch.cuda.device_count())
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // per_gpu)
         t0 = time.time()
         launch.spawn(worker, w, cfg, backend="gloo" if args.pg == "gloo" else "cpu:gloo,cuda:nccl")
         secs[w] = time.time() - t0
