@@ -7,6 +7,7 @@ the current stream, the bare ctypes launch of the fused kernel, and the whole
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import sys
@@ -19,7 +20,6 @@ import torch.distributed as dist  # noqa: E402
 
 import mixcc  # noqa: E402
 from mixcc import launch  # noqa: E402
-from mixcc.codegen import layout  # noqa: E402
 
 
 def per_call_us(fn, n: int = 200, repeats: int = 7) -> float:
@@ -45,12 +45,11 @@ def worker(rank: int, world: int) -> None:
     coll(x, out=out)
     runner = coll._fused[torch.bfloat16]
     stage, lib = runner.stages[0]
-    stream = torch.cuda.current_stream().cuda_stream
+    args = runner._args[(0, 7168)]  # the cached launch arguments of this shape
+    args_ref = ctypes.byref(args)
 
     def bare():
-        lib.mixcc_launch(0, 1, x.data_ptr(), out.data_ptr(), 7168, 4096, 1, 2, runner._peers,
-                         runner._epochs, runner.rt.rank, layout.DATA_OFFSET,
-                         runner.rt.region_bytes, runner.timeout_ns, runner.rt.err_dev, stream)
+        lib.mixcc_launch(args_ref)
 
     rows = {
         "torch add_ (one kernel launch)": per_call_us(lambda: out.add_(0)),
