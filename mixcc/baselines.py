@@ -1,5 +1,5 @@
-"""Baselines the benchmark runs beside mixcc, in the same processes (ARCHITECTURE.md
-section 6; PRIOR_ART.md):
+"""Baselines the benchmark runs beside mixcc, in the same processes (docs/DESIGN.md
+section 6):
 
 - `nccl1`: NCCL (or gloo) in one world collective for the two combined presets on a
   (dp, tp) mesh: all_gather then a local sum over tp (allreduce_allgather), or

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Environment every process of ours keeps: NVLink multicast is forbidden on the
-# lent machines (ARCHITECTURE.md section 5). Set by the launcher, never by a library
+# lent machines (docs/DESIGN.md section 5). Set by the launcher, never by a library
 # constructor.
 NO_MULTICAST_ENV = {
     "NCCL_NVLS_ENABLE": "0",

@@ -1,4 +1,4 @@
-"""Meshes of named axes: rank layout, groups and the node split (ARCHITECTURE.md section 2)."""
+"""Meshes of named axes: rank layout, groups and the node split (docs/DESIGN.md section 2)."""
 
 from __future__ import annotations
 

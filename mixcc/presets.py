@@ -1,4 +1,4 @@
-"""The five standard programs over mesh axes (dp, tp) (ARCHITECTURE.md section 2)."""
+"""The five standard programs over mesh axes (dp, tp) (docs/DESIGN.md section 2)."""
 
 from __future__ import annotations
 

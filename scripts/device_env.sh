@@ -1,5 +1,5 @@
 # Sourced by the device scripts: the environment every mixcc process on a lent machine
-# needs. Multicast stays off (ARCHITECTURE.md section 5); lark comes from the carried
+# needs. Multicast stays off (docs/DESIGN.md section 5); lark comes from the carried
 # .whl folder; kernels built here come from the carried .mxcache when the keys match.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1

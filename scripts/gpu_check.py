@@ -1,4 +1,4 @@
-"""One-GPU (or several-GPU) correctness run of the fused backend: ARCHITECTURE.md
+"""One-GPU (or several-GPU) correctness run of the fused backend: docs/DESIGN.md
 section 7, steps 3-4. Run by scripts/device_one_gpu.sh (several processes share one
 GPU, gloo process group) or scripts/device_multi_gpu.sh (`--pg nccl`: one process per
 GPU, process group "cpu:gloo,cuda:nccl", and the reference backend on NCCL is checked

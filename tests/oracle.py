@@ -1,4 +1,4 @@
-"""An independent oracle: the semantics table of ARCHITECTURE.md section 2, in float64.
+"""An independent oracle: the semantics table of docs/DESIGN.md section 2, in float64.
 
 It parses programs with a regular expression and lays out ranks with itertools,
 sharing no code with mixcc, and rebuilds every rank's input from seeds.

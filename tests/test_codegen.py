@@ -1,4 +1,4 @@
-"""Rendering and building (ARCHITECTURE.md section 7, step 2): every preset and a sample
+"""Rendering and building (docs/DESIGN.md section 7, step 2): every preset and a sample
 of fuzzed programs render and compile with nvcc for sm_90; skipped without nvcc."""
 
 from __future__ import annotations

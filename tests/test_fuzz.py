@@ -1,5 +1,5 @@
 """Hypothesis fuzzing: random meshes x programs x shapes x dtypes on gloo, every rank
-checked against the float64 oracle (ARCHITECTURE.md section 7, step 1)."""
+checked against the float64 oracle (docs/DESIGN.md section 7, step 1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """build: CUDA source -> shared library, through nvcc and ninja, cached on disk
-(ARCHITECTURE.md section 3, step 6).
+(docs/DESIGN.md section 3, step 6).
 
 The cache key hashes the source, the headers it includes, the flags, nvcc's version
 and the target arch. The cache dir is MIXCC_CACHE_DIR, else $XDG_CACHE_HOME/mixcc,

@@ -1,4 +1,4 @@
-"""lower: IR -> plan of stages (ARCHITECTURE.md section 3, step 4).
+"""lower: IR -> plan of stages (docs/DESIGN.md section 3, step 4).
 
 Fused stages: each maximal run of ops sharing one reduction (allgathers join any
 run) is one linear map run by one kernel: scheduled one-shot and two-shot over IPC

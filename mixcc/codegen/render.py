@@ -1,4 +1,4 @@
-"""render: a fused plan stage -> CUDA source (ARCHITECTURE.md section 3, step 5).
+"""render: a fused plan stage -> CUDA source (docs/DESIGN.md section 3, step 5).
 
 The per-rank one-shot and two-shot schedules are baked into the source as tables,
 so one source serves every rank and every row count; the text is deterministic.

@@ -1,4 +1,4 @@
-"""build + verify: AST + mesh -> IR, with shape inference (ARCHITECTURE.md section 3, step 2)."""
+"""build + verify: AST + mesh -> IR, with shape inference (docs/DESIGN.md section 3, step 2)."""
 
 from __future__ import annotations
 

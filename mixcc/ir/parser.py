@@ -1,4 +1,4 @@
-"""parse: program text -> AST (ARCHITECTURE.md section 3, step 1)."""
+"""parse: program text -> AST (docs/DESIGN.md section 3, step 1)."""
 
 from __future__ import annotations
 

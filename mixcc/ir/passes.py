@@ -1,4 +1,4 @@
-"""Passes over the IR (ARCHITECTURE.md section 3, step 3). Each is a pure function.
+"""Passes over the IR (docs/DESIGN.md section 3, step 3). Each is a pure function.
 
 - drop_trivial: a collective over a group of one rank is the identity.
 - merge_adjacent: allreduce(a); allreduce(b) = allreduce(a*b) (disjoint axes, or any
