@@ -301,7 +301,8 @@ def mutate_tables() -> None:
                                                      t.terms[:-1] or t.terms)
                                          for t in rs.reduce), rs.gather, rs.neighbors)
                       for rs in sched.ranks)
-        return original(Schedule(sched.algorithm, sched.in_units, sched.slots, ranks))
+        return original(Schedule(sched.algorithm, sched.in_units, sched.slots, ranks,
+                                 sched.redop))
 
     render.schedule_table = broken
     original_hier = render.hier_table

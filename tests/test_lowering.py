@@ -123,3 +123,12 @@ def test_identity_program_has_no_stage():
     m = Mesh({"dp": 1, "tp": 1})
     plan = lowered("allreduce(tp)", m)
     assert plan.stages == () and "identity" in plan.describe()
+
+
+def test_explain_prints_max_and_min_as_such():
+    m = Mesh({"dp": 2, "tp": 2}, ranks_per_node=4)
+    text = lowered("allreduce(tp, op=max); allgather(dp)", m).describe(4)
+    assert "max(r0.u0, r1.u0)" in text and " + " not in text.split("reference")[0]
+    hier = lowered("allreduce(world, op=min)", Mesh({"dp": 2, "tp": 2}, ranks_per_node=2))
+    text = hier.describe(4)
+    assert "min(r0.u0, r1.u0)" in text and "final 0 = min(node0.slot0, node1.slot0)" in text

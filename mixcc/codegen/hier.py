@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from ..mesh import Mesh
 from .linear_map import LinearMap, Term
+from .schedule import format_terms
 
 KIND_REDUCE, KIND_COPY = 0, 1
 
@@ -79,12 +80,11 @@ class HierSchedule:
                 if p.copy is not None:
                     descr.append(f"copy of part {p.copy}")
                 else:
-                    descr.append(" + ".join((f"{c}*" if c != 1 else "") + f"r{s}.u{u}"
-                                            for s, u, c in p.terms))
+                    descr.append(format_terms(p.terms, self.redop))
             lines.append(f"  node {m}: {len(parts)} part(s) {how}: " + "; ".join(descr))
         for f, srcs in enumerate(rs.finals):
-            lines.append(f"  final {f} = combine(" + ", ".join(
-                f"node{n}.slot{k}" for n, k in srcs) + ")")
+            srcs_text = ", ".join(f"node{n}.slot{k}" for n, k in srcs)
+            lines.append(f"  final {f} = {self.redop}({srcs_text})")
         lines.append(f"  out units <- finals {list(rs.out_finals)} (shares from every local "
                      "rank)")
         return "\n".join(lines)

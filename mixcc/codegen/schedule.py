@@ -52,6 +52,7 @@ class Schedule:
     in_units: int
     slots: int  # workspace result slots per rank (two-shot), max over ranks
     ranks: tuple[RankSchedule, ...]
+    redop: str = "sum"
 
     def describe(self, rank: int = 0) -> str:
         rs = self.ranks[rank]
@@ -62,14 +63,18 @@ class Schedule:
         for t in rs.reduce:
             where = f"out[{t.dst}]" if t.dst_kind == DST_OUT else f"ws_slot[{t.dst}]"
             share = f" share {t.owner_index}/{t.owners}" if t.owners > 1 else ""
-            terms = " + ".join(
-                (f"{c}*" if c != 1 else "") + f"r{s}.u{u}" for s, u, c in t.terms
-            )
-            lines.append(f"  {where}{share} = reduce({terms})")
+            lines.append(f"  {where}{share} = {format_terms(t.terms, self.redop)}")
         for g in rs.gather:
             srcs = ", ".join(f"r{s}.slot{k}" for s, k in g.sources)
             lines.append(f"  out[{g.dst}] <- shares of [{srcs}]")
         return "\n".join(lines)
+
+
+def format_terms(terms: tuple[Term, ...], redop: str) -> str:
+    """'r0.u0 + 2*r1.u0' for sums, 'max(r0.u0, r1.u0)' for max and min."""
+    if redop != "sum":
+        return f"{redop}({', '.join(f'r{s}.u{u}' for s, u, _ in terms)})"
+    return " + ".join((f"{c}*" if c != 1 else "") + f"r{s}.u{u}" for s, u, c in terms)
 
 
 def _neighbors(world: int, reads: list[set[int]]) -> list[tuple[int, ...]]:
@@ -89,7 +94,7 @@ def one_shot(lmap: LinearMap) -> Schedule:
     nb = _neighbors(lmap.world_size, reads)
     return Schedule(
         "one_shot", lmap.in_units, 0,
-        tuple(RankSchedule(t, (), n) for t, n in zip(ranks, nb, strict=True)),
+        tuple(RankSchedule(t, (), n) for t, n in zip(ranks, nb, strict=True)), lmap.redop,
     )
 
 
@@ -126,5 +131,5 @@ def two_shot(lmap: LinearMap) -> Schedule:
         "two_shot", lmap.in_units, max(slots),
         tuple(
             RankSchedule(tuple(reduce[r]), tuple(gather[r]), nb[r]) for r in range(world)
-        ),
+        ), lmap.redop,
     )
