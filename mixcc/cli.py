@@ -237,6 +237,19 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _language_help() -> str:
+    """The grammar and the presets, for `mixcc explain --help`."""
+    rows = "\n".join(f"  {name:<24} {prog}" for name, prog in presets.PRESETS.items())
+    return ("language:\n"
+            "  program  := stmt (';' stmt)* [';']          '#' starts a comment\n"
+            "  stmt     := coll '(' group [',' 'op' '=' redop] ')'\n"
+            "  coll     := allreduce | allgather | reducescatter\n"
+            "  group    := world | axis ('*' axis)*\n"
+            "  redop    := sum | max | min                 (default sum)\n"
+            f"presets (mesh axes dp, tp):\n{rows}\n"
+            "design: docs/DESIGN.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import BACKENDS, DTYPES
 
@@ -246,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     dtypes = ", ".join(DTYPES)
 
-    e = sub.add_parser("explain", help="print the AST, IR after passes and plan of a program")
+    e = sub.add_parser("explain", help="print the AST, IR after passes and plan of a program",
+                       epilog=_language_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("program", help="program text or preset name")
     e.add_argument("--mesh", required=True, help="axes, e.g. dp=2,tp=4")
     e.add_argument("--ranks-per-node", type=int, default=None)

@@ -78,3 +78,13 @@ def test_explain_prints_row_granularity_only_when_it_constrains(capsys):
     assert "IR: reducescatter(dp)  (rows % 2 == 0, out rows = in rows x 1/2)" in out
     assert main(["explain", "allreduce(tp)", "--mesh", "dp=2,tp=4"]) == 0
     assert "rows % 1" not in capsys.readouterr().out
+
+
+def test_explain_help_lists_grammar_and_presets(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    out = capsys.readouterr().out
+    assert "coll     := allreduce | allgather | reducescatter" in out
+    assert "reducescatter_allreduce" in out and "reducescatter(dp); allreduce(tp)" in out
