@@ -1,5 +1,6 @@
 """The wheel ships templates/ and runtime/ as mixcc/_templates and mixcc/_runtime, so an
-installed mixcc (not only a checkout) can build kernels."""
+installed mixcc (not only a checkout) can build kernels; it is typed and offers the
+`plot` extra."""
 
 import subprocess
 import sys
@@ -11,18 +12,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_contains_cuda_sources(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel of this checkout, built once for the tests of this module."""
     pytest.importorskip("setuptools")
+    out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+         "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    (wheel,) = tmp_path.glob("mixcc-*.whl")
+    (built,) = out.glob("mixcc-*.whl")
+    return built
+
+
+def test_wheel_contains_cuda_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("mixcc/_templates/stage_kernel.cu.j2", "mixcc/_templates/mixcc_sync.cuh",
                    "mixcc/_templates/mixcc_vec.cuh", "mixcc/_templates/mixcc_check.cuh",
+                   "mixcc/_templates/hier_kernel.cu.j2",
+                   "mixcc/_templates/transport_nvshmem.cuh",
+                   "mixcc/_templates/nvshmem_init.cuh", "mixcc/_runtime/mixcc_nvshmem.cu",
                    "mixcc/_runtime/mixcc_runtime.cu", "mixcc/ir/grammar.lark"):
         assert needed in names, f"{needed} missing from {wheel.name}"
+
+
+def test_wheel_ships_py_typed_and_the_plot_extra(wheel):
+    """PEP 561 marker mixcc/py.typed, and the `plot` extra `mixcc bench --out` needs."""
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert "mixcc/py.typed" in names
+        assert "mixcc/torch_ops.py" in names
+        (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        lines = z.read(meta).decode().splitlines()
+    assert "Provides-Extra: plot" in lines
+    assert 'Requires-Dist: matplotlib>=3.5; extra == "plot"' in lines
 
 
 def test_repository_stands_alone():
