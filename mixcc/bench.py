@@ -129,7 +129,12 @@ class Progress:
 
 
 def _time_calls(fn, iters: int, repeats: int, mode: str) -> float:
-    """Median seconds per call over `repeats` runs of `iters` calls.
+    """Median seconds per call over `repeats` runs of `iters` calls (see repeat_times)."""
+    return statistics.median(repeat_times(fn, iters, repeats, mode))
+
+
+def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
+    """Seconds per call of each of `repeats` runs of `iters` calls, after a warm-up.
 
     mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU);
     "host": host time to issue one eager call, without waiting for the GPU (ranks
@@ -167,7 +172,7 @@ def _time_calls(fn, iters: int, repeats: int, mode: str) -> float:
         times.append((time.perf_counter() - t0) / iters)
     if mode != "cpu":
         torch.cuda.synchronize()
-    return statistics.median(times)
+    return times
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:

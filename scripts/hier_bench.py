@@ -23,33 +23,15 @@ import torch.distributed as dist  # noqa: E402
 
 import mixcc  # noqa: E402
 from mixcc import launch, presets  # noqa: E402
+from mixcc.bench import repeat_times  # noqa: E402
 
 PROGRAMS = [presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE, "allreduce(world)"]
 
 
-def time_graph(fn, iters: int, repeats: int) -> float:
-    """Median seconds per call of a CUDA graph of `iters` calls, max over ranks."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        for _ in range(iters):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / iters)
+def time_graph(fn, iters: int, repeats: int) -> tuple[float, float]:
+    """(median, max - min) seconds per call of a CUDA graph of `iters` calls, each the max
+    over ranks."""
+    times = repeat_times(fn, iters, repeats, "graph")
     t = torch.tensor([statistics.median(times), max(times) - min(times)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t[0]), float(t[1])
