@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import fused
+from . import fused, nvshmem
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
 from .codegen.plan import Plan
@@ -95,7 +95,7 @@ class Collective:
         pick = self._auto.get(x.dtype)
         if pick is None:
             reason = fused.unavailable_reason(self.plan, self.mesh, self.options, x.dtype)
-            if reason and not self.plan.one_node and "NVSHMEM" in reason:
+            if reason and not self.plan.one_node and nvshmem.available():
                 _warn_once(f"mixcc: {self.program!r} runs on the reference backend (chains of "
                            f"torch.distributed calls): {reason}")
             pick = self._auto[x.dtype] = "reference" if reason else "fused"

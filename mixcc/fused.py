@@ -78,12 +78,17 @@ def shares_reduction(stage: IntraStage) -> bool:
                for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
 
 
+def stage_spec(stage: Stage, dtype: torch.dtype, arch: str) -> BuildSpec:
+    """The build spec of one stage's module: hierarchical stages link NVSHMEM."""
+    source = render_stage(stage, dtype)
+    if isinstance(stage, HierStage):
+        return nvshmem_spec("hier", source, arch)
+    return BuildSpec("stage", source, arch)
+
+
 def load_stage(stage: Stage, dtype: torch.dtype, arch: str) -> tuple[ctypes.CDLL, float]:
     """Render, build (or find in the cache) and load the module of one stage."""
-    source = render_stage(stage, dtype)
-    spec = (nvshmem_spec("hier", source, arch) if isinstance(stage, HierStage)
-            else BuildSpec("stage", source, arch))
-    built = build(spec)
+    built = build(stage_spec(stage, dtype, arch))
     return abi.bind(ctypes.CDLL(str(built.path))), built.seconds
 
 
@@ -225,9 +230,6 @@ def prebuild(plans: list[tuple[str, Plan]], dtypes: list[torch.dtype], arch: str
             for stage in plan.stages:
                 if isinstance(stage, HierStage) and nvshmem.available():
                     continue
-                source = render_stage(stage, dtype)
-                spec = (nvshmem_spec("hier", source, arch) if isinstance(stage, HierStage)
-                        else BuildSpec("stage", source, arch))
-                b = build(spec)
+                b = build(stage_spec(stage, dtype, arch))
                 how = "cached" if b.cached else f"built in {b.seconds:.1f} s"
                 yield f"{program} [{str(dtype).removeprefix('torch.')}]  {how}  {b.path}"

@@ -421,58 +421,37 @@ def worker(rank: int, world: int, cfg: dict) -> None:
 
 def prebuild(worlds: list[int], cfg: dict) -> None:
     """Render and build every module the run needs, in parallel (nvcc processes)."""
-    from mixcc.codegen.build import device_arch
-    from mixcc.codegen.render import render_stage
+    from mixcc import nvshmem
+    from mixcc.codegen.build import build, device_arch
+    from mixcc.fused import stage_spec
     from mixcc.runtime import build_native
 
     arch = cfg["arch"] or device_arch()
-    from mixcc.codegen.spec import BuildSpec
-
-    def BuildSpecOf(src: str) -> BuildSpec:  # noqa: N802
-        return BuildSpec("stage", src, arch)
-
     t0 = time.time()
     build_native(arch)
-    jobs = {}
+    specs: dict = {}  # BuildSpec -> None: each module once
+
+    def add(prog: str, axes, rpn: int) -> None:
+        coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn), backend="reference")
+        for dt in DTYPES.values():
+            for st in coll.plan.stages:
+                specs[stage_spec(st, dt, arch)] = None
+
     for w in worlds:
         progs = [(p, a) for a in meshes_for(w) for p in presets.PRESETS.values()]
         progs += [(p, a) for p, a, _ in fuzz_programs(w, cfg["fuzz"], cfg["seed"])]
         progs.append(("allreduce(world)", [("w", w)]))
         for prog, axes in progs:
-            coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=w), backend="reference")
-            for dt in DTYPES.values():
-                for st in coll.plan.stages:
-                    src = render_stage(st, dt)
-                    jobs[src] = None
-    from mixcc import nvshmem
-    from mixcc.codegen.build import build
-    from mixcc.codegen.plan import HierStage
-    from mixcc.codegen.spec import nvshmem_spec
-
-    hier_jobs = {}
+            add(prog, axes, w)
     for w, rpns in cfg["nodes"].items():
         nvshmem.build_library(arch)
         for prog, axes, rpn, *_ in hier_cases(w, rpns, cfg["fuzz"], cfg["seed"]):
-            coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn), backend="reference")
-            for dt in DTYPES.values():
-                for st in coll.plan.stages:
-                    src = render_stage(st, dt)
-                    if isinstance(st, HierStage):
-                        hier_jobs[src] = None
-                    else:
-                        jobs[src] = None
+            add(prog, axes, rpn)
         for rpn in rpns:
-            for prog, axes in ((presets.ALLREDUCE_ALLGATHER, mixed_mesh(w)),
-                               ("allreduce(world)", [("w", w)])):
-                coll = mixcc.compile(prog, mixcc.Mesh(axes, ranks_per_node=rpn),
-                                     backend="reference")
-                for dt in DTYPES.values():
-                    for st in coll.plan.stages:
-                        (hier_jobs if isinstance(st, HierStage) else jobs)[
-                            render_stage(st, dt)] = None
-    specs = [BuildSpecOf(s) for s in jobs] + [nvshmem_spec("hier", s, arch) for s in hier_jobs]
+            add(presets.ALLREDUCE_ALLGATHER, mixed_mesh(w), rpn)
+            add("allreduce(world)", [("w", w)], rpn)
     with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
-        built = list(ex.map(build, specs))
+        built = list(ex.map(build, list(specs)))
     cold = [b.seconds for b in built if not b.cached]
     print(f"prebuild: {len(built)} modules for {arch}, {len(cold)} compiled "
           f"(mean {sum(cold) / max(1, len(cold)):.2f} s each, in parallel), "
