@@ -6,6 +6,15 @@ and the target arch. The cache dir is MIXCC_CACHE_DIR, else $XDG_CACHE_HOME/mixc
 else ~/.cache/mixcc. Several ranks may build the same module at once: a file lock
 lets one compile while the others wait, and the result appears by an atomic rename
 of a finished private directory, so a reader never sees a half-written library.
+
+mixcc loads and runs what the cache holds, so the cache is private: mixcc creates
+its directories with mode 0700, and refuses (CacheSecurityError) to use a cache dir,
+modules/ dir, entry or library that another user owns or that group or others may
+write. Each entry records its library's sha256 (module.sha256, in `sha256sum -c`
+form); a library that does not match, or an entry without the record, is removed
+under the key's lock and built again, never loaded. Builds run in dot-prefixed
+private directories that are never taken for entries; those a killed build left
+behind are removed by the next build of the same key.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -27,6 +37,10 @@ from .spec import BuildSpec
 
 class BuildError(RuntimeError):
     """nvcc or ninja failed; the message holds the compiler output and the build dir."""
+
+
+class CacheSecurityError(BuildError):
+    """A path of the kernel cache is owned by another user or writable by group or others."""
 
 
 def cache_dir() -> Path:
@@ -124,26 +138,150 @@ def build_module(source: str, name: str, arch: str) -> Built:
     return build(BuildSpec(name, source, arch))
 
 
+def _my_uid() -> int:
+    """The user the cache must belong to (one place, so tests can pretend otherwise)."""
+    return os.getuid()
+
+
+def _check_private(path: Path) -> None:
+    """Raise CacheSecurityError unless `path` is ours and not writable by group or others."""
+    st = os.stat(path)
+    what = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+    why = ("mixcc loads and runs code from its kernel cache, so whoever can change it "
+           "can run code as you")
+    if st.st_uid != _my_uid():
+        raise CacheSecurityError(
+            f"kernel cache {what} {path} is owned by uid {st.st_uid}, not by you "
+            f"(uid {_my_uid()}): {why}. Set MIXCC_CACHE_DIR to a private directory of "
+            "your own (mode 700), or remove this one.")
+    loose = st.st_mode & 0o022
+    if loose:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if loose & bit)
+        fix = f"chmod 700 {path}" if what == "directory" else f"chmod go-w {path}"
+        raise CacheSecurityError(
+            f"kernel cache {what} {path} is writable by {who} (mode "
+            f"{stat.S_IMODE(st.st_mode):o}): {why}. Run `{fix}`, or set MIXCC_CACHE_DIR to "
+            "a private directory.")
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` with mode 0700 if it is missing, then check that it is private."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass  # the user's or an earlier run's: check it, never change it
+    else:
+        os.chmod(path, 0o700)  # mkdir's mode passes through the umask
+    _check_private(path)
+
+
+LIBRARY = "module.so"
+DIGEST = "module.sha256"  # "<hex>  module.so", as sha256sum writes it
+_verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime_ns) hashed OK
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(entry: Path) -> Path | None:
+    """The library of a finished, intact cache entry; None if there is no usable entry.
+
+    Raises CacheSecurityError if the entry or its library is not private. A library is
+    hashed once per process (per inode, size and mtime) against the recorded digest.
+    """
+    if not os.path.lexists(entry) or entry.is_symlink():
+        return None  # mixcc makes no links here: a link is removed and built again
+    _check_private(entry)
+    lib = entry / LIBRARY
+    if not lib.is_file():
+        return None
+    _check_private(lib)
+    st = lib.stat()
+    memo = (str(lib), st.st_ino, st.st_size, st.st_mtime_ns)
+    if memo in _verified:
+        return lib
+    try:
+        recorded = (entry / DIGEST).read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None  # no digest: an entry from before digests, or damaged
+    if _sha256(lib) != recorded:
+        return None
+    _verified.add(memo)
+    return lib
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """Move `path` aside to a dot-prefixed name (never taken for an entry), then delete it."""
+    aside = path.with_name(f".{path.name}-bad-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(path, aside)
+    _delete(aside)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _seal(tmp: Path) -> None:
+    """Make a finished build dir private, record its library's digest, flush it to disk."""
+    lib = tmp / LIBRARY
+    os.chmod(lib, 0o700)  # nvcc's output mode follows the umask
+    fd = os.open(tmp / DIGEST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_sha256(lib)}  {LIBRARY}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(lib)
+    _fsync(tmp)
+
+
 def build(spec: BuildSpec) -> Built:
-    """Build the module `spec` describes (or find it in the cache)."""
+    """Build the module `spec` describes (or find it in the cache).
+
+    Raises BuildError if the compile fails and CacheSecurityError if the cache is not
+    private to this user.
+    """
     nvcc = find_nvcc()
     if nvcc is None:
         raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     flags = spec.key_flags()
     key = cache_key(spec.source, spec.arch, flags, nvcc_version(nvcc), spec.versions)
     name = spec.name
-    root = cache_dir() / "modules"
+    top = cache_dir()
+    root = top / "modules"
+    _private_dir(top)
+    _private_dir(root)
     final = root / f"{name}-{key}"
-    lib = final / "module.so"
-    if lib.exists():
+    lib = _cached(final)
+    if lib is not None:
         return Built(lib, key, 0.0, True)
     flags = [*flags, f"-I{templates_dir()}", *spec.path_flags()]
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{name}-{key}.lock", "w") as lock:
+    fd = os.open(root / f"{name}-{key}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per key; the others wait here
-        if lib.exists():
+        lib = _cached(final)
+        if lib is not None:
             return Built(lib, key, 0.0, True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        if os.path.lexists(final):
+            _remove(final)  # truncated, corrupt or without a digest: build it again
+        for stale in root.glob(f".{name}-{key}-*"):
+            _delete(stale)  # left by a killed build of this key (its lock is ours now)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=root))
         try:
             (tmp / "source.cu").write_text(spec.source)
             (tmp / "build.ninja").write_text(_ninja_file(nvcc, flags))
@@ -153,8 +291,10 @@ def build(spec: BuildSpec) -> Built:
             seconds = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise BuildError(f"building {name} failed in {tmp}:\n{proc.stdout}{proc.stderr}")
+            _seal(tmp)
             os.rename(tmp, final)  # atomic: readers see all of it or nothing
+            _fsync(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return Built(lib, key, seconds, False)
+    return Built(final / LIBRARY, key, seconds, False)
