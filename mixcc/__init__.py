@@ -8,11 +8,12 @@
 
 from . import presets
 from .api import Collective, compile
-from .errors import CollectiveTimeout, CompileError, MixccError, ParseError
+from .errors import CollectiveMismatch, CollectiveTimeout, CompileError, MixccError, ParseError
 from .mesh import Mesh
 
 __all__ = [
     "Collective",
+    "CollectiveMismatch",
     "CollectiveTimeout",
     "CompileError",
     "Mesh",

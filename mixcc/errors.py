@@ -53,3 +53,17 @@ class CollectiveTimeout(MixccError):
             "or did not reach this collective. The runtime is now unusable: close it "
             "and create a new one."
         )
+
+
+class CollectiveMismatch(MixccError):
+    """Debug mode: a peer reached the same barrier from a different call (another
+    collective, shape, dtype or call count). `mine` and `theirs` describe both calls."""
+
+    def __init__(self, rank: int, peer: int, mine: str, theirs: str):
+        self.rank, self.peer, self.mine, self.theirs = rank, peer, mine, theirs
+        super().__init__(
+            f"mismatched collective calls: rank {rank} called {mine}, but rank {peer} called "
+            f"{theirs}. Every rank must call the same collectives with the same shapes and "
+            "dtypes in the same order. The runtime is now unusable: close it and create a "
+            "new one."
+        )

@@ -11,14 +11,13 @@ it before capture).
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-from . import nvshmem
+from . import debug, nvshmem, tune
 from .codegen import abi, layout
 from .codegen.build import build, device_arch, find_nvcc
 from .codegen.plan import HierStage, IntraStage, Plan, Stage, grid, hier_cols, intra_cols, share_cap
@@ -86,10 +85,30 @@ def stage_spec(stage: Stage, dtype: torch.dtype, arch: str) -> BuildSpec:
     return BuildSpec("stage", source, arch)
 
 
-def load_stage(stage: Stage, dtype: torch.dtype, arch: str) -> tuple[ctypes.CDLL, float]:
-    """Render, build (or find in the cache) and load the module of one stage."""
-    built = build(stage_spec(stage, dtype, arch))
-    return abi.bind(ctypes.CDLL(str(built.path))), built.seconds
+def load_stage(stage: Stage, dtype: torch.dtype, arch: str
+               ) -> tuple[ctypes.CDLL, float, str]:
+    """Render, build (or find in the cache) and load the module of one stage; returns it
+    with its build seconds and its source hash (the tuning table's key)."""
+    spec = stage_spec(stage, dtype, arch)
+    built = build(spec)
+    return abi.bind(ctypes.CDLL(str(built.path))), built.seconds, tune.source_hash(spec.source)
+
+
+def blocks_per_sm(lib: ctypes.CDLL) -> int:
+    """How many blocks of the module's kernels one SM holds at once (occupancy API)."""
+    n = ctypes.c_int()
+    rc = lib.mixcc_blocks_per_sm(ctypes.byref(n))
+    if rc != 0:
+        from .runtime import cuda_check
+
+        cuda_check(rc, "cudaOccupancyMaxActiveBlocksPerMultiprocessor")
+    return max(1, n.value)
+
+
+def block_cap(occupancy: int, sms_per_rank: int) -> int:
+    """The most blocks one rank may launch so that the spinning blocks of every rank on
+    the GPU are resident at once: blocks per SM x SMs / ranks on the device."""
+    return max(1, min(layout.MAX_BLOCKS, occupancy * sms_per_rank))
 
 
 class FusedRunner:
@@ -97,20 +116,20 @@ class FusedRunner:
     (and to NVSHMEM when a stage crosses nodes)."""
 
     def __init__(self, plan: Plan, mesh, group: dist.ProcessGroup | None, options: dict,
-                 dtype: torch.dtype):
-        from .runtime import get_runtime, native
+                 dtype: torch.dtype, program: str = ""):
+        from .runtime import abort_enabled, get_runtime, native
 
-        self.plan, self.mesh, self.dtype = plan, mesh, dtype
+        self.plan, self.mesh, self.dtype, self.program = plan, mesh, dtype, program
         self.elem = torch.empty((), dtype=dtype).element_size()
         self.vec = 16 // self.elem
         self.algorithm = options["algorithm"]
         self.depth = options["pipeline_depth"]
         self.timeout_ns = int(options["timeout_s"] * 1e9)
-        self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, layout.MAX_BLOCKS)
+        self.debug = debug.enabled(options.get("debug"))
         self.device = torch.cuda.current_device()
         native()
         self.rt = get_runtime(group, self.device, options["workspace_bytes"],
-                              options["timeout_s"])
+                              options["timeout_s"], abort_enabled(options.get("abort_on_error")))
         node = mesh.node_of(self.rt.rank)
         self.rt.check_node(list(range(node * mesh.ranks_per_node,
                                       (node + 1) * mesh.ranks_per_node)))
@@ -120,31 +139,57 @@ class FusedRunner:
         arch = device_arch()
         self.stages: list[tuple[Stage, ctypes.CDLL]] = []
         self.build_seconds = 0.0
+        hashes = []
+        occupancy = layout.MAX_BLOCKS
         for stage in plan.stages:
-            lib, secs = load_stage(stage, dtype, arch)
+            lib, secs, src_hash = load_stage(stage, dtype, arch)
             if isinstance(stage, HierStage):
                 self.nv.bind_module(lib)
             self.build_seconds += secs
             self.stages.append((stage, lib))
+            hashes.append(src_hash)
+            occupancy = min(occupancy, blocks_per_sm(lib))
+        self.block_cap = block_cap(occupancy, self.rt.sms_per_rank)
+        self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, self.block_cap)
         # per-stage facts the hot path needs, computed once
         self._shares_reduction = [isinstance(st, IntraStage) and shares_reduction(st)
                                   for st, _ in self.stages]
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
+        dname = str(dtype).removeprefix("torch.")
+        self._prefixes = [tune.stage_prefix(h, dname, self.rt.world, arch) for h in hashes]
+        self.tuned = (tune.shared(group, self._prefixes)
+                      if self.algorithm == "auto" and options["max_blocks"] is None else {})
         self._args: dict[tuple[int, int], abi.LaunchArgs] = {}
+
+    def _tuned(self, i: int, nbytes: int) -> tune.Choice | None:
+        return self.tuned.get(self._prefixes[i] + str(tune.bucket(nbytes))) if self.tuned \
+            else None
 
     def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
         """(algorithm, columns per block, chunks, blocks) for intra stage i; the same on
-        every rank for the same shape, as the barriers require."""
+        every rank for the same shape, as the barriers require. A tuning-table entry
+        decides when there is one; else one-shot, or two-shot from TWO_SHOT_MIN_BYTES on
+        where it splits a reduction."""
         stage = self.stages[i][0]
-        two = self.algorithm == "two_shot" or (
-            self.algorithm == "auto" and nbytes >= TWO_SHOT_MIN_BYTES and self._shares_reduction[i])
+        choice = self._tuned(i, nbytes)
+        if self.algorithm != "auto":
+            two = self.algorithm == "two_shot"
+        elif choice is not None:
+            two = choice.algorithm == "two_shot"
+        else:
+            two = nbytes >= TWO_SHOT_MIN_BYTES and self._shares_reduction[i]
         cols = intra_cols(stage, two, self.elem, self.rt.region_bytes)
         if cols < self.vec:
             raise ValueError(
                 f"workspace_bytes={self.rt.workspace_bytes} is too small for "
                 f"{stage.units_per_region(two)} units per block region; raise workspace_bytes")
-        nblocks, n_chunks = grid(unit_elems, cols, self.elem, self.max_blocks)
+        blocks = self.max_blocks
+        if choice is not None:
+            blocks = min(blocks, choice.blocks)
+            if self.vec <= choice.chunk_cols <= cols:
+                cols = choice.chunk_cols // self.vec * self.vec
+        nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks)
         return int(two), cols, n_chunks, nblocks
 
     def _make_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
@@ -163,13 +208,19 @@ class FusedRunner:
         if cols < self.vec:
             raise ValueError("workspace_bytes / symmetric_bytes are too small for this "
                              "hierarchical stage; raise them")
-        a.cols, a.share_cap = cols, share_cap(cols, self.elem, stage.hier.local)
-        a.nblocks, a.n_chunks = grid(unit_elems, cols, self.elem, self.max_blocks)
+        blocks = self.max_blocks
+        choice = self._tuned(i, nbytes)
+        if choice is not None:
+            blocks = min(blocks, choice.blocks)
+            if self.vec <= choice.chunk_cols <= cols:
+                cols = choice.chunk_cols // self.vec * self.vec
+        a.nblocks, a.n_chunks, a.cols = grid(unit_elems, cols, self.elem, blocks)
+        a.share_cap = share_cap(a.cols, self.elem, stage.hier.local)
         a.depth = max(1, min(self.depth, a.n_chunks))
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
         return a
 
-    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int) -> None:
+    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
         unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
         if unit_elems == 0:
             return
@@ -177,9 +228,11 @@ class FusedRunner:
         a = self._args.get(key)
         if a is None:
             a = self._args[key] = self._make_args(i, unit_elems, x.numel() * self.elem)
-        a.in_ptr, a.out_ptr = x.data_ptr(), dst.data_ptr()
-        a.wide = int(unit_elems % self.vec == 0 and a.in_ptr % 16 == 0 and a.out_ptr % 16 == 0)
+        a.in_ptr = in_ptr = x.data_ptr()
+        a.out_ptr = out_ptr = dst.data_ptr()
+        a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
         a.stream = _current_stream(self.device)
+        a.fp = fp
         rc = self.stages[i][1].mixcc_launch(ctypes.byref(a))
         if rc != 0:
             from .runtime import cuda_check
@@ -189,23 +242,33 @@ class FusedRunner:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size
                  ) -> torch.Tensor:
         """Run on validated input; `shape` is the output shape."""
-        self.rt.check()
-        self.rt.timeout_s = self.timeout_ns / 1e9
+        rt = self.rt
+        if rt._err is None or rt._err.status:  # closed, or failed: raise why
+            rt.check()
+        rt.timeout_s = self.timeout_ns / 1e9
         if out is None:
             out = torch.empty(shape, dtype=x.dtype, device=x.device)
-        inner = math.prod(x.shape[1:])
-        if not self.stages:
+        stages = self.stages
+        if not stages:
             if out.data_ptr() != x.data_ptr():
                 out.copy_(x)
             return out
+        inner = x.numel() // x.shape[0] if x.shape[0] else 0
+        count = 0
+        if self.debug:
+            rt.calls += 1
+            count = rt.calls
         cur = x
-        for i, (stage, _) in enumerate(self.stages):
-            last = i == len(self.stages) - 1
-            n_out = len(stage.lmap.out_units[0])
-            rows = cur.shape[0] // stage.lmap.in_units * n_out
-            dst = out if last else torch.empty((rows, *x.shape[1:]), dtype=x.dtype,
-                                               device=x.device)
-            self._launch(i, cur, dst, inner)
+        last = len(stages) - 1
+        for i, (stage, _) in enumerate(stages):
+            if i == last:
+                dst = out
+            else:
+                rows = cur.shape[0] // stage.lmap.in_units * len(stage.lmap.out_units[0])
+                dst = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            fp = debug.fingerprint(self.program, i, x.dtype, tuple(x.shape), count) \
+                if self.debug else 0
+            self._launch(i, cur, dst, inner, fp)
             cur = dst
         return out
 

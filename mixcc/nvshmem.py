@@ -112,6 +112,9 @@ _NVSHMEM: NvshmemRuntime | None = None
 def get(group: dist.ProcessGroup | None, symmetric_bytes: int) -> NvshmemRuntime:
     """The process's NVSHMEM runtime, initialised over `group` on first use."""
     global _NVSHMEM
+    if _ABANDONED:
+        raise NvshmemError("NVSHMEM was abandoned after a failure (a peer timed out or "
+                           "died); start a new process to run cross-node programs again")
     if _NVSHMEM is None or _NVSHMEM._closed:
         _NVSHMEM = NvshmemRuntime(group, symmetric_bytes)
         return _NVSHMEM
@@ -130,3 +133,15 @@ def close() -> None:
     if _NVSHMEM is not None:
         rt, _NVSHMEM = _NVSHMEM, None
         rt.close()
+
+
+def abandon() -> None:
+    """Forget NVSHMEM without its collective finalize (peers gone or failed): the
+    process's exit releases it. A later cross-node collective in this process fails
+    with a clear error instead of re-initialising over a broken instance."""
+    global _NVSHMEM, _ABANDONED
+    if _NVSHMEM is not None:
+        _NVSHMEM, _ABANDONED = None, True
+
+
+_ABANDONED = False

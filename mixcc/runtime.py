@@ -5,7 +5,9 @@ on that group: a fixed-size workspace per rank (independent of message size), th
 workspaces of the peers on the same host mapped through CUDA IPC handles exchanged
 with an object collective of the group (no files, no sockets), per-block epoch and
 NVSHMEM sequence counters on the device (graph-safe) and a host-mapped error record
-that device-side timeouts fill. Cross-node stages add NVSHMEM (mixcc/nvshmem.py).
+that device-side timeouts fill. A watchdog thread per runtime polls that record, logs a
+failure as soon as it happens and, when asked, aborts the process (docs/DESIGN.md,
+"Reliability"). Cross-node stages add NVSHMEM (mixcc/nvshmem.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import logging
+import os
 import socket
+import sys
+import threading
 
 import torch
 import torch.distributed as dist
 
+from . import debug
 from .codegen import layout
 from .codegen.build import Built, build_module, device_arch
-from .errors import CollectiveTimeout
+from .errors import CollectiveMismatch, CollectiveTimeout
 from .paths import runtime_source_dir
 
 
@@ -61,7 +68,22 @@ def cuda_check(rc: int, what: str) -> None:
 
 class _ErrorRecord(ctypes.Structure):  # mirrors mixcc::ErrorRecord in mixcc_sync.cuh
     _fields_ = [("status", ctypes.c_int), ("rank", ctypes.c_int), ("peer", ctypes.c_int),
-                ("stage", ctypes.c_int), ("block", ctypes.c_int), ("epoch", ctypes.c_uint)]
+                ("stage", ctypes.c_int), ("block", ctypes.c_int), ("epoch", ctypes.c_uint),
+                ("mine_fp", ctypes.c_uint), ("peer_fp", ctypes.c_uint)]
+
+
+ABORT_ENV = "MIXCC_ABORT_ON_ERROR"
+# The watchdog's polling period: a failure is logged (or the process aborted) at most this
+# long after the device recorded it; reading the host-mapped record costs ~nothing.
+WATCHDOG_PERIOD_S = 0.05
+log = logging.getLogger("mixcc")
+
+
+def abort_enabled(option: bool | None) -> bool:
+    """The compile option when given, else MIXCC_ABORT_ON_ERROR (1, true or yes)."""
+    if option is not None:
+        return bool(option)
+    return os.environ.get(ABORT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class Runtime:
@@ -94,15 +116,22 @@ class Runtime:
         self._ws = ws.value
         handle = ctypes.create_string_buffer(64)
         cuda_check(lib.mixcc_rt_ipc_handle(device, self._ws, handle), "cudaIpcGetMemHandle")
-        mine = (handle.raw, socket.gethostname())
+        props = torch.cuda.get_device_properties(device)
+        mine = (handle.raw, socket.gethostname(), str(getattr(props, "uuid", device)),
+                props.multi_processor_count)
         if self.world > 1:
             everyone: list = [None] * self.world
             dist.all_gather_object(everyone, mine, group=group)
         else:
             everyone = [mine]
-        self.hosts = [h for _, h in everyone]
+        self.hosts = [e[1] for e in everyone]
+        # Blocks that spin on each other must all be resident at once: the SMs of a GPU
+        # are shared by every rank of this group on it. The same value on every rank.
+        devices = [(e[1], e[2]) for e in everyone]
+        self.ranks_on_device = max(devices.count(d) for d in devices)
+        self.sms_per_rank = min(e[3] for e in everyone) // self.ranks_on_device
         ptrs = []
-        for r, (h, host) in enumerate(everyone):
+        for r, (h, host, *_) in enumerate(everyone):
             if r == self.rank:
                 ptrs.append(self._ws)
                 continue
@@ -124,15 +153,55 @@ class Runtime:
                                            ctypes.byref(dptr)), "cudaHostAlloc")
         self._err_host, self.err_dev = host.value, dptr.value
         self._err = _ErrorRecord.from_address(self._err_host)
+        self.abort_on_error = False  # set by get_runtime (any collective may ask)
+        self.calls = 0  # debug mode: the call count that goes into fingerprints
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="mixcc-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
+
+    def failed(self) -> bool:
+        """Whether a device-side wait of this runtime timed out or found a mismatch."""
+        return self._err is not None and self._err.status != 0
+
+    def error(self) -> Exception | None:
+        """The exception the recorded failure stands for, or None."""
+        e = self._err
+        if e is None or not e.status:
+            return None
+        if e.status == 2:
+            return CollectiveMismatch(e.rank, e.peer, debug.describe(e.mine_fp),
+                                      debug.describe(e.peer_fp, e.mine_fp))
+        return CollectiveTimeout(e.rank, e.peer, STAGE_NAMES[e.stage], e.block, e.epoch,
+                                 self.timeout_s)
+
+    def _watch(self) -> None:
+        """Watchdog: log a failure the moment the device records it (asynchronous error
+        handling, as NCCL's); with abort_on_error, abort the process after logging."""
+        while not self._stop.wait(WATCHDOG_PERIOD_S):
+            err = self.error()
+            if err is None:
+                continue
+            abort = self.abort_on_error or abort_enabled(None)
+            log.error("mixcc watchdog (rank %d, pid %d): %s The output of the failed call "
+                      "and of every later call on this runtime is undefined.%s",
+                      self.rank, os.getpid(), err,
+                      " Aborting the process (abort_on_error / MIXCC_ABORT_ON_ERROR)."
+                      if abort else "")
+            if abort:
+                for h in log.handlers + logging.getLogger().handlers:
+                    h.flush()
+                sys.stderr.flush()
+                os.abort()
+            return
 
     def check(self) -> None:
         """Raise CollectiveTimeout if a device-side wait of this runtime timed out."""
         if self._closed:
             raise RuntimeError("this mixcc runtime is closed")
-        e = self._err
-        if e.status:
-            raise CollectiveTimeout(e.rank, e.peer, STAGE_NAMES[e.stage], e.block, e.epoch,
-                                    self.timeout_s)
+        err = self.error()
+        if err is not None:
+            raise err
 
     def check_node(self, members: list[int]) -> None:
         """Raise unless every rank of `members` (this rank's node per the mesh) is mapped."""
@@ -145,23 +214,36 @@ class Runtime:
 
     def close(self, barrier: bool = True) -> None:
         """Release peer mappings and memory. With `barrier` (while the group lives) this is
-        collective: a barrier first, so no peer still reads this workspace."""
+        collective: a barrier first, so no peer still reads this workspace.
+
+        After a failure (a timeout, a mismatch, or a barrier that failed because a peer
+        is gone) there is no barrier and this rank's own workspace is not freed: a
+        surviving peer may still write into it until its own kernels give up. It is
+        released when the process exits."""
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        self._watchdog.join()
         lib = native()
         failures = []
+        keep_workspace = self.failed()
         try:
-            torch.cuda.synchronize(self.device)
-            if barrier and self.world > 1 and dist.is_initialized():
-                dist.barrier(group=self.group)
+            torch.cuda.synchronize(self.device)  # queued kernels return once one failed
+            if barrier and not keep_workspace and self.world > 1 and dist.is_initialized():
+                try:
+                    dist.barrier(group=self.group)
+                except Exception as e:  # a peer is gone: release what is only ours
+                    log.warning("mixcc: rank %d: the closing barrier failed (%s); releasing "
+                                "without it", self.rank, e)
+                    keep_workspace = True
         finally:
             for p in self._opened:
                 failures.append(("cudaIpcCloseMemHandle", lib.mixcc_rt_ipc_close(self.device, p)))
             self._opened = []
-            if self._ws:
+            if self._ws and not keep_workspace:
                 failures.append(("cudaFree", lib.mixcc_rt_free(self.device, self._ws)))
-                self._ws = None
+            self._ws = None
             if self._err_host:
                 self._err = None
                 failures.append(("cudaFreeHost", lib.mixcc_rt_host_free(self._err_host)))
@@ -185,7 +267,7 @@ _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 
 
 def get_runtime(group: dist.ProcessGroup | None, device: int, workspace_bytes: int,
-                timeout_s: float) -> Runtime:
+                timeout_s: float, abort_on_error: bool = False) -> Runtime:
     """The runtime of (group, device), created on first use (a collective call)."""
     key = (id(group if group is not None else dist.group.WORLD), device)
     rt = _RUNTIMES.get(key)
@@ -198,6 +280,7 @@ def get_runtime(group: dist.ProcessGroup | None, device: int, workspace_bytes: i
             f"workspace_bytes={workspace_bytes} differs from the {rt.workspace_bytes} of the "
             "runtime already serving this group: one fixed workspace per (group, device)"
         )
+    rt.abort_on_error = rt.abort_on_error or abort_on_error
     return rt
 
 
@@ -205,11 +288,22 @@ def close_all(barrier: bool = True) -> None:
     """Close every runtime (call on every rank before destroying the process groups)."""
     from . import nvshmem
 
+    failed = any(rt.failed() for rt in _RUNTIMES.values())
+    errors = []
     for rt in list(_RUNTIMES.values()):
-        rt.close(barrier=barrier)
+        try:
+            rt.close(barrier=barrier)
+        except RuntimeError as e:  # release the others first
+            errors.append(e)
     _RUNTIMES.clear()
-    if barrier:  # NVSHMEM's free and finalize are collective: not without the peers
+    # NVSHMEM's free and finalize are collective: not without the peers, and not after a
+    # failure (a peer may be dead); the process's exit releases it then.
+    if barrier and not failed:
         nvshmem.close()
+    else:
+        nvshmem.abandon()
+    if errors:
+        raise errors[0]
 
 
 def _close_at_exit() -> None:

@@ -22,10 +22,11 @@
 
 namespace mixcc {
 
-struct ErrorRecord {           // host-mapped; written once by the first timed-out thread
-  volatile int status;         // 0 ok, 1 timeout
+struct ErrorRecord {           // host-mapped; written once by the first failing thread
+  volatile int status;         // 0 ok, 1 timeout, 2 fingerprint mismatch (debug mode)
   volatile int rank, peer, stage, block;
   volatile unsigned epoch;
+  volatile unsigned mine_fp, peer_fp;  // status 2: this rank's and the peer's fingerprints
 };
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
@@ -44,6 +45,19 @@ __device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
   return v;
 }
 
+// 64-bit forms for the debug fingerprint words: epoch and fingerprint travel in one
+// single-copy-atomic access, so a reader never pairs one call's epoch with another's
+// fingerprint.
+__device__ __forceinline__ void st_release_sys64(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Record a timed-out wait in `err` (the first writer wins). Stages: 0 input barrier,
 // 1 result barrier, 2 inter-node data (NVSHMEM signal), 3 inter-node credit.
 __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int peer, int stage,
@@ -54,6 +68,22 @@ __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int p
     err->stage = stage;
     err->block = block;
     err->epoch = epoch;
+    __threadfence_system();
+  }
+}
+
+// Record that `peer` reached the same barrier from a different call (debug mode).
+__device__ __forceinline__ void record_mismatch(ErrorRecord* err, int rank, int peer,
+                                                int block, unsigned epoch, unsigned mine,
+                                                unsigned theirs) {
+  if (atomicCAS((int*)&err->status, 0, 2) == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->stage = 0;
+    err->block = block;
+    err->epoch = epoch;
+    err->mine_fp = mine;
+    err->peer_fp = theirs;
     __threadfence_system();
   }
 }
@@ -91,23 +121,48 @@ __device__ __forceinline__ bool wait_flag(const unsigned* flag, unsigned epoch,
                     peer, stage, block);
 }
 
+// Rank r's debug fingerprint words: uint64 [MAX_BLOCKS][MAX_RANKS] right after its
+// flags (mixcc/codegen/layout.py).
+template <int MAX_RANKS, int MAX_BLOCKS>
+__device__ __forceinline__ unsigned long long* fp_words(unsigned* flags_of_r) {
+  return reinterpret_cast<unsigned long long*>(flags_of_r + MAX_BLOCKS * 2 * MAX_RANKS);
+}
+
 // Cross-rank barrier of block `block` at (stage, epoch) with `nbrs` (no self).
 // flags(r) is rank r's flag array: [block][stage][source rank]. Returns false on
 // timeout (the caller must leave the kernel: the workspace is no longer consistent).
-template <int MAX_RANKS>
+// Debug mode (fp != 0): at the input barrier (stage 0) each rank also publishes
+// (epoch, fp) to its peers before its flag (release: a peer that sees the flag sees
+// the fingerprint or a later one) and, once the barrier passed, compares each peer's
+// word with its own fp. The comparison is made only when the word carries this epoch:
+// a peer already at a later epoch passed this barrier and overwrote it, which proves
+// nothing either way. A mismatch is recorded as status 2 and fails the barrier.
+template <int MAX_RANKS, int MAX_BLOCKS>
 __device__ __forceinline__ bool block_barrier(unsigned* const* flags, int rank,
                                               const int* nbrs, int n_nbrs, int block,
                                               int stage, unsigned epoch, uint64_t timeout_ns,
-                                              ErrorRecord* err) {
+                                              ErrorRecord* err, unsigned fp) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();  // all staging writes of this block precede the release below
   const int slot = (block * 2 + stage) * MAX_RANKS;
+  const bool check = fp != 0 && stage == 0;
   if ((int)threadIdx.x < n_nbrs) {
     const int p = nbrs[threadIdx.x];
+    if (check)
+      st_release_sys64(fp_words<MAX_RANKS, MAX_BLOCKS>(flags[p]) + block * MAX_RANKS + rank,
+                       ((unsigned long long)epoch << 32) | fp);
     st_release_sys(flags[p] + slot + rank, epoch);
-    if (!wait_flag(flags[rank] + slot + p, epoch, timeout_ns, err, rank, p, stage, block))
+    if (!wait_flag(flags[rank] + slot + p, epoch, timeout_ns, err, rank, p, stage, block)) {
       failed = 1;
+    } else if (check) {
+      const unsigned long long w = ld_acquire_sys64(
+          fp_words<MAX_RANKS, MAX_BLOCKS>(flags[rank]) + block * MAX_RANKS + p);
+      if ((unsigned)(w >> 32) == epoch && (unsigned)w != fp) {
+        record_mismatch(err, rank, p, block, epoch, fp, (unsigned)w);
+        failed = 1;
+      }
+    }
   }
   __syncthreads();  // extends each acquire to the whole block
   return failed == 0;

@@ -111,12 +111,15 @@ def test_hier_chunk_fits_both_workspaces(program, elem):
     assert "NVSHMEM symmetric heap 16777216 B" in text
 
 
-def test_grid_covers_every_column():
-    for unit_elems in (1, 7, 8192, 7168 * 4096):
-        for cols in (8, 4096):
-            nblocks, chunks = grid(unit_elems, cols, 2, 32)
-            assert 1 <= nblocks <= 32
-            assert chunks * nblocks * cols >= unit_elems > (chunks - 1) * nblocks * cols
+def test_grid_covers_every_column_evenly():
+    for unit_elems in (1, 7, 8192, 131072, 7168 * 4096, 12345):
+        for cols in (8, 4096, 65536):
+            nblocks, chunks, c = grid(unit_elems, cols, 2, 32)
+            assert 1 <= nblocks <= 32 and c % 8 == 0 and 8 <= c <= cols
+            assert chunks * nblocks * c >= unit_elems  # every column is covered
+            assert chunks == 1 or (chunks - 1) * nblocks * cols < unit_elems  # no extra chunk
+            # evenly spread: every block of every chunk but the last pack has columns
+            assert (chunks * nblocks - 1) * c < unit_elems or unit_elems <= 8 * nblocks
 
 
 def test_identity_program_has_no_stage():

@@ -33,12 +33,14 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("timeout_ns", "unsigned long long"),
     ("err", "void*"),
     ("stream", "void*"),
+    ("fp", "unsigned int"),  # debug mode: this call's fingerprint (0: off; mixcc/debug.py)
 )
 
 _CTYPES = {
     "const void*": ctypes.c_void_p, "void*": ctypes.c_void_p, "char* const*": ctypes.c_void_p,
     "unsigned*": ctypes.c_void_p, "char*": ctypes.c_void_p, "long long": ctypes.c_longlong,
     "unsigned long long": ctypes.c_ulonglong, "int": ctypes.c_int,
+    "unsigned int": ctypes.c_uint,
 }
 
 VERSION = int(hashlib.sha256(repr(FIELDS).encode()).hexdigest()[:7], 16)
@@ -68,8 +70,11 @@ def _checked(lib: ctypes.CDLL) -> None:
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    """Check the module's ABI version and declare `mixcc_launch`'s signature."""
+    """Check the module's ABI version and declare the signatures of `mixcc_launch` and
+    `mixcc_blocks_per_sm` (the fewest blocks of its kernels one SM holds at once)."""
     _checked(lib)
     lib.mixcc_launch.argtypes = [ctypes.POINTER(LaunchArgs)]
     lib.mixcc_launch.restype = ctypes.c_int
+    lib.mixcc_blocks_per_sm.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    lib.mixcc_blocks_per_sm.restype = ctypes.c_int
     return lib

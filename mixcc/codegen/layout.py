@@ -1,8 +1,10 @@
 """The workspace layouts shared by the runtime (allocation) and the kernels (addressing).
 
 IPC workspace, one per rank, fixed size:
-  [0, DATA_OFFSET)  flags: uint32 [MAX_BLOCKS][2 barrier stages][MAX_RANKS], written by
+  [0, FLAG_BYTES)   flags: uint32 [MAX_BLOCKS][2 barrier stages][MAX_RANKS], written by
                     peers (flag [b][s][src] holds the last epoch src reached)
+  [FLAG_BYTES, …)   debug fingerprints: uint64 [MAX_BLOCKS][MAX_RANKS], (epoch << 32 | fp)
+                    of src's last input barrier; written only in debug mode (mixcc/debug.py)
   [DATA_OFFSET, …)  NSETS sets x MAX_BLOCKS regions of region_bytes(workspace) bytes.
                     Chunk (epoch e) of block b uses region b of set e % NSETS. Block b of
                     every kernel only ever touches region b of a set, and the epoch counter
@@ -38,7 +40,8 @@ MAX_NODES = 64
 THREADS = 512  # threads per block: 512 x 16 B in flight per block per pass
 NSETS = 4
 FLAG_BYTES = MAX_BLOCKS * 2 * MAX_RANKS * 4
-DATA_OFFSET = (FLAG_BYTES + 4095) // 4096 * 4096
+FP_BYTES = MAX_BLOCKS * MAX_RANKS * 8
+DATA_OFFSET = (FLAG_BYTES + FP_BYTES + 4095) // 4096 * 4096
 SIG_BYTES = MAX_BLOCKS * NSETS * MAX_RANKS * 8
 CREDIT_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 SENT_BYTES = MAX_BLOCKS * MAX_RANKS * NSETS * 4

@@ -111,12 +111,17 @@ def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: 
     return lo * vec
 
 
-def grid(unit_elems: int, cols: int, elem: int, max_blocks: int) -> tuple[int, int]:
-    """(blocks, chunks) for `unit_elems` columns per unit: as many blocks as there are
-    full 16-byte passes of THREADS threads, capped at max_blocks, then enough chunks."""
+def grid(unit_elems: int, cols: int, elem: int, max_blocks: int) -> tuple[int, int, int]:
+    """(blocks, chunks, columns per block and chunk) for `unit_elems` columns per unit: as
+    many blocks as there are full 16-byte passes of THREADS threads, capped at
+    max_blocks; enough chunks of at most `cols` columns; then the columns spread evenly
+    over blocks x chunks (in 16-byte packs), so that no block idles while another works
+    through a region-sized chunk."""
     vec = max(1, 16 // elem)
     nblocks = max(1, min(max_blocks, math.ceil(unit_elems / (layout.THREADS * vec))))
-    return nblocks, math.ceil(unit_elems / (nblocks * cols))
+    chunks = math.ceil(unit_elems / (nblocks * cols))
+    per = math.ceil(unit_elems / (nblocks * chunks))
+    return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""The autotuner's table: measured launch choices per stage and size (docs/DESIGN.md,
+"Tuning").
+
+`mixcc tune` (mixcc/tuning.py) measures, per (stage source hash, dtype, world, arch,
+size bucket), the algorithm x blocks x chunk width and writes the fastest here, a JSON
+table in the kernel cache directory (or MIXCC_TUNE_TABLE). A fused collective reads it
+when it binds: rank 0 reads the file and broadcasts the entries of its stages, so every
+rank launches the same grid (the barriers pair block b with block b). Without an entry
+the launcher's documented heuristic decides (fused.FusedRunner._params).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .codegen.build import cache_dir
+
+VERSION = 1
+ENV = "MIXCC_TUNE_TABLE"  # a path, or "off" to ignore every table
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One tuned launch: algorithm ("one_shot", "two_shot" or "hier"), blocks, and the
+    columns per block and chunk (0: the widest that fits the workspace region)."""
+
+    algorithm: str
+    blocks: int
+    chunk_cols: int = 0
+    time_us: float = 0.0  # what it measured, for the reader of the table
+
+
+def table_path() -> Path | None:
+    """Where the table lives, or None when tuning is switched off."""
+    env = os.environ.get(ENV, "").strip()
+    if env.lower() in ("off", "0", "none"):
+        return None
+    return Path(env) if env else cache_dir() / "tune" / "table.json"
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def bucket(nbytes: int) -> int:
+    """The size bucket of `nbytes` of stage input per rank: ceil(log2)."""
+    return max(0, (max(1, nbytes) - 1).bit_length())
+
+
+def stage_prefix(src_hash: str, dtype: str, world: int, arch: str) -> str:
+    return f"{src_hash}|{dtype}|{world}|{arch}|"
+
+
+def key(src_hash: str, dtype: str, world: int, arch: str, nbytes: int) -> str:
+    return stage_prefix(src_hash, dtype, world, arch) + str(bucket(nbytes))
+
+
+def load(path: Path | None = None) -> dict[str, Choice]:
+    """The table's entries ({} when there is none); a damaged table is ignored with a
+    warning rather than trusted."""
+    path = path if path is not None else table_path()
+    if path is None or not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != VERSION:
+            raise ValueError(f"version {raw.get('version')!r}, expected {VERSION}")
+        return {k: Choice(**v) for k, v in raw["entries"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"mixcc: ignoring the tuning table {path}: {e}", RuntimeWarning,
+                      stacklevel=2)
+        return {}
+
+
+def save(entries: dict[str, Choice], path: Path | None = None) -> Path:
+    """Merge `entries` into the table and write it atomically; returns its path."""
+    path = path if path is not None else table_path()
+    if path is None:
+        raise ValueError(f"tuning is switched off ({ENV}=off)")
+    merged = {**load(path), **entries}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    body = {"version": VERSION,
+            "entries": {k: asdict(v) for k, v in sorted(merged.items())}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".table-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(body, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def shared(group: dist.ProcessGroup | None, prefixes: list[str]) -> dict[str, Choice]:
+    """Rank 0's entries under `prefixes`, the same dict on every rank of `group`."""
+    mine = None
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    if rank == 0:
+        mine = {k: v for k, v in load().items() if any(k.startswith(p) for p in prefixes)}
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return mine or {}
+    box = [mine]
+    dist.broadcast_object_list(box, group_src=0, group=group)
+    return box[0] or {}

@@ -1,0 +1,70 @@
+"""Debug fingerprints and the tuning table, on CPU: what the kernels compare and what
+`auto` reads must decode and round-trip exactly."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from mixcc import debug, tune
+from mixcc.errors import CollectiveMismatch
+
+
+def test_fingerprint_fields_and_description():
+    debug.register("allreduce(tp)", 1)
+    debug.register("allreduce(tp); allgather(dp)", 2)
+    rng = random.Random()
+    count = rng.randrange(1, 10_000)
+    shape = (rng.randrange(1, 512), rng.randrange(1, 4096))
+    a = debug.fingerprint("allreduce(tp)", 0, torch.bfloat16, shape, count)
+    b = debug.fingerprint("allreduce(tp); allgather(dp)", 1, torch.bfloat16, shape, count)
+    assert a and b and a != b and a & 0xFF == count & 0xFF
+    mine = debug.describe(a)
+    assert "'allreduce(tp)'" in mine and "bfloat16" in mine and str(shape) in mine
+    theirs = debug.describe(b, a)
+    assert "allgather(dp)" in theirs and "stage 2 of 2" in theirs and "the same shape" in theirs
+    other_shape = (shape[0] + 1, shape[1])
+    c = debug.fingerprint("allreduce(tp)", 0, torch.float32, other_shape, count + 1)
+    text = debug.describe(c, a)
+    assert "float32" in text and str(other_shape) in text
+    unknown = next(c for c in range(256) if c not in debug._STAGES)
+    assert "never compiled" in debug.describe(unknown << 24 | 1, a)
+    err = CollectiveMismatch(0, 1, mine, theirs)
+    assert "rank 0 called 'allreduce(tp)'" in str(err) and "rank 1 called" in str(err)
+
+
+def test_fingerprint_is_never_zero_and_env_switch(monkeypatch):
+    for count in range(512):
+        assert debug.fingerprint("x", 0, torch.float16, (1,), count) != 0
+    monkeypatch.setenv(debug.ENV, "1")
+    assert debug.enabled(None) and not debug.enabled(False)
+    monkeypatch.setenv(debug.ENV, "0")
+    assert not debug.enabled(None) and debug.enabled(True)
+
+
+def test_bucket_is_ceil_log2():
+    assert [tune.bucket(n) for n in (1, 2, 3, 4, 5, 1 << 20, (1 << 20) + 1)] == \
+        [0, 1, 2, 2, 3, 20, 21]
+
+
+def test_table_round_trip_merge_and_damage(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    monkeypatch.setenv(tune.ENV, str(path))
+    k1 = tune.key("abc", "bfloat16", 4, "sm_90a", 3 << 20)
+    k2 = tune.key("abc", "bfloat16", 4, "sm_90a", 100)
+    tune.save({k1: tune.Choice("one_shot", 16, 0, 12.5)})
+    tune.save({k2: tune.Choice("two_shot", 8, 2048, 3.0)})
+    got = tune.load()
+    assert got == {k1: tune.Choice("one_shot", 16, 0, 12.5),
+                   k2: tune.Choice("two_shot", 8, 2048, 3.0)}
+    assert tune.shared(None, [tune.stage_prefix("abc", "bfloat16", 4, "sm_90a")]) == got
+    assert tune.shared(None, [tune.stage_prefix("abd", "bfloat16", 4, "sm_90a")]) == {}
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning table"):
+        assert tune.load() == {}
+    path.write_text(json.dumps({"version": 99, "entries": {}}))
+    with pytest.warns(RuntimeWarning, match="version"):
+        assert tune.load() == {}
+    monkeypatch.setenv(tune.ENV, "off")
+    assert tune.table_path() is None and tune.load() == {}
