@@ -10,6 +10,7 @@ groups before; neither holds for collectives over arbitrary parent groups.)
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 import torch
@@ -94,12 +95,13 @@ def _run_step(step: Step, members: tuple[int, ...], pg, x: torch.Tensor) -> torc
     order = sorted(members)  # backend rank order
     n = len(members)
     x = x.contiguous()
+    nan_flags = step.redop != "sum" and x.is_floating_point()
     if step.coll == "allreduce":
-        y = x.clone()
+        y = _with_nan_flags(x, 1, step.redop) if nan_flags else x.clone()
         opts = dist.AllreduceOptions()
         opts.reduceOp = _REDOPS[step.redop]
         pg.allreduce([y], opts).wait()
-        return y
+        return _apply_nan_flags(y.view(-1), x.shape) if nan_flags else y
     if step.coll == "allgather":
         buf = x.new_empty((n * x.shape[0], *x.shape[1:]))
         pg._allgather_base(buf, x).wait()
@@ -108,8 +110,31 @@ def _run_step(step: Step, members: tuple[int, ...], pg, x: torch.Tensor) -> torc
     # reducescatter: backend rank q receives the block of member order[q]
     blocks = x.chunk(n)
     src = torch.cat([blocks[members.index(m)] for m in order])
-    y = x.new_empty((x.shape[0] // n, *x.shape[1:]))
+    shape = (x.shape[0] // n, *x.shape[1:])
+    if nan_flags:
+        src = _with_nan_flags(src, n, step.redop).view(-1)
+        y = x.new_empty(2 * math.prod(shape))
+    else:
+        y = x.new_empty(shape)
     opts = dist.ReduceScatterOptions()
     opts.reduceOp = _REDOPS[step.redop]
     pg._reduce_scatter_base(y, src, opts).wait()
-    return y
+    return _apply_nan_flags(y, shape) if nan_flags else y
+
+
+# gloo (std::max/std::min) and NCCL (fmaxf/fminf, __hmax/__hmin) do not propagate NaN
+# through max/min: a NaN is kept or dropped depending on where it meets the other
+# values. torch.amax/amin give NaN wherever a term is NaN, so max/min steps on floating
+# tensors reduce a NaN flag (1 for max, -1 for min, else 0) in the same collective: each
+# of the n blocks is sent as [data, flags], and NaN is put wherever a flag came back set.
+def _with_nan_flags(x: torch.Tensor, n: int, redop: str) -> torch.Tensor:
+    flags = torch.isnan(x).to(x.dtype)
+    if redop == "min":
+        flags.neg_()
+    return torch.cat([x.reshape(n, -1), flags.reshape(n, -1)], dim=1)
+
+
+def _apply_nan_flags(y: torch.Tensor, shape) -> torch.Tensor:
+    """y = [data, flags] reduced (one block): the data, NaN where a flag is set."""
+    m = y.numel() // 2
+    return y[:m].masked_fill(y[m:] != 0, float("nan")).view(shape)

@@ -63,7 +63,30 @@ __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
 
 enum class Op { kSum, kMax, kMin };
 
+// max/min that propagate NaN as torch.maximum / torch.amax do: a NaN operand gives NaN
+// (fmaxf/fminf would return the other operand). One PTX instruction from sm_80 on.
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? a + b : fmaxf(a, b);
+#endif
+}
+__device__ __forceinline__ float min_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+  float r;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? a + b : fminf(a, b);
+#endif
+}
+
 // acc = first term, then combine the others in table order (the same on every rank).
+// Sums follow IEEE in fp32 (no fast-math flags; coefficients are integers >= 1), so
+// inf + -inf and any NaN term give NaN, as torch's sum of the same values does.
 template <Op OP>
 __device__ __forceinline__ float first(float x, float coef) {
   return OP == Op::kSum ? coef * x : x;
@@ -71,8 +94,8 @@ __device__ __forceinline__ float first(float x, float coef) {
 template <Op OP>
 __device__ __forceinline__ float combine(float acc, float x, float coef) {
   if constexpr (OP == Op::kSum) return fmaf(coef, x, acc);
-  else if constexpr (OP == Op::kMax) return fmaxf(acc, x);
-  else return fminf(acc, x);
+  else if constexpr (OP == Op::kMax) return max_nan(acc, x);
+  else return min_nan(acc, x);
 }
 
 }  // namespace mixcc

@@ -108,3 +108,60 @@ def mismatch(out: torch.Tensor, exp: torch.Tensor, mag: torch.Tensor, dtype: tor
         return (f"{int(bad.sum())} of {bad.numel()} elements differ; first at flat index {i}: "
                 f"got {got.flatten()[i].item()}, expected {exp.flatten()[i].item()}")
     return None
+
+
+# NaN and infinities (tests/test_nan.py, scripts/nan_check.py): torch's semantics, i.e.
+# amax/amin give NaN where any term is NaN and sums follow IEEE (inf + -inf = NaN).
+SPECIALS = (float("nan"), float("inf"), float("-inf"))
+
+
+def planted_input(seed: int, rank: int, world: int, rows: int, hidden: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """make_input() with NaN, +inf and -inf planted: about 1 element in 12 of each rank at
+    random, and at random positions shared by every rank (the other ranks finite there):
+    NaN on one rank only (each rank in turn), +inf on one rank and -inf on the next, and
+    +inf, -inf on every rank."""
+    base = make_input(seed, rank, rows, hidden, torch.float32).view(-1)
+    g = torch.Generator().manual_seed(seed * 1000 + rank + 500_000)
+    hit = torch.rand(base.numel(), generator=g) < 1 / 12
+    kind = torch.randint(0, 3, (base.numel(),), generator=g)
+    x = torch.where(hit, torch.tensor(SPECIALS)[kind], base)
+    nan, inf = SPECIALS[0], SPECIALS[1]
+    patterns = [{r: nan} for r in range(world)]
+    patterns += [{a: inf, (a + 1) % world: -inf} for a in range(world)]
+    patterns += [dict.fromkeys(range(world), inf), dict.fromkeys(range(world), -inf)]
+    assert base.numel() >= len(patterns), "too few elements for the planted patterns"
+    pos = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(seed))
+    for p, pat in zip(pos.tolist(), patterns, strict=False):
+        x[p] = pat.get(rank, base[p].item())
+    return x.view(rows, hidden).to(dtype)
+
+
+def expected_nonfinite(program: str, mesh_axes: list[tuple[str, int]],
+                       inputs: list[torch.Tensor]):
+    """expected() for inputs with NaN and infinities: the values of the inputs as they are;
+    the magnitude bounds of the inputs with non-finite elements zeroed (behind a finite
+    output, every term is finite or was dropped by a max/min)."""
+    vals, _, terms = expected(program, mesh_axes, inputs)
+    _, mags, _ = expected(program, mesh_axes, [x.nan_to_num(0.0, 0.0, 0.0) for x in inputs])
+    return vals, mags, terms
+
+
+def mismatch_nonfinite(out: torch.Tensor, exp: torch.Tensor, mag: torch.Tensor,
+                       dtype: torch.dtype, n_statements: int, terms: int) -> str | None:
+    """mismatch() with equal_nan: NaN exactly where `exp` is NaN, each infinity of `exp`
+    equal (with its sign) and nowhere else; the finite elements within mismatch()'s bound."""
+    if out.shape != exp.shape:
+        return f"shape {tuple(out.shape)} != expected {tuple(exp.shape)}"
+    got = out.double()
+    for what, g, e in (("NaN", got.isnan(), exp.isnan()),
+                       ("infinity", got.isinf(), exp.isinf()),
+                       ("sign of infinity", got.isinf() & (got > 0), exp.isinf() & (exp > 0))):
+        if not torch.equal(g, e):
+            i = int((g != e).flatten().nonzero()[0])
+            return (f"{what} differs at {int((g != e).sum())} of {g.numel()} elements; first "
+                    f"at flat index {i}: got {got.flatten()[i].item()}, "
+                    f"expected {exp.flatten()[i].item()}")
+    fin = exp.isfinite()
+    return mismatch(torch.where(fin, got, 0.0), torch.where(fin, exp, 0.0), mag, dtype,
+                    n_statements, terms)
