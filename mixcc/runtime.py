@@ -298,10 +298,10 @@ def close_all(barrier: bool = True) -> None:
     _RUNTIMES.clear()
     # NVSHMEM's free and finalize are collective: not without the peers, and not after a
     # failure (a peer may be dead); the process's exit releases it then.
-    if barrier and not failed:
-        nvshmem.close()
-    else:
+    if failed:
         nvshmem.abandon()
+    elif barrier:
+        nvshmem.close()
     if errors:
         raise errors[0]
 
