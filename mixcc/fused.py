@@ -239,6 +239,46 @@ class FusedRunner:
 
             cuda_check(rc, f"launch of fused stage {i}")
 
+    def fast_call(self, x: torch.Tensor, shape: torch.Size):
+        """For one-stage plans outside debug mode: fn(x, out) -> out for inputs of x's
+        shape, dtype and device (already validated), which sets only the pointers and
+        stream of the cached launch arguments per call; else None. The host overhead of
+        an eager call is the hot path of a serving step (issue 8)."""
+        if len(self.stages) != 1 or self.debug:
+            return None
+        stage, lib = self.stages[0]
+        unit_elems = x.shape[0] // stage.lmap.in_units * (x.numel() // max(1, x.shape[0]))
+        if unit_elems == 0:
+            return None
+        a = self._args.get((0, unit_elems))
+        if a is None:
+            a = self._args[(0, unit_elems)] = self._make_args(0, unit_elems,
+                                                              x.numel() * self.elem)
+        ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
+        even = unit_elems % self.vec == 0
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _current_stream
+        timeout_s = self.timeout_ns / 1e9
+
+        def call(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+            err = rt._err
+            if err is None or err.status:
+                rt.check()
+            if out is None:
+                out = torch.empty(shape, dtype=x.dtype, device=x.device)
+            a.in_ptr = xp = x.data_ptr()
+            a.out_ptr = op = out.data_ptr()
+            a.wide = even and not (xp | op) & 15
+            a.stream = raw(device)
+            rt.timeout_s = timeout_s
+            rc = launch(ref)
+            if rc:
+                from .runtime import cuda_check
+
+                cuda_check(rc, "launch of fused stage 0")
+            return out
+
+        return call
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size
                  ) -> torch.Tensor:
         """Run on validated input; `shape` is the output shape."""

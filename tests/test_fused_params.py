@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mixcc
-from mixcc.codegen import layout
 from mixcc import tune
+from mixcc.codegen import layout
 from mixcc.fused import TWO_SHOT_MIN_BYTES, FusedRunner, block_cap, shares_reduction
 
 PREFIX = "0123456789abcdef|bfloat16|8|sm_90a|"

@@ -1,0 +1,129 @@
+"""`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py).
+
+For every program and size (bytes of input per rank, powers of two), every rank runs
+the program with each candidate (algorithm x blocks x chunk width) forced on all its
+stages, timed by CUDA graphs (median of repeats, then the max over ranks: the same
+number on every rank), and the fastest candidate becomes the entry of each stage for
+that size bucket. The heuristic's own time is measured beside it. Rank 0 writes the
+table. Ranks sharing one GPU run under MPS (mixcc/mps.py starts it when needed).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+from . import launch, mps, tune
+from .codegen.plan import IntraStage
+from .mesh import Mesh
+
+CHUNK_CANDIDATES = (0, 8192)  # columns per block and chunk: the widest that fits, or 8192
+BLOCK_CANDIDATES = (4, 8, 16, 32)
+
+
+def candidates(runner) -> list[tune.Choice]:
+    """The launch choices worth timing for `runner` (a FusedRunner): both intra
+    algorithms where two-shot splits a reduction, block counts up to its block cap."""
+    algos = ["one_shot"]
+    if any(runner._shares_reduction):
+        algos.append("two_shot")
+    if not any(isinstance(st, IntraStage) for st, _ in runner.stages):
+        algos = ["hier"]
+    blocks = sorted({b for b in BLOCK_CANDIDATES if b <= runner.max_blocks} | {runner.max_blocks})
+    return [tune.Choice(a, b, c) for a in algos for b in blocks for c in CHUNK_CANDIDATES]
+
+
+def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
+    """Bytes of input per rank of each stage of `runner` for `rows` x `inner` input."""
+    out = []
+    for stage, _ in runner.stages:
+        out.append(rows * inner * runner.elem)
+        rows = rows // stage.lmap.in_units * len(stage.lmap.out_units[0])
+    return out
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo: CPU tensors
+    return float(t.item())
+
+
+def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: list[int],
+                 choice: tune.Choice | None, cfg: dict) -> float:
+    """Seconds per call with `choice` forced on every stage (None: the heuristic)."""
+    from .bench import repeat_times
+
+    runner.tuned = {} if choice is None else {
+        p + str(tune.bucket(b)): choice for p, b in zip(runner._prefixes, per_stage, strict=True)}
+    runner._args.clear()  # launch arguments are cached per shape, and so are fast calls
+    coll._seen.clear()
+    ts = repeat_times(lambda: coll(x, out=out), cfg["iters"], cfg["repeats"], "graph")
+    return _max_over_ranks(statistics.median(ts))
+
+
+def worker(rank: int, world: int, cfg: dict) -> None:
+    """Body of every rank (see the module docstring)."""
+    import mixcc
+
+    from .bench import DTYPES
+
+    mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
+    dtype = DTYPES[cfg["dtype"]]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator().manual_seed(99 + rank)
+    entries: dict[str, tune.Choice] = {}
+    for program in cfg["programs"]:
+        coll = mixcc.compile(program, mesh, dtype=dtype, backend="fused")
+        g = coll.ir.granularity
+        for nbytes in cfg["sizes"]:
+            hidden = cfg["hidden"]
+            rows = max(g, -(-nbytes // (hidden * dtype.itemsize)) // g * g)
+            x = torch.randn((rows, hidden), generator=gen).to(dev, dtype)
+            out = torch.empty(coll.output_shape(x.shape), dtype=dtype, device=dev)
+            coll(x, out=out)
+            runner = coll._fused[dtype]
+            per_stage = stage_input_bytes(runner, rows, hidden)
+
+            base = _time_choice(coll, runner, x, out, per_stage, None, cfg)
+            results = [(_time_choice(coll, runner, x, out, per_stage, c, cfg), c)
+                       for c in candidates(runner)]
+            t, best = min(results, key=lambda r: r[0])
+            for p, b in zip(runner._prefixes, per_stage, strict=True):
+                entries[p + str(tune.bucket(b))] = tune.Choice(
+                    best.algorithm, best.blocks, best.chunk_cols, round(t * 1e6, 2))
+            runner.tuned = {k: v for k, v in entries.items()
+                            if any(k.startswith(p) for p in runner._prefixes)}
+            runner._args.clear()
+            coll._seen.clear()
+            if rank == 0:
+                print(f"{program:<34} {rows * hidden * dtype.itemsize:>10} "
+                      f"{best.algorithm:>9} {best.blocks:>6} {best.chunk_cols:>6} "
+                      f"{t * 1e6:>10.2f} {base * 1e6:>14.2f} {base / t:>6.2f}", flush=True)
+    if rank == 0:
+        path = tune.save(entries)
+        print(f"wrote {len(entries)} entries to {path}", flush=True)
+
+
+def header() -> str:
+    return (f"{'program':<34} {'bytes':>10} {'algorithm':>9} {'blocks':>6} {'chunk':>6} "
+            f"{'best(us)':>10} {'heuristic(us)':>14} {'gain':>6}")
+
+
+def run(cfg: dict) -> None:
+    """Spawn the ranks (under MPS when they share a GPU) and tune."""
+    world = cfg["world"]
+    shared = torch.cuda.device_count() < world
+    print(f"# mixcc tune: mesh {cfg['mesh_axes']}, world {world}, {cfg['dtype']}, "
+          f"time: median of {cfg['repeats']} CUDA graphs of {cfg['iters']} calls, max over "
+          f"ranks{', ranks sharing one GPU under MPS' if shared else ''}", flush=True)
+    print(header(), flush=True)
+    if shared:
+        with mps.ensure():
+            launch.spawn(worker, world, cfg, backend="gloo")
+    else:
+        launch.spawn(worker, world, cfg)
+    sys.stdout.flush()
