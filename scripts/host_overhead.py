@@ -56,6 +56,8 @@ def worker(rank: int, world: int) -> None:
         "torch.cuda.current_stream()": per_call_us(lambda: torch.cuda.current_stream()),
         "ctypes mixcc_launch (bare)": per_call_us(bare),
         "coll(x, out=out) (whole call)": per_call_us(lambda: coll(x, out=out)),
+        "coll(x) (whole call, allocates out)": per_call_us(lambda: coll(x)),
+        "torch.empty_like(out) (one allocation)": per_call_us(lambda: torch.empty_like(out)),
     }
     res = coll(x)
     torch.cuda.synchronize()
@@ -64,6 +66,8 @@ def worker(rank: int, world: int) -> None:
         print(f"{'host time per call, 2 ranks on one GPU under MPS':<48} {'us':>8}")
         for k, v in rows.items():
             print(f"{k:<48} {v:>8.2f}")
+        ratio = rows["coll(x, out=out) (whole call)"] / rows["torch add_ (one kernel launch)"]
+        print(f"{'whole call / plain torch launch (target <= 1.5)':<48} {ratio:>8.2f}")
         print("result consistent:", ok)
 
 
