@@ -4,8 +4,14 @@ section 6):
 - `nccl1`: NCCL (or gloo) in one world collective for the two combined presets on a
   (dp, tp) mesh: all_gather then a local sum over tp (allreduce_allgather), or
   all_to_all then a local sum (reducescatter_allreduce).
-- `symm_one_shot` / `symm_two_shot`: torch's symmetric-memory allreduce for plain
-  allreduce(tp) when tp is the whole world (CUDA only; no multicast needed).
+- `symm_one_shot` / `symm_two_shot`: torch's symmetric-memory allreduce (sum) for a
+  program of one allreduce over the whole world (CUDA only; no multicast needed): x is
+  copied into the symmetric buffer inside the timed call. `symm_one_shot_nocopy` /
+  `symm_two_shot_nocopy`: the kernel alone, the input already in the buffer (`load`).
+  One GPU per rank on NCCL, or ranks sharing one GPU (gloo; torch then needs
+  TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, which `mixcc bench` sets).
+- `separate`: the program as separate mixcc calls, one fused Collective per statement,
+  chained through intermediate buffers (what a caller without mixcc's fusion runs).
 
 The two-call NCCL composition is mixcc's own `reference` backend. Each factory
 returns fn(x, out) -> out, or raises Unavailable with the reason.
@@ -19,13 +25,17 @@ import torch
 import torch.distributed as dist
 
 from . import presets
+from .ir.build import build
+from .ir.parser import parse
 from .mesh import Mesh
 
 # torch >= 2.13 names it all_gather_single; older releases only have all_gather_into_tensor.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BASELINES = ("nccl1", "symm_one_shot", "symm_two_shot")
+SYMM = ("symm_one_shot", "symm_two_shot", "symm_one_shot_nocopy", "symm_two_shot_nocopy")
+BASELINES = ("nccl1", *SYMM, "separate")
+SHAPE_FREE = ("nccl1", "separate")  # one fn serves every input shape
 
 
 class Unavailable(Exception):
@@ -70,46 +80,125 @@ def one_call(program: str, mesh: Mesh, group: dist.ProcessGroup | None = None) -
                       "reducescatter_allreduce only")
 
 
+class KernelOnly:
+    """A baseline whose timed call reads its input from its own buffer: `load(x)` puts
+    x there (before a check or a timing); the call ignores its `x` argument."""
+
+    def __init__(self, buf: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor]):
+        self.buf, self.kernel = buf, kernel
+
+    def load(self, x: torch.Tensor) -> None:
+        self.buf.copy_(x)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.kernel(out)
+
+
 def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Size,
-                       dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> Fn:
-    """torch symmetric-memory one_shot / two_shot allreduce (sum) over the whole group."""
-    reason = _symm_refusal(program, mesh, dtype, "nccl" in str(dist.get_backend(group)))
+                       dtype: torch.dtype, group: dist.ProcessGroup | None = None, *,
+                       copy: bool = True) -> Fn:
+    """torch symmetric-memory one_shot / two_shot allreduce (sum) over the whole group;
+    `copy`: x is copied into the symmetric buffer inside the call, else KernelOnly."""
+    cuda = torch.cuda.is_available()
+    nccl = cuda and "nccl" in str(dist.get_backend(group))
+    one_gpu = cuda and torch.cuda.device_count() == 1
+    reason = _symm_refusal(program, mesh, dtype, nccl=nccl, one_gpu=one_gpu)
     if reason:
         raise Unavailable(reason)
     import torch.distributed._symmetric_memory as symm_mem
 
     pg = group if group is not None else dist.group.WORLD
     name = pg.group_name
-    buf = symm_mem.empty(shape, dtype=dtype, device=torch.device("cuda"))
-    symm_mem.rendezvous(buf, name)
+    try:  # collective: a failure here is the same on every rank (machine or torch)
+        buf = symm_mem.empty(shape, dtype=dtype, device=torch.device("cuda"))
+        symm_mem.rendezvous(buf, name)
+    except RuntimeError as e:
+        raise Unavailable(f"torch symmetric memory failed on this group "
+                          f"({dist.get_backend(group)}): {str(e).splitlines()[0]}") from None
+    ops = torch.ops.symm_mem
     if algorithm == "one_shot":
-        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            buf.copy_(x)
-            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", name, out)
+        def one_shot(out: torch.Tensor) -> torch.Tensor:
+            ops.one_shot_all_reduce_out(buf, "sum", name, out)
             return out
+        kernel = one_shot
     else:
-        def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            buf.copy_(x)
-            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", name)
-            out.copy_(buf)
+        two_out = getattr(ops, "two_shot_all_reduce_out", None)
+
+        def two_shot(out: torch.Tensor) -> torch.Tensor:
+            if two_out is not None:  # reduces in the buffer, gathers into out
+                two_out(buf, "sum", name, out)
+            else:  # older torch: in place in the buffer
+                ops.two_shot_all_reduce_(buf, "sum", name)
+                out.copy_(buf)
             return out
+        kernel = two_shot
+    if not copy:
+        return KernelOnly(buf, kernel)
+
+    def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        buf.copy_(x)
+        return kernel(out)
     return fn
 
 
-def _symm_refusal(program: str, mesh: Mesh, dtype: torch.dtype, nccl: bool) -> str | None:
-    if program != presets.ALLREDUCE or mesh.group_size(("tp",)) != mesh.world_size:
-        return "symmetric-memory baseline: allreduce(tp) with tp = world only"
-    if not torch.cuda.is_available() or not nccl:
-        return "symmetric-memory baseline needs CUDA and one GPU per rank (NCCL)"
+def _world_allreduce(program: str, mesh: Mesh) -> bool:
+    """Whether `program` is one sum allreduce over every rank of the mesh."""
+    ops = build(parse(program), mesh).ops
+    return (len(ops) == 1 and ops[0].coll == "allreduce" and ops[0].redop == "sum"
+            and mesh.group_size(ops[0].axes) == mesh.world_size)
+
+
+def _symm_refusal(program: str, mesh: Mesh, dtype: torch.dtype, *, nccl: bool,
+                  one_gpu: bool = False) -> str | None:
+    """`nccl`: one GPU per rank; `one_gpu`: every rank on the one GPU (no CUDA call here:
+    the launcher must not initialise CUDA)."""
+    if not _world_allreduce(program, mesh):
+        return "symmetric-memory baseline: one sum allreduce over the whole world only"
+    if not (nccl or one_gpu):
+        return ("symmetric-memory baseline needs CUDA: one GPU per rank (NCCL) or every "
+                "rank on one GPU")
     if dtype not in (torch.bfloat16, torch.float32):
         return "symmetric-memory allreduce supports bfloat16 and float32"
     return None
 
 
+def separate(program: str, mesh: Mesh, dtype: torch.dtype,
+             group: dist.ProcessGroup | None = None) -> Fn:
+    """The program as one compiled fused mixcc Collective per statement, chained."""
+    from .api import compile as mixcc_compile
+
+    stmts = parse(program).stmts
+    if len(stmts) < 2:
+        raise Unavailable("separate calls need a program of several statements")
+    try:
+        colls = [mixcc_compile(str(s), mesh, dtype=dtype, group=group, backend="fused")
+                 for s in stmts]
+    except ValueError as e:
+        raise Unavailable(str(e)) from None
+    bufs: dict[torch.Size, list[torch.Tensor]] = {}
+
+    def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        mids = bufs.get(x.shape)
+        if mids is None:  # the first call per shape (eager, before any graph capture)
+            bufs.clear()
+            mids, shape = [], x.shape
+            for c in colls[:-1]:
+                shape = c.output_shape(shape)
+                mids.append(x.new_empty(shape))
+            bufs[x.shape] = mids
+        y = x
+        for c, mid in zip(colls[:-1], mids, strict=True):
+            y = c(y, out=mid)
+        return colls[-1](y, out=out)
+    return fn
+
+
 def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, *,
-                       nccl: bool) -> str | None:
+                       nccl: bool, one_gpu: bool = False) -> str | None:
     """Why baseline `name` cannot run `program` (resolved text), or None. Needs no process
-    group, so the launcher can check before spawning; `nccl`: one GPU per rank on NCCL."""
+    group, so the launcher can check before spawning; `nccl`: one GPU per rank on NCCL;
+    `one_gpu`: every rank on one GPU (gloo). `separate` is also refused where the fused
+    backend cannot run (the caller checks that)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     if name == "nccl1":
@@ -118,14 +207,22 @@ def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, 
         except Unavailable as e:
             return str(e)
         return None
-    return _symm_refusal(program, mesh, dtype, nccl)
+    if name == "separate":
+        if len(parse(program).stmts) < 2:
+            return "separate calls need a program of several statements"
+        return None
+    return _symm_refusal(program, mesh, dtype, nccl=nccl, one_gpu=one_gpu)
 
 
 def make(name: str, program: str, mesh: Mesh, shape: torch.Size, dtype: torch.dtype,
          group: dist.ProcessGroup | None = None) -> Fn:
+    """The call of baseline `name` for inputs of `shape` (any shape: SHAPE_FREE ones)."""
     if name == "nccl1":
         return one_call(program, mesh, group)
-    if name in ("symm_one_shot", "symm_two_shot"):
-        return symm_mem_allreduce(program, mesh, name.removeprefix("symm_"), shape, dtype,
-                                  group)
+    if name == "separate":
+        return separate(program, mesh, dtype, group)
+    if name in SYMM:
+        alg = name.removeprefix("symm_").removesuffix("_nocopy")
+        return symm_mem_allreduce(program, mesh, alg, shape, dtype, group,
+                                  copy=not name.endswith("_nocopy"))
     raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")

@@ -1,27 +1,35 @@
 """`mixcc bench`: sweep sizes for programs and backends, nccl-tests style.
 
-Times: CUDA graphs of several calls on GPUs (host timer on CPU), warm-up first,
-median over repeats, then the max over ranks. algbw = input bytes per rank / time;
-busbw = bus bytes / time with the nccl-tests formulas applied per statement
-(allreduce 2(n-1)/n S, allgather (n-1) S, reducescatter (n-1)/n S).
+Every row of one run uses the same data at a size (one seeded input per program, size
+and rank) and the same process group. Times: a warm-up, then `repeats` runs of `iters`
+calls each: CUDA graphs of the calls timed with events where device times mean
+something (one GPU per rank, or ranks sharing a GPU under MPS), the host time to issue
+an eager call on a shared GPU without MPS, the host clock on CPU tensors. Each repeat
+is the max over ranks; a row reports the median over repeats with their min and max.
+algbw = input bytes per rank / time; bytes moved (bus bytes) = input bytes x the
+nccl-tests factor summed over the statements (allreduce 2(n-1)/n, allgather (n-1),
+reducescatter (n-1)/n); busbw (effective GB/s) = bytes moved / time. `ratio` = time /
+the fastest baseline row (any backend but fused) of the same program, world, mesh,
+dtype, size and timing kind with no wrong elements (add_ratios).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TextIO
 
 import torch
 import torch.distributed as dist
 
-from . import baselines
+from . import baselines, presets
 from .api import compile as mixcc_compile
 from .ir.build import build
 from .ir.parser import parse
@@ -31,7 +39,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
-BACKENDS = ("fused", "reference", *baselines.BASELINES)  # what --backend accepts
+# fused variants: backend name -> the `algorithm` compile option
+FUSED = {"fused": "auto", "fused:one_shot": "one_shot", "fused:two_shot": "two_shot"}
+BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
+GPU_ONLY = (*FUSED, *baselines.SYMM, "separate")  # backends that run on CUDA tensors only
+
+
+def is_baseline(backend: str) -> bool:
+    """Whether rows of `backend` are what mixcc is compared against (all but fused)."""
+    return backend not in FUSED
 
 
 @dataclass
@@ -47,10 +63,19 @@ class Row:
     rows: int
     hidden: int
     bytes: int  # input bytes per rank
-    time_us: float
+    bus_bytes: float  # bytes moved per rank: input bytes x the nccl-tests bus factor
+    time_us: float  # median over repeats of the max over ranks
+    min_us: float  # fastest repeat (max over ranks)
+    max_us: float  # slowest repeat (max over ranks)
     algbw_gbs: float
-    busbw_gbs: float
+    busbw_gbs: float  # effective bandwidth: bus_bytes / time
     errors: int  # mismatches of the result against the reference backend (-1: not checked)
+    ratio: float = math.nan  # time / the best baseline's time (add_ratios)
+    best: str = ""  # the best baseline's backend
+    iters: int = 0
+    repeats: int = 0
+    device: str = ""  # torch.cuda.get_device_name() or "CPU"
+    setup: str = ""  # e.g. "one GPU, MPS", "one GPU per rank", "CPU"
 
 
 def bus_factor(program: str, mesh: Mesh) -> float:
@@ -80,13 +105,19 @@ def mesh_spec(mesh: Mesh) -> str:
     return ",".join(f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes, strict=True))
 
 
+def gpu_count() -> int:
+    """Visible CUDA devices, counted through NVML where torch can, so that the launching
+    process does not initialise CUDA (it may have to start MPS for its ranks first)."""
+    return torch.cuda.device_count()
+
+
 def fused_refusal(dtype: torch.dtype) -> str | None:
     """Why the fused backend cannot run on this machine for `dtype`, checked without a
     process group (whether it applies to a program is fused.check_applicable's call)."""
     from .codegen.build import find_nvcc
     from .codegen.render import CTYPES
 
-    if not torch.cuda.is_available():
+    if gpu_count() == 0:
         return "it needs a CUDA GPU and torch.cuda.is_available() is False"
     if dtype not in CTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in CTYPES)
@@ -94,6 +125,16 @@ def fused_refusal(dtype: torch.dtype) -> str | None:
     if find_nvcc() is None:
         return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
     return None
+
+
+def setup_label(nccl: bool, gpus: int, mps: bool) -> str:
+    """How ranks map to devices, for tables and plot titles."""
+    if gpus == 0:
+        return "CPU"
+    if nccl:
+        return "one GPU per rank"
+    where = "one GPU" if gpus == 1 else f"{gpus} GPUs shared"
+    return f"{where}, {'MPS' if mps else 'no MPS'}"
 
 
 class Progress:
@@ -128,30 +169,32 @@ class Progress:
             self.shown = False
 
 
-def _time_calls(fn, iters: int, repeats: int, mode: str) -> float:
-    """Median seconds per call over `repeats` runs of `iters` calls (see repeat_times)."""
-    return statistics.median(repeat_times(fn, iters, repeats, mode))
-
-
 def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
     """Seconds per call of each of `repeats` runs of `iters` calls, after a warm-up.
 
-    mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU);
-    "host": host time to issue one eager call, without waiting for the GPU (ranks
-    sharing a GPU: their device times are not meaningful); "cpu": host clock.
+    mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU, or
+    ranks sharing a GPU under MPS); each timed replay follows a replay of a one-call
+    graph, so that the ranks leave the barrier's skew behind them (a collective returns
+    only once every peer has entered it); "host": host time to issue one eager call,
+    without waiting for the GPU (ranks sharing a GPU without MPS: their device times
+    are not meaningful); "cpu": host clock. Every repeat starts after a barrier.
     """
     for _ in range(3):
         fn()
     if mode == "graph":
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
+        graph, lead = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            for _ in range(iters):
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(iters):
+                    fn()
+            with torch.cuda.graph(lead, pool=graph.pool(), stream=stream):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph.replay()
+        lead.replay()
         torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
@@ -160,6 +203,7 @@ def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
         dist.barrier()
         if mode == "graph":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            lead.replay()
             start.record()
             graph.replay()
             end.record()
@@ -175,10 +219,10 @@ def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
     return times
 
 
-def _max_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return [float(v) for v in t.tolist()]
 
 
 def _sum_over_ranks(value: int, device: torch.device) -> int:
@@ -194,6 +238,17 @@ def count_wrong(got: torch.Tensor, expect: torch.Tensor) -> int:
     return int(((g - e).abs() > tol * (1 + e.abs())).sum())
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `4096`, `16K`, `64M`, `1G` (binary units; `KiB`, `MB` spellings too)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a byte count such as 4096, 16K, 64M or 1G")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
+
+
 def sizes(min_rows: int, max_rows: int, granularity: int) -> list[int]:
     out, r = [], max(min_rows, 1)
     while r <= max_rows:
@@ -204,138 +259,303 @@ def sizes(min_rows: int, max_rows: int, granularity: int) -> list[int]:
     return out
 
 
+def sizes_from_bytes(min_bytes: int, max_bytes: int, row_bytes: int, granularity: int
+                     ) -> list[int]:
+    """Row counts for input sizes doubling from `min_bytes` to `max_bytes` per rank: the
+    nearest multiple of `granularity` rows (at least one), so sizes are exact when
+    `row_bytes` x granularity divides them; a row's `bytes` says what ran."""
+    out, b = [], max(min_bytes, 1)
+    while b <= max_bytes:
+        r = max(granularity, round(b / row_bytes / granularity) * granularity)
+        if r not in out:
+            out.append(r)
+        b *= 2
+    return out
+
+
+def _key(r: Row) -> tuple:
+    return (r.program, r.world, r.mesh, r.ranks_per_node, r.dtype, r.bytes, r.timing)
+
+
+def add_ratios(rows: list[Row]) -> list[Row]:
+    """Set each row's `ratio` (time / best baseline time) and `best` (its backend).
+
+    The best baseline of a row is the fastest row of a baseline backend (anything but
+    the fused variants: symm_*, separate, nccl1, reference) with the same program,
+    world, mesh, dtype, input bytes and timing kind, and no wrong elements. Baselines
+    get their own ratio (1 for the best). No ratio (nan) for host issue times, nor where
+    no baseline ran. Returns `rows`, changed in place.
+    """
+    best: dict[tuple, Row] = {}
+    for r in rows:
+        if (is_baseline(r.backend) and r.timing != "host" and r.errors <= 0
+                and math.isfinite(r.time_us) and r.time_us > 0):
+            b = best.get(_key(r))
+            if b is None or r.time_us < b.time_us:
+                best[_key(r)] = r
+    for r in rows:
+        b = best.get(_key(r)) if r.timing != "host" else None
+        r.ratio = r.time_us / b.time_us if b is not None else math.nan
+        r.best = b.backend if b is not None else ""
+    return rows
+
+
+def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: list[str]
+             ) -> dict[str, list[tuple[str, object, list[str]]]]:
+    """Per program: (backend, compiled collective / shape-free baseline fn / None, modes).
+    Compiling is collective: every rank walks the same pairs in the same order."""
+    out: dict[str, list[tuple[str, object, list[str]]]] = {}
+    for prog, be in cfg["pairs"]:
+        ref = refs.get(prog)
+        if ref is None:
+            ref = refs[prog] = mixcc_compile(prog, mesh, dtype=dtype, backend="reference")
+        modes = ["oop", "ip"] if ref.ir.row_factor == 1 else ["oop"]
+        obj: object = None
+        if be in baselines.BASELINES:
+            try:  # probe with a one-row shape: Unavailable does not depend on the shape
+                fn = baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
+            except baselines.Unavailable as e:
+                skipped.append(f"{be} cannot run {prog!r}: {e}")
+                continue
+            obj, modes = (fn if be in baselines.SHAPE_FREE else None), ["oop"]
+        elif be == "reference":
+            obj = ref
+        else:
+            try:  # the same verdict on every rank: it depends on the program and machine
+                obj = mixcc_compile(prog, mesh, dtype=dtype, backend="fused",
+                                    algorithm=FUSED[be])
+            except ValueError as e:
+                skipped.append(f"{be}: {e}")
+                continue
+        out.setdefault(prog, []).append((be, obj, modes))
+    return out
+
+
 def run(rank: int, world: int, cfg: dict) -> list[Row]:
-    """Body run on every rank; rank 0 prints and returns the rows.
+    """Body run on every rank; rank 0 prints and returns the rows (with ratios).
 
     `cfg` is checked by the CLI before any process starts: mesh_axes, ranks_per_node,
-    pairs [(program text, backend)], dtype, hidden, min_rows, max_rows, iters, repeats.
+    pairs [(program text, backend)], dtype, hidden, min_rows, max_rows (or min_bytes,
+    max_bytes), iters, repeats, mps (ranks sharing a GPU run under MPS).
     """
     mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
     dtype = DTYPES[cfg["dtype"]]
     dtype_name = str(dtype).removeprefix("torch.")
     pg = str(dist.get_backend())
-    cuda = torch.cuda.is_available() and "nccl" in pg
-    gpu_shared = torch.cuda.is_available() and not cuda  # several ranks share GPUs (gloo)
+    has_cuda = torch.cuda.is_available()
+    cuda = has_cuda and "nccl" in pg
+    gpu_shared = has_cuda and not cuda  # several ranks share GPUs (gloo)
+    mps = gpu_shared and bool(cfg.get("mps"))
+    if gpu_shared:  # torch symmetric memory refuses peers on one device without it
+        os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+    device_times = cuda or mps  # CUDA-graph device times mean something
     cpu = torch.device("cpu")
-    gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else cpu
-
+    gpu = torch.device("cuda", torch.cuda.current_device()) if has_cuda else cpu
     group_device = gpu if cuda else cpu  # where the group's own collectives run
+    device_name = torch.cuda.get_device_name() if has_cuda else "CPU"
+    setup = setup_label(cuda, torch.cuda.device_count() if has_cuda else 0, mps)
 
     def device_for(backend: str) -> torch.device:
-        return gpu if cuda or backend == "fused" else cpu
+        return gpu if cuda or backend in GPU_ONLY else cpu
 
-    rows_out: list[Row] = []
-    gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
-    plan = []
-    skipped = []
+    skipped: list[str] = []
     refs: dict[str, object] = {}
-    for prog, be in cfg["pairs"]:
-        ref = refs.get(prog)
-        if ref is None:  # compile is collective: every rank walks the same pairs
-            ref = refs[prog] = mixcc_compile(prog, mesh, dtype=dtype, backend="reference")
-        if be in baselines.BASELINES:
-            try:  # probe once with a one-row shape: Unavailable is shape-independent
-                baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
-            except baselines.Unavailable as e:
-                skipped.append(f"{be} cannot run {prog!r}: {e}")
-                continue
-            coll, modes = None, ["oop"]
-        elif be == "reference":
-            coll, modes = ref, ["oop", "ip"] if ref.ir.row_factor == 1 else ["oop"]
+    entries = _entries(cfg, mesh, dtype, refs, skipped)
+    hidden = cfg["hidden"]
+    elem = torch.empty((), dtype=dtype).element_size()
+    size_lists = {}
+    for prog in entries:
+        g = refs[prog].ir.granularity
+        if cfg.get("min_bytes") is not None:
+            size_lists[prog] = sizes_from_bytes(cfg["min_bytes"], cfg["max_bytes"],
+                                                hidden * elem, g)
         else:
-            try:  # the same verdict on every rank: it depends on the program and machine
-                coll = mixcc_compile(prog, mesh, dtype=dtype, backend=be)
-            except ValueError as e:
-                skipped.append(str(e))
-                continue
-            modes = ["oop", "ip"] if coll.ir.row_factor == 1 else ["oop"]
-        for rows in sizes(cfg["min_rows"], cfg["max_rows"], ref.ir.granularity):
-            for mode in modes:
-                plan.append((prog, be, coll, ref, rows, mode))
-    if not plan:
+            size_lists[prog] = sizes(cfg["min_rows"], cfg["max_rows"], g)
+    total = sum(len(size_lists[p]) * sum(len(m) for _, _, m in es) for p, es in entries.items())
+    if not total:
         raise ValueError("nothing to run: " + "; ".join(skipped))
     if rank == 0:
         for line in skipped:
             print(f"skip: {line}", file=sys.stderr)
-        if gpu_shared:
-            print("note: several ranks share one GPU, so their device times are not "
-                  "meaningful; fused rows report the host time to issue one eager call, "
+        if gpu_shared and not mps:
+            print("note: several ranks share one GPU without MPS, so their device times are "
+                  "not meaningful; GPU rows report the host time to issue one eager call, "
                   "reference rows the gloo time on CPU tensors.", file=sys.stderr)
-        backends = ",".join(dict.fromkeys(item[1] for item in plan))
-        print(preamble(mesh, world, pg, dtype_name, backends, cfg), flush=True)
+        elif mps:
+            print("note: ranks share the GPU under MPS: GPU rows are device times of CUDA "
+                  "graphs; reference and nccl1 rows time gloo on CPU tensors (timing cpu) "
+                  "and are not compared with them.", file=sys.stderr)
+        backends = ",".join(dict.fromkeys(be for es in entries.values() for be, _, _ in es))
+        where = f"{device_name}, {setup}" if has_cuda else setup
+        print(preamble(mesh, world, pg, dtype_name, backends, cfg, where), flush=True)
         print(header(), flush=True)
-    progress = Progress(len(plan))
-    for i, (prog, be, coll, ref, rows, mode) in enumerate(plan):
-        if rank == 0:
-            progress.update(i + 1, f"{prog} | {be} | {mode} | rows {rows}")
-        hidden = cfg["hidden"]
-        device = device_for(be)
-        x = torch.randn((rows, hidden), generator=gen).to(device=device, dtype=dtype)
-        out = x if mode == "ip" else torch.empty(ref.output_shape(x.shape), dtype=dtype,
-                                                  device=device)
-        if coll is None:
-            fn = baselines.make(be, prog, mesh, x.shape, dtype)
-        else:
-            fn = functools.partial(coll.__call__, x, out=out)
+    progress = Progress(total)
+    rows_out: list[Row] = []
+    step = 0
+    for p_index, (prog, es) in enumerate(entries.items()):
+        ref = refs[prog]
+        factor = bus_factor(prog, mesh)
+        for nrows in size_lists[prog]:
+            # one input per (program, size, rank), shared by every backend's rows
+            gen = torch.Generator(device="cpu").manual_seed(
+                1234 + rank + 1009 * p_index + 7919 * nrows)
+            x_host = torch.randn((nrows, hidden), generator=gen).to(dtype)
+            inputs: dict[torch.device, torch.Tensor] = {}
 
-        def call(fn=fn, x=x, out=out, baseline=coll is None):
-            return fn(x, out) if baseline else fn()
+            def on(dev: torch.device, x_host=x_host, inputs=inputs) -> torch.Tensor:
+                if dev not in inputs:
+                    inputs[dev] = x_host.to(dev)
+                return inputs[dev]
 
-        errors = -1
-        if be != "reference":
-            expect = ref(x.to(device_for("reference")))
-            got = fn(x, torch.empty_like(out)) if coll is None \
-                else coll(x.clone() if mode == "ip" else x)
-            errors = _sum_over_ranks(count_wrong(got, expect), group_device)
-        timing = "graph" if cuda else ("host" if device.type == "cuda" else "cpu")
-        t = _time_calls(call, cfg["iters"], cfg["repeats"], timing)
-        t = _max_over_ranks(t, group_device)
-        nbytes = x.numel() * x.element_size()
-        if timing == "host":  # an issue time says nothing about bandwidth
-            t_bw = float("nan")
-        else:
-            t_bw = t
-        row = Row(prog, be, mode, timing, dtype_name, world, mesh_spec(mesh),
-                  mesh.ranks_per_node, rows, hidden, nbytes, t * 1e6, nbytes / t_bw / 1e9,
-                  nbytes * bus_factor(prog, mesh) / t_bw / 1e9, errors)
-        rows_out.append(row)
-        if rank == 0:
-            progress.clear()
-            print(format_row(row), flush=True)
+            expect: torch.Tensor | None = None
+            group_rows: list[Row] = []
+            for be, obj, modes in es:
+                device = device_for(be)
+                x = on(device)
+                fn = obj
+                if be in baselines.BASELINES and fn is None:
+                    fn = baselines.make(be, prog, mesh, x.shape, dtype)
+                for mode in modes:
+                    step += 1
+                    if rank == 0:
+                        progress.update(step, f"{prog} | {be} | {mode} | rows {nrows}")
+                    if be != "reference" and expect is None:  # collective, on every rank
+                        expect = ref(on(device_for("reference")))
+                    timing = ("graph" if device_times else "host") \
+                        if device.type == "cuda" else "cpu"
+                    t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
+                                                           timing, cfg, group_device)
+                    nbytes = x.numel() * x.element_size()
+                    t_bw = math.nan if timing == "host" else t_med  # issue time: no bandwidth
+                    group_rows.append(Row(
+                        prog, be, mode, timing, dtype_name, world, mesh_spec(mesh),
+                        mesh.ranks_per_node, nrows, hidden, nbytes, nbytes * factor,
+                        t_med * 1e6, t_min * 1e6, t_max * 1e6, nbytes / t_bw / 1e9,
+                        nbytes * factor / t_bw / 1e9, errors, iters=cfg["iters"],
+                        repeats=cfg["repeats"], device=device_name, setup=setup))
+                if be in baselines.BASELINES and obj is None:
+                    del fn  # a shape's symmetric buffer goes before the next is made
+            add_ratios(group_rows)
+            rows_out += group_rows
+            if rank == 0:
+                progress.clear()
+                for r in group_rows:
+                    print(format_row(r), flush=True)
     if rank == 0:
         progress.clear()
     return rows_out
 
 
-def preamble(mesh: Mesh, world: int, pg: str, dtype: str, backends: str, cfg: dict) -> str:
+def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor | None,
+             timing: str, cfg: dict, group_device: torch.device
+             ) -> tuple[float, float, float, int]:
+    """(median, min, max) seconds per call over repeats, each the max over ranks, and the
+    wrong elements summed over ranks (-1 for the reference itself)."""
+    baseline = be in baselines.BASELINES
+    coll = ref if be == "reference" else fn
+    xin = x.clone() if mode == "ip" else x  # in place overwrites: never the shared input
+    out = xin if mode == "ip" else torch.empty(ref.output_shape(x.shape), dtype=x.dtype,
+                                                device=x.device)
+    load = getattr(fn, "load", None) if baseline else None
+    errors = -1
+    if be != "reference":
+        assert expect is not None
+        if load is not None:
+            load(x)
+        if baseline:
+            got = fn(x, torch.empty_like(out))
+        elif mode == "ip":
+            got = x.clone()
+            coll(got, out=got)
+        else:
+            got = coll(x)
+        errors = _sum_over_ranks(count_wrong(got, expect), group_device)
+        if load is not None:
+            load(x)
+
+    def call(fn=fn, coll=coll, xin=xin, out=out):
+        return fn(xin, out) if baseline else coll(xin, out=out)
+
+    times = _max_over_ranks(repeat_times(call, cfg["iters"], cfg["repeats"], timing),
+                            group_device)
+    return statistics.median(times), min(times), max(times), errors
+
+
+def preamble(mesh: Mesh, world: int, pg: str, dtype: str, backends: str, cfg: dict,
+             where: str = "") -> str:
     """The '#' lines above the table: what was measured, and how."""
     return (f"# mixcc bench: mesh {mesh_spec(mesh)} (ranks_per_node {mesh.ranks_per_node}), "
-            f"world {world}, process group {pg}\n"
+            f"world {world}, process group {pg}{'; ' + where if where else ''}\n"
             f"# dtype {dtype}, hidden {cfg['hidden']}, backends {backends}; time: median of "
-            f"{cfg['repeats']} repeats of {cfg['iters']} calls, max over ranks")
+            f"{cfg['repeats']} repeats of {cfg['iters']} calls (min, max: fastest and slowest "
+            f"repeat), each the max over ranks; moved: bus bytes per rank; ratio: time / the "
+            f"best baseline's")
 
 
 def header() -> str:
-    return (f"{'program':<34} {'backend':<10} {'mode':<4} {'timing':<6} {'dtype':<8} "
-            f"{'rows':>6} {'size(B)':>10} {'time(us)':>10} {'algbw(GB/s)':>11} "
-            f"{'busbw(GB/s)':>11} {'#wrong':>6}")
+    return (f"{'program':<34} {'backend':<20} {'mode':<4} {'timing':<6} {'rows':>6} "
+            f"{'size(B)':>10} {'moved(B)':>10} {'time(us)':>10} {'min(us)':>10} "
+            f"{'max(us)':>10} {'algbw(GB/s)':>11} {'busbw(GB/s)':>11} {'ratio':>6} "
+            f"{'best':<20} {'#wrong':>6}")
 
 
 def format_row(r: Row) -> str:
-    return (f"{r.program:<34} {r.backend:<10} {r.mode:<4} {r.timing:<6} {r.dtype:<8} "
-            f"{r.rows:>6} {r.bytes:>10} {r.time_us:>10.2f} {r.algbw_gbs:>11.3f} "
-            f"{r.busbw_gbs:>11.3f} {r.errors if r.errors >= 0 else 'n/a':>6}")
+    ratio = f"{r.ratio:>6.2f}" if math.isfinite(r.ratio) else f"{'-':>6}"
+    return (f"{r.program:<34} {r.backend:<20} {r.mode:<4} {r.timing:<6} {r.rows:>6} "
+            f"{r.bytes:>10} {r.bus_bytes:>10.0f} {r.time_us:>10.2f} {r.min_us:>10.2f} "
+            f"{r.max_us:>10.2f} {r.algbw_gbs:>11.3f} {r.busbw_gbs:>11.3f} {ratio} "
+            f"{r.best or '-':<20} {r.errors if r.errors >= 0 else 'n/a':>6}")
 
 
 def plot_available() -> bool:
-    """Whether PREFIX.png can be drawn (matplotlib: the `mixcc[plot]` extra)."""
+    """Whether the PNGs can be drawn (matplotlib: the `mixcc[plot]` extra)."""
     import importlib.util
 
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def _finite(v: object) -> object:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def dump_rows(rows: list[Row], path: str) -> None:
+    """Rows as a JSON list of objects (nan and inf as null)."""
+    with open(path, "w") as f:
+        json.dump([{k: _finite(v) for k, v in asdict(r).items()} for r in rows], f, indent=1)
+
+
+def read_rows(path: str) -> list[Row]:
+    """The rows of a JSON file written by dump_rows / write_outputs (null back to nan)."""
+    floats = {f.name for f in fields(Row) if f.type in ("float", float)}
+    with open(path) as f:
+        data = json.load(f)
+    return [Row(**{k: (math.nan if v is None and k in floats else v) for k, v in d.items()})
+            for d in data]
+
+
+def plot_groups(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:
+    """Rows by (program, world): one PNG each."""
+    out: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        out.setdefault((r.program, r.world), []).append(r)
+    return out
+
+
+def png_path(prefix: str, program: str, world: int) -> str:
+    """PREFIX_<preset name or program>_w<world>.png."""
+    name = next((n for n, p in presets.PRESETS.items() if p == program), program)
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_w{world}.png"
+
+
+def plot_title(rows: list[Row]) -> str:
+    """What a plot shows: program, device, world and mesh, dtype and setup."""
+    r = rows[0]
+    return (f"mixcc bench: {r.program}\n{r.device or 'unknown device'}, world {r.world} "
+            f"(mesh {r.mesh}), {r.dtype}, {r.setup or 'unknown setup'}")
+
+
 def write_outputs(rows: list[Row], prefix: str) -> list[str]:
-    """Write PREFIX.csv, PREFIX.json and (when matplotlib is present) PREFIX.png."""
+    """Write PREFIX.csv, PREFIX.json and (with matplotlib) one PNG per (program, world)."""
     written = []
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -343,31 +563,58 @@ def write_outputs(rows: list[Row], prefix: str) -> list[str]:
         for r in rows:
             w.writerow(asdict(r))
     written.append(prefix + ".csv")
-    with open(prefix + ".json", "w") as f:
-        json.dump([asdict(r) for r in rows], f, indent=1)
+    dump_rows(rows, prefix + ".json")
     written.append(prefix + ".json")
     if not plot_available():
         return written
+    for (program, world), rs in plot_groups(rows).items():
+        path = png_path(prefix, program, world)
+        _plot(rs, path)
+        written.append(path)
+    return written
+
+
+def _human(nbytes: float) -> str:
+    """16K, 64M: binary units for axis ticks."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):g}{unit}"
+    return f"{nbytes:g}"
+
+
+def _plot(rows: list[Row], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.FuncFormatter below
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(9, 8), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 2]})
     series: dict[str, list[Row]] = {}
     for r in rows:
-        series.setdefault(f"{r.program} | {r.backend} | {r.mode}", []).append(r)
+        series.setdefault(f"{r.backend} | {r.mode} | {r.timing}", []).append(r)
     for label, rs in series.items():
-        ax.plot([r.bytes for r in rs], [r.time_us for r in rs], marker="o", label=label)
+        rs = sorted(rs, key=lambda r: r.bytes)
+        xs = [r.bytes for r in rs]
+        style = "-" if not is_baseline(rs[0].backend) else "--"
+        (line,) = ax.plot(xs, [r.time_us for r in rs], style, marker="o", ms=3, label=label)
+        ax.fill_between(xs, [r.min_us for r in rs], [r.max_us for r in rs],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+        if any(math.isfinite(r.ratio) for r in rs):
+            axr.plot(xs, [r.ratio for r in rs], style, marker="o", ms=3,
+                     color=line.get_color(), label=label)
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _human(v)))
     ax.set_yscale("log")
-    ax.set_xlabel("input bytes per rank (B)")
-    ax.set_ylabel("time per call (us), max over ranks")
-    r0 = rows[0]
-    ax.set_title(f"mixcc bench: mesh {r0.mesh}, world {r0.world}, {r0.dtype}", fontsize=9)
+    ax.set_ylabel("time per call (us): median, band min-max over repeats")
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=6)
+    axr.axhline(1.0, color="gray", linewidth=0.8)
+    axr.grid(True, alpha=0.3)
+    axr.set_xlabel("input bytes per rank")
+    axr.set_ylabel("time / best baseline (< 1: faster)")
+    ax.set_title(plot_title(rows), fontsize=9)
     fig.tight_layout()
-    fig.savefig(prefix + ".png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(prefix + ".png")
-    return written

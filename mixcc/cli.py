@@ -56,15 +56,23 @@ def _bench_worker(rank: int, world: int, cfg: dict) -> None:
     rows = bench.run(rank, world, cfg)
     if rank != 0 or not rows:
         return
-    out = cfg.get("out")
+    if cfg.get("rows_path"):  # spawned: the launcher collects every world's rows
+        bench.dump_rows(rows, cfg["rows_path"])
+    else:  # torchrun: nobody else writes them
+        _write_rows(rows, cfg.get("out"))
+
+
+def _write_rows(rows: list, out: str | None) -> None:
+    from . import bench
+
     if not out:
         print("note: nothing written; --out PREFIX writes PREFIX.csv, PREFIX.json and "
-              "PREFIX.png", file=sys.stderr)
+              "PREFIX_<program>_w<world>.png", file=sys.stderr)
         return
     for path in bench.write_outputs(rows, out):
         print(f"wrote {path}", file=sys.stderr)
     if not bench.plot_available():
-        print(f"note: {out}.png not written: it needs matplotlib "
+        print(f"note: {out}_<program>_w<world>.png not written: it needs matplotlib "
               "(pip install 'mixcc[plot]')", file=sys.stderr)
 
 
@@ -90,43 +98,80 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
-def bench_config(args: argparse.Namespace) -> tuple[int, dict, list[str]]:
-    """Check every `bench` argument without starting a process; returns the world size,
-    the config every rank runs and the skip notes (program/backend pairs that cannot run)."""
-    from . import baselines, bench, launch
+def _world_sizes(text: str | None) -> list[int] | None:
+    """--world-size N or a comma list N1,N2,... (one run per world size)."""
+    if text is None:
+        return None
+    worlds = []
+    for part in text.split(","):
+        try:
+            w = int(part.strip())
+        except ValueError:
+            raise UsageError(f"--world-size {text!r} must be a rank count or a comma list "
+                             "such as 2,4,8") from None
+        if w < 1:
+            raise UsageError(f"--world-size must be >= 1, got {w}")
+        if w not in worlds:
+            worlds.append(w)
+    return worlds
+
+
+def _byte_sizes(args: argparse.Namespace, row_bytes: int, max_rows: int
+                ) -> tuple[int, int] | None:
+    """(min, max) input bytes per rank from --min-bytes / --max-bytes, or None (rows)."""
+    if args.min_bytes is None and args.max_bytes is None:
+        return None
+    if args.min_rows is not None or args.max_rows is not None:
+        raise UsageError("give sizes in rows (--min-rows/--max-rows) or in bytes "
+                         "(--min-bytes/--max-bytes), not both")
+    from .bench import parse_size
+
+    got = []
+    for flag, text, default in (("--min-bytes", args.min_bytes, row_bytes),
+                                ("--max-bytes", args.max_bytes, max_rows * row_bytes)):
+        try:
+            v = default if text is None else parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"{flag} {e}") from None
+        if v < 1:
+            raise UsageError(f"{flag} must be >= 1 byte, got {text!r}")
+        got.append(v)
+    if got[0] > got[1]:
+        raise UsageError(f"--min-bytes {got[0]} is above --max-bytes {got[1]}: no size to run")
+    return got[0], got[1]
+
+
+def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Check every `bench` argument without starting a process (nor initialising CUDA);
+    returns one (world size, config every rank runs) per world and the skip notes
+    (program/backend pairs that cannot run)."""
+    from . import baselines, bench, launch, mps
     from .api import compile as mixcc_compile
 
-    _positive(args, "world_size", "ranks_per_node", "hidden", "min_rows", "max_rows",
-              "iters", "repeats")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    _positive(args, "ranks_per_node", "hidden", "min_rows", "max_rows", "iters", "repeats")
+    worlds = _world_sizes(args.world_size)
+    gpus = bench.gpu_count()
     torchrun = launch.under_torchrun()
+    local_world: int | None = None
     if torchrun:
         world = int(os.environ["WORLD_SIZE"])
-        if args.world_size is not None and args.world_size != world:
+        if worlds is not None and worlds != [world]:
             raise UsageError(f"--world-size {args.world_size} disagrees with torchrun's "
                              f"WORLD_SIZE={world}")
+        worlds = [world]
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    else:
-        if args.world_size is not None:
-            world = args.world_size
-        elif args.mesh:  # the world follows from the mesh
-            world = Mesh.parse(args.mesh, None).world_size
+    elif worlds is None:
+        if args.mesh:  # the world follows from the mesh
+            worlds = [Mesh.parse(args.mesh, 1).world_size]
         else:
-            world = gpus if gpus > 1 else 4
-        local_world = world
+            worlds = [gpus if gpus > 1 else 4]
+    if args.mesh and len(worlds) > 1:
+        raise UsageError(f"--mesh {args.mesh} fits one world size; with --world-size "
+                         f"{args.world_size} leave --mesh out (each world gets dp=2,tp=N/2)")
     rpn = args.ranks_per_node
-    if rpn is not None and world % rpn:
-        raise UsageError(f"--ranks-per-node {rpn} must divide the world size {world}")
-    if rpn is None and not torchrun:
-        rpn = world  # spawned ranks are all local: one node
-    if args.mesh:
-        size = Mesh.parse(args.mesh, None).world_size
-        if size != world:
-            src = "torchrun's WORLD_SIZE" if torchrun else "--world-size"
-            raise UsageError(f"--mesh {args.mesh} has {size} ranks but {src} is {world}")
-        mesh = Mesh.parse(args.mesh, rpn)
-    else:
-        mesh = bench.default_mesh(world, rpn)
+    for world in worlds:
+        if rpn is not None and world % rpn:
+            raise UsageError(f"--ranks-per-node {rpn} must divide the world size {world}")
 
     dtype_name = args.dtype or ("bfloat16" if gpus else "float32")
     dtype = _dtype(dtype_name)
@@ -141,72 +186,129 @@ def bench_config(args: argparse.Namespace) -> tuple[int, dict, list[str]]:
     else:
         backends = ["fused", "reference"] if gpus else ["reference"]
 
-    max_rows = args.max_rows or (4096 if gpus else 256)
-    if args.min_rows > max_rows:
+    hidden = args.hidden or (7168 if gpus else 1024)
+    default_max_rows = 4096 if gpus else 256
+    byte_sizes = _byte_sizes(args, hidden * dtype.itemsize, default_max_rows)
+    min_rows = args.min_rows or 1
+    max_rows = args.max_rows or default_max_rows
+    if byte_sizes is None and min_rows > max_rows:
         default = "" if args.max_rows else " (the default here)"
-        raise UsageError(f"--min-rows {args.min_rows} is above --max-rows {max_rows}{default}: "
+        raise UsageError(f"--min-rows {min_rows} is above --max-rows {max_rows}{default}: "
                          "no size to run")
     if args.out:
         _check_out(args.out)
 
-    programs = []
-    for p in args.program or list(presets.PRESETS):
-        text = _program(p)
-        try:
-            ref = mixcc_compile(text, mesh, dtype=dtype, backend="reference")
-        except MixccError as e:
-            raise UsageError(f"--program {p!r}: {e}") from None
-        programs.append((text, ref))
-
-    nccl = launch.pick_backend(local_world) == "nccl"
-    pairs, skipped = [], []
-    for be in backends:
-        reasons = []
-        for text, _ in programs:
-            if be == "fused":
-                why = bench.fused_refusal(dtype)
-            elif be in baselines.BASELINES:
-                why = baselines.unavailable_reason(be, text, mesh, dtype, nccl=nccl)
-            else:
-                why = None
-            if why:
-                reasons.append(f"{be} cannot run {text!r}: {why}")
-            else:
-                pairs.append((text, be))
-        if reasons and len(reasons) == len(programs) and args.backend is not None:
-            # asked for by name and runs nothing: say why instead of printing no rows
-            raise UsageError(f"--backend {reasons[0]}")
-        skipped += reasons
-    order = {text: i for i, (text, _) in enumerate(programs)}
-    pairs.sort(key=lambda pb: order[pb[0]])  # program-major, as the table reads
-    if not pairs:
+    texts = [_program(p) for p in args.program or list(presets.PRESETS)]
+    runs: list[tuple[int, dict]] = []
+    skipped: list[str] = []
+    first_reason: dict[str, str] = {}
+    ran: set[str] = set()
+    for world in worlds:
+        if args.mesh:
+            size = Mesh.parse(args.mesh, 1).world_size
+            if size != world:
+                src = "torchrun's WORLD_SIZE" if torchrun else "--world-size"
+                raise UsageError(f"--mesh {args.mesh} has {size} ranks but {src} is {world}")
+            mesh = Mesh.parse(args.mesh, rpn if rpn is not None or torchrun else world)
+        else:  # spawned ranks are all local: one node
+            mesh = bench.default_mesh(world, rpn if rpn is not None or torchrun else world)
+        for p, text in zip(args.program or list(presets.PRESETS), texts, strict=True):
+            try:
+                mixcc_compile(text, mesh, dtype=dtype, backend="reference")
+            except MixccError as e:
+                raise UsageError(f"--program {p!r}: {e}") from None
+        # launch.pick_backend's choice, counted without initialising CUDA
+        nccl = 0 < (local_world or world) <= gpus
+        one_gpu = gpus == 1 and not nccl
+        pairs = []
+        for be in backends:
+            for text in texts:
+                if be in bench.FUSED or be == "separate":
+                    why = bench.fused_refusal(dtype)
+                else:
+                    why = None
+                if why is None and be in baselines.BASELINES:
+                    why = baselines.unavailable_reason(be, text, mesh, dtype, nccl=nccl,
+                                                       one_gpu=one_gpu)
+                if why:
+                    reason = f"{be} cannot run {text!r}: {why}"
+                    first_reason.setdefault(be, reason)
+                    if reason not in skipped:
+                        skipped.append(reason)
+                else:
+                    pairs.append((text, be))
+                    ran.add(be)
+        order = {text: i for i, text in enumerate(texts)}
+        pairs.sort(key=lambda pb: order[pb[0]])  # program-major, as the table reads
+        if not pairs:
+            continue
+        mps_on = False
+        if not nccl and gpus and any(be in bench.GPU_ONLY for _, be in pairs):
+            mps_on = not args.no_mps
+            if torchrun and mps_on and not mps.running(mps.pipe_dir()):
+                raise UsageError(
+                    "ranks share a GPU and MPS is not running, so device times would not "
+                    "mean anything; start MPS before torchrun:\n" + mps.manual_commands()
+                    + "\nor pass --no-mps (GPU rows then report host issue times)")
+        runs.append((world, {
+            "mesh_axes": list(zip(mesh.names, mesh.sizes, strict=True)),
+            "ranks_per_node": mesh.ranks_per_node,
+            "pairs": pairs,
+            "dtype": dtype_name,
+            "hidden": hidden,
+            "min_rows": min_rows,
+            "max_rows": max_rows,
+            "min_bytes": byte_sizes[0] if byte_sizes else None,
+            "max_bytes": byte_sizes[1] if byte_sizes else None,
+            "iters": args.iters or (20 if gpus else 5),
+            "repeats": args.repeats or (10 if gpus else 5),
+            "out": args.out,
+            "pg": "nccl" if nccl else "gloo",
+            "mps": mps_on,
+        }))
+    if args.backend is not None:
+        for be in backends:
+            if be not in ran:  # asked for by name and runs nothing: say why, not no rows
+                raise UsageError(f"--backend {first_reason[be]}")
+    if not runs:
         raise UsageError("nothing to run: " + "; ".join(skipped))
-    cfg = {
-        "mesh_axes": list(zip(mesh.names, mesh.sizes, strict=True)),
-        "ranks_per_node": mesh.ranks_per_node,
-        "pairs": pairs,
-        "dtype": dtype_name,
-        "hidden": args.hidden or (7168 if gpus else 1024),
-        "min_rows": args.min_rows,
-        "max_rows": max_rows,
-        "iters": args.iters or (20 if gpus else 5),
-        "repeats": args.repeats or (10 if gpus else 5),
-        "out": args.out,
-    }
-    return world, cfg, skipped
+    return runs, skipped
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from . import launch
+    import contextlib
 
-    world, cfg, skipped = bench_config(args)
+    from . import bench, launch, mps
+
+    runs, skipped = bench_config(args)
     if not launch.under_torchrun() or os.environ.get("RANK") == "0":
         for line in skipped:
             print(f"skip: {line}", file=sys.stderr)
     if launch.under_torchrun():
-        launch.run_torchrun(_bench_worker, cfg)
-    else:
-        launch.spawn(_bench_worker, world, cfg)
+        launch.run_torchrun(_bench_worker, runs[0][1])
+        return 0
+    need_mps = any(cfg["mps"] for _, cfg in runs)
+    rows: list[bench.Row] = []
+    try:
+        with (mps.ensure() if need_mps else contextlib.nullcontext()) as state, \
+                tempfile.TemporaryDirectory(prefix="mixcc-bench-") as tmp:
+            if state is not None:
+                how = "started for this run" if state.started else "already running"
+                print(f"note: MPS {how} (control pipe in {state.pipe_dir})", file=sys.stderr)
+            for world, cfg in runs:
+                cfg["rows_path"] = os.path.join(tmp, f"rows_w{world}.json")
+                # the parent never initialises CUDA: each rank attaches to MPS itself
+                launch.spawn(_bench_worker, world, cfg, backend=cfg["pg"])
+                rows += bench.read_rows(cfg["rows_path"])
+    except mps.MpsError as e:
+        raise UsageError(f"{e}\nor pass --no-mps (GPU rows then report host issue times, "
+                         "not device times)") from None
+    bench.add_ratios(rows)
+    try:
+        _write_rows(rows, args.out)
+    except OSError as e:
+        print(f"mixcc: error: writing the results: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -268,28 +370,48 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help=f"fixes the chunking: one of {dtypes}")
     e.set_defaults(fn=_cmd_explain)
 
-    b = sub.add_parser("bench", help="sweep sizes for programs and backends")
+    b = sub.add_parser(
+        "bench", help="sweep sizes for programs and backends",
+        description="Sweep sizes for programs and backends, nccl-tests style: one process "
+                    "group per world size, every backend on the same data; the median of "
+                    "the repeats (each the max over ranks) with their min and max, bytes "
+                    "moved, bus bandwidth and the ratio to the fastest baseline. Ranks "
+                    "sharing one GPU run under MPS (started for the run when it is not "
+                    "running) and are timed by CUDA graphs.")
     b.add_argument("--program", action="append", help="program text or preset (repeatable)")
     b.add_argument("--mesh", default=None,
                    help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2); sets the world size")
     b.add_argument("--ranks-per-node", type=int, default=None,
                    help="simulated node size (default: every local rank is one node)")
-    b.add_argument("--world-size", type=int, default=None,
-                   help="local ranks to spawn (default: the --mesh size, else the GPU count, "
-                        "or 4 without GPUs)")
+    b.add_argument("--world-size", default=None,
+                   help="local ranks to spawn, or a comma list such as 2,4,8 (one run each, "
+                        "one table); default: the --mesh size, else the GPU count, or 4 "
+                        "without GPUs or with one")
     b.add_argument("--backend", default=None,
-                   help=f"comma list of {', '.join(BACKENDS)} (reference: the NCCL/gloo "
-                        "composition; nccl1, symm_*: baselines); default fused,reference on "
-                        "GPUs, else reference")
+                   help=f"comma list of {', '.join(BACKENDS)} (fused:ALG: a fixed "
+                        "algorithm; reference: the NCCL/gloo composition; nccl1, symm_*, "
+                        "separate: baselines, *_nocopy: input already in the symmetric "
+                        "buffer); default fused,reference on GPUs, else reference")
     b.add_argument("--dtype", default=None,
                    help=f"one of {dtypes} (default bfloat16 on GPUs, else float32)")
-    b.add_argument("--hidden", type=int, default=None, help="elements per row")
-    b.add_argument("--min-rows", type=int, default=1)
-    b.add_argument("--max-rows", type=int, default=None)
-    b.add_argument("--iters", type=int, default=None, help="calls per timed repeat")
-    b.add_argument("--repeats", type=int, default=None)
+    b.add_argument("--hidden", type=int, default=None,
+                   help="elements per row (default 7168 on GPUs, else 1024)")
+    b.add_argument("--min-rows", type=int, default=None, help="default 1")
+    b.add_argument("--max-rows", type=int, default=None,
+                   help="default 4096 on GPUs, else 256")
+    b.add_argument("--min-bytes", default=None,
+                   help="smallest input per rank, e.g. 16K (instead of rows; sizes double "
+                        "up to --max-bytes, rounded to whole rows of --hidden)")
+    b.add_argument("--max-bytes", default=None, help="largest input per rank, e.g. 64M")
+    b.add_argument("--iters", type=int, default=None,
+                   help="calls per timed repeat (default 20 on GPUs, else 5)")
+    b.add_argument("--repeats", type=int, default=None, help="default 10 on GPUs, else 5")
+    b.add_argument("--no-mps", action="store_true",
+                   help="ranks sharing a GPU: do not start MPS; GPU rows report the host "
+                        "time to issue a call instead of device times")
     b.add_argument("--out", default=None,
-                   help="write OUT.csv, OUT.json (and OUT.png with mixcc[plot])")
+                   help="write OUT.csv, OUT.json (and OUT_<program>_w<world>.png with "
+                        "mixcc[plot])")
     b.set_defaults(fn=_cmd_bench)
 
     pb = sub.add_parser("prebuild", help="compile the fused kernels of programs ahead of time")

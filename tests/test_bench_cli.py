@@ -47,8 +47,10 @@ def _bench_error(capsys, *argv: str) -> str:
      "is not a preset (one of allreduce, allgather, reducescatter, allreduce_allgather, "
      "reducescatter_allreduce) nor a program such as 'allreduce(tp)'; "
      "did you mean 'allreduce_allgather'?"),
-    (["--backend", "bogus"], "--backend 'bogus' is not one of fused, reference, nccl1, "
-                             "symm_one_shot, symm_two_shot"),
+    (["--backend", "bogus"], "--backend 'bogus' is not one of fused, fused:one_shot, "
+                             "fused:two_shot, reference, nccl1, symm_one_shot, symm_two_shot, "
+                             "symm_one_shot_nocopy, symm_two_shot_nocopy, separate"),
+    (["--backend", "fused:three_shot"], "did you mean 'fused:two_shot'?"),
     (["--backend", "reference,refrence"], "did you mean 'reference'?"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 must divide the world size 4"),
     (["--mesh", "dp=2,tp=4", "--world-size", "4"], "--mesh dp=2,tp=4 has 8 ranks but "
@@ -62,6 +64,24 @@ def _bench_error(capsys, *argv: str) -> str:
     (["--backend", "nccl1", "--program", "allreduce"],
      "--backend nccl1 cannot run 'allreduce(tp)': one-call composition exists for "
      "allreduce_allgather and reducescatter_allreduce only"),
+    (["--world-size", "2,x"], "--world-size '2,x' must be a rank count or a comma list such "
+                              "as 2,4,8"),
+    (["--world-size", "2,0"], "--world-size must be >= 1, got 0"),
+    (["--world-size", "4,8", "--mesh", "dp=2,tp=2"],
+     "--mesh dp=2,tp=2 fits one world size; with --world-size 4,8 leave --mesh out"),
+    (["--world-size", "4,6", "--ranks-per-node", "4"],
+     "--ranks-per-node 4 must divide the world size 6"),
+    (["--min-bytes", "16Q"], "--min-bytes '16Q' is not a byte count such as 4096, 16K, 64M"),
+    (["--min-bytes", "1M", "--max-bytes", "16K"],
+     "--min-bytes 1048576 is above --max-bytes 16384: no size to run"),
+    (["--min-bytes", "16K", "--max-rows", "8"],
+     "give sizes in rows (--min-rows/--max-rows) or in bytes (--min-bytes/--max-bytes), "
+     "not both"),
+    (["--backend", "separate", "--program", "allreduce"], "--backend separate cannot run "
+                                                          "'allreduce(tp)': "),
+    (["--backend", "symm_two_shot_nocopy", "--program", "allreduce_allgather"],
+     "--backend symm_two_shot_nocopy cannot run 'allreduce(tp); allgather(dp)': "
+     "symmetric-memory baseline: one sum allreduce over the whole world only"),
 ])
 def test_bad_bench_input_is_one_line_and_exit_2_before_spawning(capsys, no_spawn, argv, msg):
     assert msg in _bench_error(capsys, *argv)
@@ -87,20 +107,68 @@ def _args(*argv: str):
 
 
 def test_world_size_follows_the_mesh(no_spawn):
-    world, cfg, skipped = cli.bench_config(_args("--mesh", "dp=2,tp=4", "--program",
-                                                 "allreduce"))
+    [(world, cfg)], skipped = cli.bench_config(_args("--mesh", "dp=2,tp=4", "--program",
+                                                     "allreduce"))
     assert world == 8
     assert cfg["mesh_axes"] == [("dp", 2), ("tp", 4)]
     assert cfg["ranks_per_node"] == 8  # spawned ranks are local: one node
     assert cfg["pairs"] == [("allreduce(tp)", "reference")] and skipped == []
-    world, cfg, _ = cli.bench_config(_args("--world-size", "8", "--ranks-per-node", "4"))
+    assert cfg["pg"] == "gloo" and cfg["mps"] is False
+    [(world, cfg)], _ = cli.bench_config(_args("--world-size", "8", "--ranks-per-node", "4"))
     assert world == 8 and cfg["mesh_axes"] == [("dp", 2), ("tp", 4)]
     assert cfg["ranks_per_node"] == 4
 
 
+def test_a_list_of_world_sizes_is_one_run_each_with_the_default_mesh(no_spawn):
+    runs, _ = cli.bench_config(_args("--world-size", "2,4,8,4", "--program", "allreduce(world)"))
+    assert [w for w, _ in runs] == [2, 4, 8]  # duplicates dropped, order kept
+    assert [cfg["mesh_axes"] for _, cfg in runs] == [
+        [("dp", 2), ("tp", 1)], [("dp", 2), ("tp", 2)], [("dp", 2), ("tp", 4)]]
+    assert [cfg["ranks_per_node"] for _, cfg in runs] == [2, 4, 8]
+    assert all(cfg["pairs"] == [("allreduce(world)", "reference")] for _, cfg in runs)
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--min-bytes", "16K", "--max-bytes", "64M"], (16 << 10, 64 << 20)),
+    (["--min-bytes", "16KiB", "--max-bytes", "1mb"], (16 << 10, 1 << 20)),
+    (["--max-bytes", "4096"], (2048, 4096)),  # min: one row of 1024 float16 elements
+    (["--min-bytes", "1G"], None),  # max: the default 256 rows
+])
+def test_sizes_in_bytes(no_spawn, argv, expect):
+    args = _args("--dtype", "float16", "--program", "allreduce", *argv)
+    if expect is None:
+        assert _bench_error_of(args) == "--min-bytes 1073741824 is above --max-bytes 524288: " \
+                                        "no size to run"
+        return
+    [(_, cfg)], _ = cli.bench_config(args)
+    assert (cfg["min_bytes"], cfg["max_bytes"]) == expect
+
+
+def _bench_error_of(args) -> str:
+    with pytest.raises(cli.UsageError) as e:
+        cli.bench_config(args)
+    return str(e.value)
+
+
+def test_parse_size_and_byte_sweeps():
+    assert [bench.parse_size(t) for t in ("4096", "16K", "16k", "16KiB", "64M", "1G", "2 MB")] \
+        == [4096, 16 << 10, 16 << 10, 16 << 10, 64 << 20, 1 << 30, 2 << 20]
+    for bad in ("", "K", "1.5M", "-1", "16T"):
+        with pytest.raises(ValueError):
+            bench.parse_size(bad)
+    # 16 KiB .. 64 MiB of bf16 rows of 1024: 2 KiB a row, every size exact, 13 sizes
+    rows = bench.sizes_from_bytes(16 << 10, 64 << 20, 2048, 1)
+    assert rows[0] == 8 and rows[-1] == 32768 and len(rows) == 13
+    assert bench.sizes_from_bytes(16 << 10, 64 << 20, 2048, 2) == rows  # granularity 2 fits
+    # rows of 14 KiB (7168 bf16): the nearest multiple of the granularity (2), at least
+    # one; 16 and 32 KiB both give 2 rows, which run once
+    assert bench.sizes_from_bytes(16 << 10, 256 << 10, 14336, 2) == [2, 4, 10, 18]
+    assert bench.sizes_from_bytes(1, 4, 14336, 1) == [1]
+
+
 def test_pairs_skip_what_a_baseline_cannot_run(no_spawn):
-    _, cfg, skipped = cli.bench_config(_args("--program", "allreduce_allgather", "--program",
-                                             "allgather", "--backend", "reference,nccl1"))
+    [(_, cfg)], skipped = cli.bench_config(_args("--program", "allreduce_allgather", "--program",
+                                                 "allgather", "--backend", "reference,nccl1"))
     assert cfg["pairs"] == [("allreduce(tp); allgather(dp)", "reference"),
                             ("allreduce(tp); allgather(dp)", "nccl1"),
                             ("allgather(dp)", "reference")]
@@ -187,13 +255,13 @@ def _run_bench(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
-def test_error_in_rank_0_is_rank_0s_message(tmp_path):
-    (tmp_path / "b.csv").mkdir()  # passes the --out check, fails when rank 0 writes
+def test_results_that_cannot_be_written_are_one_line_and_exit_1(tmp_path):
+    (tmp_path / "b.csv").mkdir()  # passes the --out check, fails when the results are written
     proc = _run_bench("--program", "allreduce", "--out", str(tmp_path / "b"),
                       tmp_path=tmp_path)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == f"mixcc: error: rank 0: IsADirectoryError: [Errno 21] Is a directory: " \
+    assert last == f"mixcc: error: writing the results: [Errno 21] Is a directory: " \
                    f"'{tmp_path / 'b.csv'}'"
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
 
@@ -206,24 +274,31 @@ def test_bench_float64_world_from_mesh_header_units_and_files(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "# mixcc bench: mesh dp=1,tp=2 (ranks_per_node 2), world 2, " \
-                       "process group gloo"
+                       "process group gloo; CPU"
     assert lines[1].startswith("# dtype float64, hidden 1024, backends reference,nccl1; ")
     cols = lines[2].split()
     assert cols[:3] == ["program", "backend", "mode"]
-    assert {"size(B)", "time(us)", "algbw(GB/s)", "busbw(GB/s)"} <= set(cols)
+    assert {"size(B)", "moved(B)", "time(us)", "min(us)", "max(us)", "algbw(GB/s)",
+            "busbw(GB/s)", "ratio", "best"} <= set(cols)
     with open(prefix + ".csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(lines) - 3 == 6  # rows 1, 2 x (reference oop/ip, nccl1 oop)
     assert {(r["mesh"], r["ranks_per_node"], r["world"], r["dtype"]) for r in rows} == {
         ("dp=1,tp=2", "2", "2", "float64")}
     assert all(r["errors"] == "0" for r in rows if r["backend"] == "nccl1")
+    for r in rows:  # every row has its spread, bytes moved and a ratio (all on gloo, cpu)
+        assert float(r["min_us"]) <= float(r["time_us"]) <= float(r["max_us"])
+        assert float(r["bus_bytes"]) == int(r["bytes"])  # (1 + dp - 2/tp) S on dp=1,tp=2
+        assert r["timing"] == "cpu" and r["setup"] == "CPU" and r["device"] == "CPU"
+        assert r["best"] in ("reference", "nccl1") and float(r["ratio"]) >= 1.0
+        assert (r["iters"], r["repeats"]) == ("1", "1")
     with open(prefix + ".json") as f:
         assert {r["mesh"] for r in json.load(f)} == {"dp=1,tp=2"}
     assert "[1/6] allreduce(tp); allgather(dp) | reference | oop | rows 1" in proc.stderr
     if bench.plot_available():
-        assert Path(prefix + ".png").is_file()
+        assert Path(prefix + "_allreduce_allgather_w2.png").is_file()
     else:
-        assert f"note: {prefix}.png not written: it needs matplotlib " \
+        assert f"note: {prefix}_<program>_w<world>.png not written: it needs matplotlib " \
                "(pip install 'mixcc[plot]')" in proc.stderr
 
 
@@ -232,7 +307,7 @@ def test_default_run_says_how_to_write_files(tmp_path):
                       tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "note: nothing written; --out PREFIX writes PREFIX.csv, PREFIX.json and " \
-           "PREFIX.png" in proc.stderr
+           "PREFIX_<program>_w<world>.png" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -252,9 +327,168 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "comma list of fused, reference, nccl1, symm_one_shot, symm_two_shot" in text
+    assert ("comma list of fused, fused:one_shot, fused:two_shot, reference, nccl1, "
+            "symm_one_shot, symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
+            "separate") in text
     for b in bench.BACKENDS:
         try:
             cli.bench_config(_args("--backend", b, "--program", "allreduce_allgather"))
         except cli.UsageError as e:  # may not apply here (no GPU), but is a known name
             assert str(e).startswith(f"--backend {b} cannot run "), str(e)
+
+
+def _row(backend: str, time_us: float, *, bytes_: int = 1024, timing: str = "graph",
+         errors: int = 0, program: str = "allreduce(world)", world: int = 4,
+         mode: str = "oop") -> bench.Row:
+    return bench.Row(program, backend, mode, timing, "bfloat16", world, "dp=2,tp=2", world, 1,
+                     bytes_ // 2, bytes_, 1.5 * bytes_, time_us, time_us * 0.9,
+                     time_us * 1.2, 1.0, 1.5, errors, device="NVIDIA H100 80GB HBM3",
+                     setup="one GPU, MPS")
+
+
+def test_ratio_is_time_over_the_fastest_baseline_of_the_same_size_and_timing():
+    rows = [
+        _row("fused", 10.0), _row("fused", 9.0, mode="ip"), _row("fused:two_shot", 30.0),
+        _row("symm_one_shot", 20.0), _row("symm_one_shot_nocopy", 15.0),
+        _row("symm_two_shot", 12.0, errors=3),  # wrong results never count as best
+        _row("reference", 1.0, timing="cpu"),  # gloo on CPU: not compared with graph rows
+        _row("fused", 40.0, bytes_=4096), _row("symm_two_shot", 20.0, bytes_=4096),
+        _row("fused", 50.0, world=8),  # no baseline ran at world 8
+        _row("fused", 5.0, timing="host"), _row("symm_one_shot", 4.0, timing="host"),
+    ]
+    bench.add_ratios(rows)
+    got = [(r.backend, r.bytes, r.world, r.timing, r.ratio, r.best) for r in rows]
+    nan = float("nan")
+    expect = [
+        ("fused", 1024, 4, "graph", 10 / 15, "symm_one_shot_nocopy"),
+        ("fused", 1024, 4, "graph", 9 / 15, "symm_one_shot_nocopy"),
+        ("fused:two_shot", 1024, 4, "graph", 2.0, "symm_one_shot_nocopy"),
+        ("symm_one_shot", 1024, 4, "graph", 20 / 15, "symm_one_shot_nocopy"),
+        ("symm_one_shot_nocopy", 1024, 4, "graph", 1.0, "symm_one_shot_nocopy"),
+        ("symm_two_shot", 1024, 4, "graph", 12 / 15, "symm_one_shot_nocopy"),
+        ("reference", 1024, 4, "cpu", 1.0, "reference"),
+        ("fused", 4096, 4, "graph", 2.0, "symm_two_shot"),
+        ("symm_two_shot", 4096, 4, "graph", 1.0, "symm_two_shot"),
+        ("fused", 1024, 8, "graph", nan, ""),
+        ("fused", 1024, 4, "host", nan, ""),  # issue times: no ratio
+        ("symm_one_shot", 1024, 4, "host", nan, ""),
+    ]
+    for g, e in zip(got, expect, strict=True):
+        assert g[:4] == e[:4] and g[5] == e[5], (g, e)
+        assert (g[4] != g[4] and e[4] != e[4]) or abs(g[4] - e[4]) < 1e-12, (g, e)
+    assert bench.add_ratios([]) == []
+
+
+def test_combined_presets_compare_with_separate_nccl1_and_reference():
+    prog = "allreduce(tp); allgather(dp)"
+    rows = [_row("fused", 10.0, program=prog), _row("separate", 16.0, program=prog),
+            _row("nccl1", 12.0, program=prog), _row("reference", 20.0, program=prog)]
+    bench.add_ratios(rows)
+    assert [(r.best, round(r.ratio, 4)) for r in rows] == [
+        ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [
+        False, False, False, True, True, True, True, True, True, True]
+
+
+def test_rows_round_trip_through_json_and_plot_titles(tmp_path):
+    rows = bench.add_ratios([_row("fused", 10.0, timing="host"), _row("symm_one_shot", 8.0)])
+    path = str(tmp_path / "rows.json")
+    bench.dump_rows(rows, path)
+    text = open(path).read()
+    assert "NaN" not in text and '"ratio": null' in text  # standard JSON
+    back = bench.read_rows(path)
+    assert [r.backend for r in back] == ["fused", "symm_one_shot"]
+    assert back[0].ratio != back[0].ratio and back[1].ratio == 1.0
+    assert back[1] == rows[1]
+    assert bench.plot_title(rows) == ("mixcc bench: allreduce(world)\nNVIDIA H100 80GB HBM3, "
+                                      "world 4 (mesh dp=2,tp=2), bfloat16, one GPU, MPS")
+    assert bench.png_path("out/b", "allreduce(tp); allgather(dp)", 8) == \
+        "out/b_allreduce_allgather_w8.png"
+    assert bench.png_path("b", "allreduce(world)", 2) == "b_allreduce_world_w2.png"
+    assert bench.setup_label(False, 1, True) == "one GPU, MPS"
+    assert bench.setup_label(False, 1, False) == "one GPU, no MPS"
+    assert bench.setup_label(True, 8, False) == "one GPU per rank"
+    assert bench.setup_label(False, 0, False) == "CPU"
+
+
+def test_outputs_one_png_per_program_and_world(tmp_path):
+    prog = "allreduce(tp); allgather(dp)"
+    rows = bench.add_ratios([_row(b, t, bytes_=n, world=w, program=p)
+                             for p in ("allreduce(world)", prog) for w in (4, 8)
+                             for n in (1024, 2048) for b, t in (("fused", 5.0), ("separate", 6.0))])
+    written = bench.write_outputs(rows, str(tmp_path / "b"))
+    assert written[:2] == [str(tmp_path / "b.csv"), str(tmp_path / "b.json")]
+    with open(tmp_path / "b.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 16
+    if not bench.plot_available():
+        assert len(written) == 2
+        pytest.skip("matplotlib is not installed: no PNGs to check")
+    assert sorted(Path(p).name for p in written[2:]) == [
+        "b_allreduce_allgather_w4.png", "b_allreduce_allgather_w8.png",
+        "b_allreduce_world_w4.png", "b_allreduce_world_w8.png"]
+    assert all(Path(p).stat().st_size > 0 for p in written[2:])
+
+
+def test_graph_timing_replays_a_one_call_graph_before_each_timed_replay(monkeypatch):
+    """repeat_times' graph mode with torch.cuda faked: the order of captures, replays and
+    events, and seconds per call from the events (the real thing needs a GPU)."""
+    log: list[str] = []
+    capturing: list = []
+
+    class Graph:
+        def __init__(self):
+            self.calls = 0
+
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            log.append(f"replay {self.calls}")
+
+    class Capture:
+        def __init__(self, g, pool=None, stream=None):
+            self.g = g
+
+        def __enter__(self):
+            capturing.append(self.g)
+
+        def __exit__(self, *exc):
+            capturing.pop()
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            log.append("record")
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0  # ms
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    import contextlib
+
+    def fn():
+        if capturing:
+            capturing[-1].calls += 1
+        else:
+            log.append("eager")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(dist, "barrier", lambda: log.append("barrier"))
+    times = bench.repeat_times(fn, 4, 2, "graph")
+    assert times == [2.0 / 1e3 / 4] * 2
+    assert log == ["eager"] * 3 + ["replay 4", "replay 1"] + [
+        "barrier", "replay 1", "record", "replay 4", "record"] * 2
