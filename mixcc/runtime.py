@@ -117,8 +117,11 @@ class Runtime:
         handle = ctypes.create_string_buffer(64)
         cuda_check(lib.mixcc_rt_ipc_handle(device, self._ws, handle), "cudaIpcGetMemHandle")
         props = torch.cuda.get_device_properties(device)
+        # Under an MPS client limit (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) the SM count a
+        # rank sees is already its own share; otherwise ranks on one GPU split its SMs.
+        own_share = bool(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"))
         mine = (handle.raw, socket.gethostname(), str(getattr(props, "uuid", device)),
-                props.multi_processor_count)
+                props.multi_processor_count, own_share)
         if self.world > 1:
             everyone: list = [None] * self.world
             dist.all_gather_object(everyone, mine, group=group)
@@ -129,7 +132,8 @@ class Runtime:
         # are shared by every rank of this group on it. The same value on every rank.
         devices = [(e[1], e[2]) for e in everyone]
         self.ranks_on_device = max(devices.count(d) for d in devices)
-        self.sms_per_rank = min(e[3] for e in everyone) // self.ranks_on_device
+        self.sms_per_rank = min(e[3] if e[4] else e[3] // self.ranks_on_device
+                                for e in everyone)
         ptrs = []
         for r, (h, host, *_) in enumerate(everyone):
             if r == self.rank:
