@@ -414,7 +414,14 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                 x = on(device)
                 fn = obj
                 if be in baselines.BASELINES and fn is None:
-                    fn = baselines.make(be, prog, mesh, x.shape, dtype)
+                    try:  # the same verdict on every rank (e.g. out of memory for a size)
+                        fn = baselines.make(be, prog, mesh, x.shape, dtype)
+                    except baselines.Unavailable as e:
+                        step += len(modes)
+                        if rank == 0:
+                            progress.clear()
+                            print(f"skip: {be} at {nrows} rows: {e}", file=sys.stderr)
+                        continue
                 for mode in modes:
                     step += 1
                     if rank == 0:
