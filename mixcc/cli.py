@@ -339,6 +339,47 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Measure the fused launch choices of programs on this machine's GPUs and write the
+    tuning table that `auto` reads (mixcc/tuning.py)."""
+    from . import bench, tuning
+    from .codegen.build import find_nvcc
+
+    _positive(args, "iters", "repeats", "hidden")
+    if bench.gpu_count() == 0:
+        raise UsageError("mixcc tune measures fused kernels: it needs a CUDA GPU")
+    if find_nvcc() is None:
+        raise UsageError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    mesh = Mesh.parse(args.mesh, args.ranks_per_node) if args.mesh else \
+        bench.default_mesh(int(args.world_size or max(2, bench.gpu_count())),
+                           args.ranks_per_node)
+    if args.world_size and int(args.world_size) != mesh.world_size:
+        raise UsageError(f"--world-size {args.world_size} disagrees with --mesh {args.mesh}")
+    _dtype(args.dtype)
+    from .bench import parse_size
+
+    try:
+        lo, hi = parse_size(args.min_bytes), parse_size(args.max_bytes)
+    except ValueError as e:
+        raise UsageError(f"--min-bytes/--max-bytes: {e}") from None
+    if not 1 <= lo <= hi:
+        raise UsageError(f"need 1 <= --min-bytes <= --max-bytes, got {lo} and {hi}")
+    sizes, n = [], lo
+    while n <= hi:
+        sizes.append(n)
+        n *= 2
+    from .api import compile as mixcc_compile
+
+    progs = [_program(p) for p in (args.program or ["allreduce(world)"])]
+    for prog in progs:  # parse and fit errors here, before any process starts
+        mixcc_compile(prog, mesh, backend="reference")
+    tuning.run({"mesh_axes": list(zip(mesh.names, mesh.sizes, strict=True)),
+                "ranks_per_node": mesh.ranks_per_node, "world": mesh.world_size,
+                "programs": progs, "dtype": args.dtype, "hidden": args.hidden,
+                "sizes": sizes, "iters": args.iters, "repeats": args.repeats})
+    return 0
+
+
 def _language_help() -> str:
     """The grammar and the presets, for `mixcc explain --help`."""
     rows = "\n".join(f"  {name:<24} {prog}" for name, prog in presets.PRESETS.items())
@@ -423,6 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--arch", default=None,
                     help="e.g. sm_90a (default: this GPU's; needed without a GPU)")
     pb.set_defaults(fn=_cmd_prebuild)
+
+    t = sub.add_parser(
+        "tune", help="measure fused launch choices and write the table auto reads",
+        description="Time every candidate launch (one-shot / two-shot, 4-32 blocks, chunk "
+                    "width) of each program per size bucket with CUDA graphs (max over "
+                    "ranks) and write the fastest into the tuning table (the kernel "
+                    "cache's tune/table.json, or MIXCC_TUNE_TABLE). Ranks sharing one GPU "
+                    "run under MPS.")
+    t.add_argument("--program", action="append",
+                   help="program or preset (repeatable; default allreduce(world))")
+    t.add_argument("--mesh", default=None, help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2)")
+    t.add_argument("--world-size", default=None, help="ranks (default: the GPU count, min 2)")
+    t.add_argument("--ranks-per-node", type=int, default=None)
+    t.add_argument("--dtype", default="bfloat16", help=f"one of {dtypes}")
+    t.add_argument("--hidden", type=int, default=1024, help="elements per row")
+    t.add_argument("--min-bytes", default="16K", help="smallest input per rank")
+    t.add_argument("--max-bytes", default="64M", help="largest input per rank")
+    t.add_argument("--iters", type=int, default=20, help="calls per CUDA graph")
+    t.add_argument("--repeats", type=int, default=5)
+    t.set_defaults(fn=_cmd_tune)
     return p
 
 

@@ -68,3 +68,32 @@ def test_table_round_trip_merge_and_damage(tmp_path, monkeypatch):
         assert tune.load() == {}
     monkeypatch.setenv(tune.ENV, "off")
     assert tune.table_path() is None and tune.load() == {}
+
+
+def test_tune_candidates_and_stage_bytes():
+    from types import SimpleNamespace
+
+    import mixcc
+    from mixcc import tuning
+    from mixcc.fused import shares_reduction
+
+    coll = mixcc.compile("allreduce(tp); allgather(dp)", mixcc.Mesh({"dp": 2, "tp": 4}),
+                         backend="reference")
+    stages = [(st, None) for st in coll.plan.stages]
+    r = SimpleNamespace(stages=stages, _shares_reduction=[shares_reduction(s) for s, _ in stages],
+                        max_blocks=12, elem=2)
+    cands = tuning.candidates(r)
+    assert {c.algorithm for c in cands} == {"one_shot", "two_shot"}
+    assert {c.blocks for c in cands} == {4, 8, 12}  # up to the block cap, which is included
+    assert {c.chunk_cols for c in cands} == set(tuning.CHUNK_CANDIDATES)
+    assert tuning.stage_input_bytes(r, 64, 1024) == [64 * 1024 * 2]
+
+
+def test_tune_cli_without_gpu_is_one_line_error(capsys):
+    from mixcc.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["tune", "--mesh", "dp=2,tp=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mixcc: error: mixcc tune measures fused kernels: it needs a CUDA GPU"]
