@@ -350,9 +350,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise UsageError("mixcc tune measures fused kernels: it needs a CUDA GPU")
     if find_nvcc() is None:
         raise UsageError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    mesh = Mesh.parse(args.mesh, args.ranks_per_node) if args.mesh else \
-        bench.default_mesh(int(args.world_size or max(2, bench.gpu_count())),
-                           args.ranks_per_node)
+    world = int(args.world_size or max(2, bench.gpu_count()))
+    if args.mesh:
+        world = Mesh.parse(args.mesh, 1).world_size
+    rpn = args.ranks_per_node or world  # the ranks it spawns are local: one node by default
+    mesh = Mesh.parse(args.mesh, rpn) if args.mesh else bench.default_mesh(world, rpn)
     if args.world_size and int(args.world_size) != mesh.world_size:
         raise UsageError(f"--world-size {args.world_size} disagrees with --mesh {args.mesh}")
     _dtype(args.dtype)
