@@ -117,7 +117,8 @@ def run(cfg: dict) -> None:
     """Spawn the ranks (under MPS when they share a GPU) and tune."""
     world = cfg["world"]
     shared = torch.cuda.device_count() < world
-    print(f"# mixcc tune: mesh {cfg['mesh_axes']}, world {world}, {cfg['dtype']}, "
+    print(f"# mixcc tune: mesh {cfg['mesh_axes']} (ranks_per_node {cfg['ranks_per_node']}), "
+          f"world {world}, {cfg['dtype']}, "
           f"time: median of {cfg['repeats']} CUDA graphs of {cfg['iters']} calls, max over "
           f"ranks{', ranks sharing one GPU under MPS' if shared else ''}", flush=True)
     print(header(), flush=True)
