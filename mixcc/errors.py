@@ -42,16 +42,20 @@ class CompileError(MixccError):
 
 
 class CollectiveTimeout(MixccError):
-    """A device-side wait ran past its timeout: a peer never arrived."""
+    """A device-side wait ran past its timeout: a peer never arrived. `peer` is the rank
+    blamed; when this rank learned it from the peer it waited for (which had itself timed
+    out on `peer`), that one is `via`."""
 
     def __init__(self, rank: int, peer: int, stage: str, block: int, epoch: int,
-                 timeout_s: float):
+                 timeout_s: float, via: int | None = None):
         self.rank, self.peer, self.stage, self.block, self.epoch = rank, peer, stage, block, epoch
+        self.via = via
+        how = (f"waited for rank {via}, which had itself timed out waiting for rank {peer},"
+               if via is not None else f"waited more than {timeout_s:g} s for rank {peer}")
         super().__init__(
-            f"rank {rank} waited more than {timeout_s:g} s for rank {peer} at stage "
-            f"'{stage}' (block {block}, epoch {epoch}); rank {peer} probably skipped "
-            "or did not reach this collective. The runtime is now unusable: close it "
-            "and create a new one."
+            f"rank {rank} {how} at stage '{stage}' (block {block}, epoch {epoch}); rank "
+            f"{peer} probably died, skipped or did not reach this collective. The runtime "
+            "is now unusable: close it and create a new one."
         )
 
 

@@ -136,6 +136,7 @@ class FusedRunner:
         self.nv = None
         if not plan.one_node:
             self.nv = nvshmem.get(group, options["symmetric_bytes"])
+            self.rt.set_symmetric_blame(self.nv.sym + layout.SYM_BLAME_OFFSET)
         arch = device_arch()
         self.stages: list[tuple[Stage, ctypes.CDLL]] = []
         self.build_seconds = 0.0

@@ -69,7 +69,8 @@ def cuda_check(rc: int, what: str) -> None:
 class _ErrorRecord(ctypes.Structure):  # mirrors mixcc::ErrorRecord in mixcc_sync.cuh
     _fields_ = [("status", ctypes.c_int), ("rank", ctypes.c_int), ("peer", ctypes.c_int),
                 ("stage", ctypes.c_int), ("block", ctypes.c_int), ("epoch", ctypes.c_uint),
-                ("mine_fp", ctypes.c_uint), ("peer_fp", ctypes.c_uint)]
+                ("mine_fp", ctypes.c_uint), ("peer_fp", ctypes.c_uint), ("via", ctypes.c_int),
+                ("blame_ipc", ctypes.c_void_p), ("blame_sym", ctypes.c_void_p)]
 
 
 ABORT_ENV = "MIXCC_ABORT_ON_ERROR"
@@ -157,6 +158,7 @@ class Runtime:
                                            ctypes.byref(dptr)), "cudaHostAlloc")
         self._err_host, self.err_dev = host.value, dptr.value
         self._err = _ErrorRecord.from_address(self._err_host)
+        self._err.blame_ipc = self._ws + layout.BLAME_OFFSET
         self.abort_on_error = False  # set by get_runtime (any collective may ask)
         self.calls = 0  # debug mode: the call count that goes into fingerprints
         self._stop = threading.Event()
@@ -177,7 +179,11 @@ class Runtime:
             return CollectiveMismatch(e.rank, e.peer, debug.describe(e.mine_fp),
                                       debug.describe(e.peer_fp, e.mine_fp))
         return CollectiveTimeout(e.rank, e.peer, STAGE_NAMES[e.stage], e.block, e.epoch,
-                                 self.timeout_s)
+                                 self.timeout_s, e.via - 1 if e.via else None)
+
+    def set_symmetric_blame(self, address: int) -> None:
+        """Where this rank publishes whom it blames for NVSHMEM peers to read."""
+        self._err.blame_sym = address
 
     def _watch(self) -> None:
         """Watchdog: log a failure the moment the device records it (asynchronous error

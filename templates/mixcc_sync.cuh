@@ -27,6 +27,9 @@ struct ErrorRecord {           // host-mapped; written once by the first failing
   volatile int rank, peer, stage, block;
   volatile unsigned epoch;
   volatile unsigned mine_fp, peer_fp;  // status 2: this rank's and the peer's fingerprints
+  volatile int via;            // 1 + the peer waited for when `peer` is the rank it blamed
+  unsigned* blame_ipc;         // set by the host: this rank's blame words (IPC workspace,
+  unsigned long long* blame_sym;  // NVSHMEM symmetric workspace or null), written on timeout
 };
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
@@ -58,16 +61,24 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned lo
   return v;
 }
 
-// Record a timed-out wait in `err` (the first writer wins). Stages: 0 input barrier,
-// 1 result barrier, 2 inter-node data (NVSHMEM signal), 3 inter-node credit.
+// Record a timed-out wait in `err` (the first writer wins) and publish whom it blames in
+// this rank's blame words, so that a peer waiting for this rank names the root cause
+// rather than this rank. Stages: 0 input barrier, 1 result barrier, 2 inter-node data
+// (NVSHMEM signal), 3 inter-node credit. `via`: 1 + the peer waited for when `peer` was
+// learned from that peer's blame word, else 0.
 __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int peer, int stage,
-                                               int block, unsigned epoch) {
+                                               int block, unsigned epoch, int via = 0) {
   if (atomicCAS((int*)&err->status, 0, 1) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->stage = stage;
     err->block = block;
     err->epoch = epoch;
+    err->via = via;
+    unsigned* b = err->blame_ipc;
+    unsigned long long* bs = err->blame_sym;
+    if (b) *(volatile unsigned*)b = (unsigned)peer + 1;
+    if (bs) *(volatile unsigned long long*)bs = (unsigned long long)peer + 1;
     __threadfence_system();
   }
 }
@@ -96,15 +107,25 @@ __device__ __forceinline__ bool runtime_failed(const ErrorRecord* err) {
 
 // Spin until load() >= value in wrapping uint32 arithmetic. On timeout (or when the
 // runtime already failed), record (rank, peer, stage, block, value) and return false.
-template <typename Load>
+// blame() reads the peer's blame word (1 + the rank it timed out on, 0 if none): a peer
+// that gave up on a third rank will never arrive, so the wait ends at once and names
+// that rank, with `via` the peer.
+template <typename Load, typename Blame>
 __device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t timeout_ns,
                                            ErrorRecord* err, int rank, int peer, int stage,
-                                           int block) {
+                                           int block, Blame blame) {
   if ((int)(load() - value) >= 0) return true;
   const uint64_t start = globaltimer_ns();
   unsigned n = 0;
   while ((int)(load() - value) < 0) {
-    if ((++n & 1023) == 0 && runtime_failed(err)) return false;
+    if ((++n & 1023) == 0) {
+      if (runtime_failed(err)) return false;
+      const unsigned root = blame();
+      if (root != 0 && (int)root - 1 != rank) {
+        record_timeout(err, rank, (int)root - 1, stage, block, value, peer + 1);
+        return false;
+      }
+    }
     if (globaltimer_ns() - start > timeout_ns) {
       record_timeout(err, rank, peer, stage, block, value);
       return false;
@@ -113,12 +134,20 @@ __device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t t
   return true;
 }
 
-// Spin until *flag >= epoch (a peer's IPC store, acquire at system scope).
+// Spin until *flag >= epoch (a peer's IPC store, acquire at system scope); `blame` is
+// the peer's blame word.
 __device__ __forceinline__ bool wait_flag(const unsigned* flag, unsigned epoch,
                                           uint64_t timeout_ns, ErrorRecord* err, int rank,
-                                          int peer, int stage, int block) {
+                                          int peer, int stage, int block,
+                                          const unsigned* blame) {
   return spin_until([flag] { return ld_acquire_sys(flag); }, epoch, timeout_ns, err, rank,
-                    peer, stage, block);
+                    peer, stage, block, [blame] { return *(volatile const unsigned*)blame; });
+}
+
+// Rank r's blame word: right after its fingerprint words (mixcc/codegen/layout.py).
+template <int MAX_RANKS, int MAX_BLOCKS>
+__device__ __forceinline__ const unsigned* blame_word(unsigned* flags_of_r) {
+  return flags_of_r + MAX_BLOCKS * 2 * MAX_RANKS + MAX_BLOCKS * MAX_RANKS * 2;
 }
 
 // Rank r's debug fingerprint words: uint64 [MAX_BLOCKS][MAX_RANKS] right after its
@@ -153,7 +182,8 @@ __device__ __forceinline__ bool block_barrier(unsigned* const* flags, int rank,
       st_release_sys64(fp_words<MAX_RANKS, MAX_BLOCKS>(flags[p]) + block * MAX_RANKS + rank,
                        ((unsigned long long)epoch << 32) | fp);
     st_release_sys(flags[p] + slot + rank, epoch);
-    if (!wait_flag(flags[rank] + slot + p, epoch, timeout_ns, err, rank, p, stage, block)) {
+    if (!wait_flag(flags[rank] + slot + p, epoch, timeout_ns, err, rank, p, stage, block,
+                   blame_word<MAX_RANKS, MAX_BLOCKS>(flags[p]))) {
       failed = 1;
     } else if (check) {
       const unsigned long long w = ld_acquire_sys64(

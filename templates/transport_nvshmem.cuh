@@ -31,11 +31,19 @@ __device__ __forceinline__ unsigned ld_acquire_sys_lo(const uint64_t* p) {
   return (unsigned)v;
 }
 
+// Wait for a signal from PE `peer`; `blame` is the symmetric address of the blame word,
+// read on `peer` now and then where it is load/store reachable (nvshmem_ptr: P2P): a peer
+// that gave up on a third PE never signals. Over a network transport the word is not
+// read (a get from a dead PE could itself hang); the wait then runs to its own timeout
+// and names `peer`.
 __device__ __forceinline__ bool wait_signal(const uint64_t* sig, unsigned seq,
                                             uint64_t timeout_ns, ErrorRecord* err, int rank,
-                                            int peer, int stage, int block) {
+                                            int peer, int stage, int block,
+                                            const uint64_t* blame) {
+  const volatile uint64_t* remote =
+      static_cast<const volatile uint64_t*>(nvshmem_ptr(blame, peer));
   return spin_until([sig] { return ld_acquire_sys_lo(sig); }, seq, timeout_ns, err, rank, peer,
-                    stage, block);
+                    stage, block, [remote] { return remote ? (unsigned)*remote : 0u; });
 }
 
 // Collective over the block: every thread calls it with the same arguments.

@@ -5,6 +5,8 @@ IPC workspace, one per rank, fixed size:
                     peers (flag [b][s][src] holds the last epoch src reached)
   [FLAG_BYTES, …)   debug fingerprints: uint64 [MAX_BLOCKS][MAX_RANKS], (epoch << 32 | fp)
                     of src's last input barrier; written only in debug mode (mixcc/debug.py)
+  [BLAME_OFFSET]    uint32: 1 + the rank this rank's first timed-out wait blamed (0: none),
+                    read by peers that time out waiting for this rank (root-cause naming)
   [DATA_OFFSET, …)  NSETS sets x MAX_BLOCKS regions of region_bytes(workspace) bytes.
                     Chunk (epoch e) of block b uses region b of set e % NSETS. Block b of
                     every kernel only ever touches region b of a set, and the epoch counter
@@ -19,7 +21,8 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
                          uint64 credits [MAX_BLOCKS][MAX_RANKS] (the last sequence number PE
                          dst consumed from this PE), then uint32 [MAX_BLOCKS][MAX_RANKS]
                          [NSETS] (local: the sequence number this PE last put into each
-                         buffer set of PE dst). Indexed by PE, never by node: each word has
+                         buffer set of PE dst), then the uint64 blame word (as the IPC
+                         one, for peers on other nodes). Indexed by PE, never by node: each word has
                          one writer whatever the mesh, so collectives over meshes with
                          different ranks_per_node share one workspace.
   [SYM_DATA_OFFSET, …)   NSETS sets x MAX_BLOCKS regions of sym_region_bytes(bytes): send
@@ -41,11 +44,13 @@ THREADS = 512  # threads per block: 512 x 16 B in flight per block per pass
 NSETS = 4
 FLAG_BYTES = MAX_BLOCKS * 2 * MAX_RANKS * 4
 FP_BYTES = MAX_BLOCKS * MAX_RANKS * 8
-DATA_OFFSET = (FLAG_BYTES + FP_BYTES + 4095) // 4096 * 4096
+BLAME_OFFSET = FLAG_BYTES + FP_BYTES
+DATA_OFFSET = (BLAME_OFFSET + 4 + 4095) // 4096 * 4096
 SIG_BYTES = MAX_BLOCKS * NSETS * MAX_RANKS * 8
 CREDIT_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 SENT_BYTES = MAX_BLOCKS * MAX_RANKS * NSETS * 4
-SYM_DATA_OFFSET = (SIG_BYTES + CREDIT_BYTES + SENT_BYTES + 4095) // 4096 * 4096
+SYM_BLAME_OFFSET = SIG_BYTES + CREDIT_BYTES + SENT_BYTES
+SYM_DATA_OFFSET = (SYM_BLAME_OFFSET + 8 + 4095) // 4096 * 4096
 
 
 def region_bytes(workspace_bytes: int) -> int:

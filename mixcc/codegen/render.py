@@ -105,4 +105,5 @@ def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
         table=_ints(flat), offsets=_ints(offsets), max_terms=max_terms, max_src=max_src,
         local=h.local, nodes=h.nodes, max_parts=h.max_parts, max_nodes=layout.MAX_NODES,
         sig_bytes=layout.SIG_BYTES, credit_bytes=layout.CREDIT_BYTES,
-        sym_data_offset=layout.SYM_DATA_OFFSET, **ctx)
+        sym_data_offset=layout.SYM_DATA_OFFSET, sym_blame_offset=layout.SYM_BLAME_OFFSET,
+        **ctx)
