@@ -17,8 +17,8 @@ set -u
 source "$(dirname "$0")/device_env.sh"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}  # one host: P2P only
-BUDGET=${BUDGET:-415}  # seconds for the whole script
-FUZZ_ARGS=(--worlds 2,4,8 --fuzz 2 --seed 21)
+BUDGET=${BUDGET:-520}  # seconds for the whole script
+FUZZ_ARGS=(--worlds 2,4,8 --fuzz 2 --seed 21 --shapes 3000)
 MUTATE_ARGS=(--worlds 2 --fuzz 2 --seed 21 --mutate)
 MIN_CHECKS=10000
 SUMMARY="$OUT/summary.txt"
@@ -76,7 +76,7 @@ if kill -0 "$PREBUILD" 2>/dev/null; then  # gpu_check builds what is missing its
   echo "background prebuild still running: stopped"; kill -- -"$PREBUILD"
 fi
 wait "$PREBUILD" 2>/dev/null; grep "^prebuild" "$OUT/prebuild.log"
-T=$(cap 130)
+T=$(cap 230)
 if [ "$T" -gt 30 ]; then
   mkdir -p "$OUT/fuzz"
   OUT="$OUT/fuzz" timeout -k 5 "$T" python3 scripts/gpu_check.py "${FUZZ_ARGS[@]}" 2>&1 \

@@ -126,6 +126,23 @@ def nccl_reference_case(res: Results, rank: int, world: int, program: str, axes,
     return out
 
 
+_COLLS: dict[tuple, mixcc.Collective] = {}
+HIDDENS = (1, 3, 7, 8, 33, 64, 100, 256, 520, 1024, 1032)
+
+
+def shape_cases(pool: list[tuple[str, list]], n: int, seed: int) -> list[tuple]:
+    """n random (program, axes, dtype, rows, hidden, algorithm) cases over the programs of
+    `pool` (the same list on every rank: seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prog, axes = rng.choice(pool)
+        g = granularity(prog, axes)
+        out.append((prog, axes, rng.choice(list(DTYPES)), g * rng.randint(1, 48),
+                    rng.choice(HIDDENS), rng.choice(("auto", "one_shot", "two_shot")), SMALL_WS))
+    return out
+
+
 def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name: str,
              rows: int, hidden: int, algorithm: str, seed: int, ws: int, gloo, group,
              nccl: bool = False, rpn: int | None = None, depth: int = 2) -> None:
@@ -134,9 +151,13 @@ def run_case(res: Results, rank: int, world: int, program: str, axes, dtype_name
     mesh = mixcc.Mesh(axes, ranks_per_node=rpn or world)
     tag = f" rpn={rpn} depth={depth}" if rpn else ""
     name = f"{program} {axes}{tag} {dtype_name} rows={rows}x{hidden} {algorithm}"
-    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend="fused",
-                         algorithm=algorithm, workspace_bytes=ws, symmetric_bytes=ws,
-                         pipeline_depth=depth, max_blocks=8 if world > 4 else 16)
+    key = (program, tuple(axes), rpn, dtype_name, algorithm, ws, depth, id(group))
+    coll = _COLLS.get(key)
+    if coll is None:  # shape-fuzzed cases reuse the collective (and its kernels)
+        coll = _COLLS[key] = mixcc.compile(
+            program, mesh, dtype=dtype, group=group, backend="fused", algorithm=algorithm,
+            workspace_bytes=ws, symmetric_bytes=ws, pipeline_depth=depth,
+            max_blocks=8 if world > 4 else 16)
     inputs = [make_input(seed, r, rows, hidden, dtype) for r in range(world)]
     exp, mag, terms = expected(program, axes, inputs)
     nst = len(statements(program))
@@ -344,6 +365,10 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             for dtype_name in DTYPES:
                 cases.append((prog, axes, dtype_name, g * 3, 33, "auto", SMALL_WS))
                 cases.append((prog, axes, dtype_name, g * 16, 512, "two_shot", SMALL_WS))
+        if cfg["shapes"] and not cfg["skip_one_node"]:  # many shapes per built kernel
+            pool = sorted({(c[0], tuple(c[1])) for c in cases})
+            cases += shape_cases([(p, list(a)) for p, a in pool], cfg["shapes"],
+                                 cfg["seed"] * 1000 + world)
         # default workspace, big rows: 2 presets in bf16
         for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE)[
                 :0 if cfg["skip_one_node"] else 2]:
@@ -463,6 +488,9 @@ def main() -> None:
     ap.add_argument("--worlds", default="2,4,8")
     ap.add_argument("--fuzz", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--shapes", type=int, default=0,
+                    help="add this many random (program, dtype, rows, hidden, algorithm) "
+                         "cases per world over the programs already listed")
     ap.add_argument("--arch", default=None, help="prebuild for this arch (default: the GPU's)")
     ap.add_argument("--prebuild-only", action="store_true")
     ap.add_argument("--mutate", action="store_true",
@@ -483,7 +511,8 @@ def main() -> None:
     for pair in filter(None, args.nodes.split(",")):
         w, rpn = (int(v) for v in pair.split(":"))
         nodes.setdefault(w, []).append(rpn)
-    cfg = {"fuzz": args.fuzz, "seed": args.seed, "out": os.environ.get("OUT"), "nodes": nodes,
+    cfg = {"fuzz": args.fuzz, "seed": args.seed, "shapes": args.shapes,
+           "out": os.environ.get("OUT"), "nodes": nodes,
            "skip_one_node": args.skip_one_node,
            "arch": args.arch, "pg": args.pg, "mutate": args.mutate,
            "table_path": os.path.join(tempfile.mkdtemp(), "table.jsonl")}
