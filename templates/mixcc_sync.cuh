@@ -61,11 +61,42 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned lo
   return v;
 }
 
-// Record a timed-out wait in `err` (the first writer wins) and publish whom it blames in
-// this rank's blame words, so that a peer waiting for this rank names the root cause
-// rather than this rank. Stages: 0 input barrier, 1 result barrier, 2 inter-node data
-// (NVSHMEM signal), 3 inter-node credit. `via`: 1 + the peer waited for when `peer` was
-// learned from that peer's blame word, else 0.
+// Blame words (docs/DESIGN.md, "Reliability"): 1 + the rank this rank's timed-out wait
+// blames, with BLAME_FINAL once its error record is written. A rank that times out first
+// publishes a tentative word, then listens for BLAME_GRACE_NS to the word of the peer it
+// waited for, adopting (and re-publishing) the rank that peer blames: timeouts that
+// expire together along a chain (rank 3 waits for rank 1, which waits for the dead rank
+// 0) then all name rank 0. Before its own timeout a wait adopts only final words.
+// 250 ms: far above the spread of the ranks' timeout moments (they start waiting within
+// microseconds of each other) and well inside the +1 s users are promised.
+constexpr unsigned BLAME_FINAL = 0x80000000u;
+constexpr uint64_t BLAME_GRACE_NS = 250000000ull;
+
+__device__ __forceinline__ void publish_tentative(ErrorRecord* err, int root) {
+  const unsigned v = (unsigned)root + 1;
+  if (unsigned* b = err->blame_ipc) {
+    unsigned old = *(volatile unsigned*)b;
+    while (!(old & BLAME_FINAL) && old != v) {
+      const unsigned prev = atomicCAS(b, old, v);
+      if (prev == old) break;
+      old = prev;
+    }
+  }
+  if (unsigned long long* bs = err->blame_sym) {
+    unsigned long long old = *(volatile unsigned long long*)bs;
+    while (!(old & BLAME_FINAL) && old != v) {
+      const unsigned long long prev = atomicCAS(bs, old, (unsigned long long)v);
+      if (prev == old) break;
+      old = prev;
+    }
+  }
+  __threadfence_system();
+}
+
+// Record a timed-out wait in `err` (the first writer wins) and publish whom it blames,
+// final, in this rank's blame words. Stages: 0 input barrier, 1 result barrier, 2
+// inter-node data (NVSHMEM signal), 3 inter-node credit. `via`: 1 + the peer waited for
+// when `peer` was learned from that peer's blame word, else 0.
 __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int peer, int stage,
                                                int block, unsigned epoch, int via = 0) {
   if (atomicCAS((int*)&err->status, 0, 1) == 0) {
@@ -75,10 +106,9 @@ __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int p
     err->block = block;
     err->epoch = epoch;
     err->via = via;
-    unsigned* b = err->blame_ipc;
-    unsigned long long* bs = err->blame_sym;
-    if (b) *(volatile unsigned*)b = (unsigned)peer + 1;
-    if (bs) *(volatile unsigned long long*)bs = (unsigned long long)peer + 1;
+    const unsigned v = ((unsigned)peer + 1) | BLAME_FINAL;
+    if (unsigned* b = err->blame_ipc) atomicExch(b, v);
+    if (unsigned long long* bs = err->blame_sym) atomicExch(bs, (unsigned long long)v);
     __threadfence_system();
   }
 }
@@ -120,14 +150,28 @@ __device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t t
   while ((int)(load() - value) < 0) {
     if ((++n & 1023) == 0) {
       if (runtime_failed(err)) return false;
-      const unsigned root = blame();
-      if (root != 0 && (int)root - 1 != rank) {
-        record_timeout(err, rank, (int)root - 1, stage, block, value, peer + 1);
+      const unsigned w = blame();
+      const int root = (int)(w & ~BLAME_FINAL) - 1;
+      if ((w & BLAME_FINAL) && root != rank) {
+        record_timeout(err, rank, root, stage, block, value, peer + 1);
         return false;
       }
     }
     if (globaltimer_ns() - start > timeout_ns) {
-      record_timeout(err, rank, peer, stage, block, value);
+      int root = peer, via = 0;
+      publish_tentative(err, root);
+      const uint64_t t1 = globaltimer_ns();
+      while (globaltimer_ns() - t1 < BLAME_GRACE_NS) {
+        if (runtime_failed(err)) return false;
+        const unsigned w = blame();
+        const int r = (int)(w & ~BLAME_FINAL) - 1;
+        if (w != 0 && r != rank && r != root) {
+          root = r;
+          via = peer + 1;
+          publish_tentative(err, root);
+        }
+      }
+      record_timeout(err, rank, root, stage, block, value, via);
       return false;
     }
   }
