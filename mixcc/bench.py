@@ -232,7 +232,8 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
 
 
 def count_wrong(got: torch.Tensor, expect: torch.Tensor) -> int:
-    """Elements outside rounding of each other (backends round 16-bit sums differently)."""
+    """Elements of `got` outside the rounding of its dtype around `expect` (the exact,
+    float64 result in `mixcc bench`)."""
     g, e = got.double().cpu(), expect.double().cpu()
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(got.dtype, 2e-2)
     return int(((g - e).abs() > tol * (1 + e.abs())).sum())
@@ -361,6 +362,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     skipped: list[str] = []
     refs: dict[str, object] = {}
     entries = _entries(cfg, mesh, dtype, refs, skipped)
+    exact = {prog: mixcc_compile(prog, mesh, dtype=torch.float64, backend="reference")
+             for prog in entries}  # compile is collective: the same order on every rank
     hidden = cfg["hidden"]
     elem = torch.empty((), dtype=dtype).element_size()
     size_lists = {}
@@ -427,7 +430,9 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                     if rank == 0:
                         progress.update(step, f"{prog} | {be} | {mode} | rows {nrows}")
                     if be != "reference" and expect is None:  # collective, on every rank
-                        expect = ref(on(device_for("reference")))
+                        # the exact result: the reference backend in float64, so that
+                        # #wrong counts a backend's own errors, not the reference's roundings
+                        expect = exact[prog](on(device_for("reference")).double())
                     timing = ("graph" if device_times else "host") \
                         if device.type == "cuda" else "cpu"
                     t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
@@ -538,6 +543,38 @@ def read_rows(path: str) -> list[Row]:
         data = json.load(f)
     return [Row(**{k: (math.nan if v is None and k in floats else v) for k, v in d.items()})
             for d in data]
+
+
+def read_log(path: str) -> list[Row]:
+    """Rebuild the rows of a bench log (the printed tables with their '#' preambles), e.g.
+    of a run cut short before it wrote its files. Ratios are left to add_ratios."""
+    import re
+
+    head = re.compile(r"# mixcc bench: mesh (\S+) \(ranks_per_node (\d+)\), world (\d+), "
+                      r"process group \S+?(?:; (.*?), (one GPU.*|one GPU per rank|CPU))?$")
+    times = re.compile(r"# dtype (\S+), hidden (\d+), .*median of (\d+) repeats of (\d+) calls")
+    ctx: dict = {}
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if m := head.match(line):
+                ctx.update(mesh=m[1], ranks_per_node=int(m[2]), world=int(m[3]),
+                           device=m[4] or "", setup=m[5] or "")
+            elif m := times.match(line):
+                ctx.update(dtype=m[1], hidden=int(m[2]), repeats=int(m[3]), iters=int(m[4]))
+            elif ctx.get("dtype") and len(line) > 35 and not line.startswith(("#", "program")):
+                f_ = line[35:].split()
+                if len(f_) != 14 or f_[2] not in ("graph", "host", "cpu"):
+                    continue
+                rows.append(Row(
+                    line[:34].strip(), f_[0], f_[1], f_[2], ctx["dtype"], ctx["world"],
+                    ctx["mesh"], ctx["ranks_per_node"], int(f_[3]), ctx["hidden"], int(f_[4]),
+                    float(f_[5]), float(f_[6]), float(f_[7]), float(f_[8]), float(f_[9]),
+                    float(f_[10]), -1 if f_[13] == "n/a" else int(f_[13]),
+                    iters=ctx["iters"], repeats=ctx["repeats"], device=ctx["device"],
+                    setup=ctx["setup"]))
+    return rows
 
 
 def plot_groups(rows: list[Row]) -> dict[tuple[str, int], list[Row]]:

@@ -406,6 +406,14 @@ def worker(rank: int, world: int, cfg: dict) -> None:
         hier_rpns = cfg["nodes"].get(world, [])
         if hier_rpns:
             hier = hier_cases(world, hier_rpns, cfg["fuzz"], cfg["seed"])
+            if cfg["shapes"]:  # random shapes over the built cross-node programs too
+                rng = random.Random(cfg["seed"] * 1000 + world + 1)
+                base = sorted({(c[0], tuple(c[1]), c[2], c[3]) for c in hier})
+                for _ in range(cfg["shapes"] // 4):
+                    prog, axes, rpn, dtype_name = rng.choice(base)
+                    hier.append((prog, list(axes), rpn, dtype_name,
+                                 granularity(prog, axes) * rng.randint(1, 48),
+                                 rng.choice(HIDDENS), rng.choice((1, 2, 3))))
             cases += hier
             for i, (prog, axes, rpn, dtype_name, rows, hidden, depth) in enumerate(hier):
                 try:
@@ -490,7 +498,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--shapes", type=int, default=0,
                     help="add this many random (program, dtype, rows, hidden, algorithm) "
-                         "cases per world over the programs already listed")
+                         "cases per world over the programs already listed, and a quarter "
+                         "as many (program, ranks_per_node, dtype, rows, hidden, depth) "
+                         "cross-node cases where --nodes lists the world")
     ap.add_argument("--arch", default=None, help="prebuild for this arch (default: the GPU's)")
     ap.add_argument("--prebuild-only", action="store_true")
     ap.add_argument("--mutate", action="store_true",
