@@ -20,11 +20,17 @@
 # cache); prebuilding into .mxcache elsewhere (--arch sm_90a) and carrying it saves that.
 set -u -o pipefail
 source "$(dirname "$0")/device_env.sh"
+# The full sweep takes more than one 10-minute device call (measured 2026-11-25: worlds 2
+# and 4 of the allreduce step alone about 8 minutes). Split it with STEPS (allreduce,
+# combined, nccl1) and AR_WORLDS / C_WORLDS, e.g. STEPS=allreduce AR_WORLDS=8.
 if [ "${1:-}" = "--quick" ]; then
-  AR_WORLDS=2,4; C_WORLDS=4; MAX=256K; NCCL1_MAX=64K; TIMES=(--iters 5 --repeats 3)
+  AR_WORLDS=${AR_WORLDS:-2,4}; C_WORLDS=${C_WORLDS:-4}; MAX=256K; NCCL1_MAX=64K
+  TIMES=(--iters 5 --repeats 3)
 else
-  AR_WORLDS=2,4,8; C_WORLDS=4,8; MAX=64M; NCCL1_MAX=1M; TIMES=(--iters 20 --repeats 10)
+  AR_WORLDS=${AR_WORLDS:-2,4,8}; C_WORLDS=${C_WORLDS:-4,8}; MAX=64M; NCCL1_MAX=1M
+  TIMES=(--iters 20 --repeats 10)
 fi
+STEPS=${STEPS:-allreduce,combined,nccl1}
 nvidia-smi -L; nvcc --version | tail -1
 python3 -c "import torch; print('torch', torch.__version__)"
 pipe=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/nvidia-mps}
@@ -43,6 +49,7 @@ echo "prebuild: ${SECONDS} s ($(cat "$OUT"/prebuild_tp*.log | grep -c 'built in'
 
 step() {  # name, then mixcc bench arguments
   local name=$1; shift
+  case ",$STEPS," in *",${name#bench_mps_},"*) ;; *) echo "$name: skipped (STEPS)"; return;; esac
   python3 -m mixcc bench --dtype bfloat16 --hidden 1024 --min-bytes 16K "${TIMES[@]}" \
     --out "$OUT/$name" "$@" 2>&1 | grep -v "^\[\|FutureWarning\|warnings.warn" \
     > "$OUT/$name.log"
