@@ -11,3 +11,12 @@ else
   export PYTHONPATH=$PWD
 fi
 export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
+
+# start_mps: an MPS daemon with the pipe and log directories of this machine's scripts,
+# stopped (quit) when the calling script exits.
+start_mps() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && echo "MPS started"
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+}

@@ -7,10 +7,7 @@
 set -u
 source "$(dirname "$0")/device_env.sh"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_REMOTE_TRANSPORT=none
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d && echo "MPS started"
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+start_mps
 filter() { grep -v "^W1\|FutureWarning\|warnings.warn\|UserWarning\|^\["; }
 SECONDS=0
 (python3 scripts/gpu_check.py --worlds 4 --fuzz 1 --seed 31 --prebuild-only >/dev/null 2>&1;

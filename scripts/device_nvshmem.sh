@@ -12,10 +12,7 @@ export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}  # one host: P
 nvidia-smi -L; nvcc --version | tail -1
 python3 -c "import torch, importlib.metadata as m; print('torch', torch.__version__, \
   'nvshmem', m.version('nvidia-nvshmem-cu13'))"
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d && echo "MPS started"
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+start_mps
 filter() { grep -v "^W1\|FutureWarning\|warnings.warn\|UserWarning"; }
 check() { python3 scripts/gpu_check.py "$@" 2>&1 | filter; }
 case "${1:-w4}" in

@@ -13,10 +13,7 @@ for pass in cold hit; do
   time (MIXCC_CACHE_DIR=/tmp/mixcc-cold python3 -m mixcc prebuild --mesh dp=2,tp=4 \
     --dtype bfloat16 2>&1 | sed 's/  \/.*$//')
 done
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d && echo "MPS started"
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+start_mps
 python3 scripts/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log" | grep -v "^W1\|FutureWarning\|warnings.warn"
 python3 -m mixcc bench --world-size 2 --backend fused,reference,nccl1 --program allreduce_allgather \
   --program reducescatter_allreduce --max-rows 256 --iters 10 --repeats 5 --out "$OUT/bench_1gpu" \

@@ -9,10 +9,7 @@ source "$(dirname "$0")/device_env.sh"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
 export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
 nvidia-smi -L
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d && echo "MPS started"
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+start_mps
 filter() { grep -v "^W1\|FutureWarning\|warnings.warn\|UserWarning"; }
 for pct in "" 25 12; do
   CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct python3 -c "import torch; \

@@ -15,10 +15,7 @@ else
   AR_WORLDS="2 4 8"; C_WORLDS="4 8"; MAX=64M; TIMES=(--iters 10 --repeats 3)
 fi
 nvidia-smi -L
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-nvidia-cuda-mps-control -d && echo "MPS started"
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+start_mps
 filter() { grep -v "^W1\|FutureWarning\|warnings.warn\|UserWarning\|^\["; }
 SECONDS=0
 for tp in 1 2 4; do

@@ -101,6 +101,14 @@ GRACE_S = 45  # with --deadline-s D: no run starts after D s, every run is kille
 # Pure judging (parent side; tests/test_reliability_script.py feeds these fake data)
 # ---------------------------------------------------------------------------------------
 
+def exit_problems(r: int, code: int | None, rep: dict) -> list[str]:
+    """Rank r's exit code other than 0 and the failure its report records, as problems."""
+    out = [f"rank {r}: {exit_desc(code)}"] if code != 0 else []
+    if rep.get("failure"):
+        out.append(f"rank {r}: {rep['failure'][:300]}")
+    return out
+
+
 def exit_desc(code: int | None) -> str:
     if code is None:
         return "hung (killed by the parent)"
@@ -176,11 +184,7 @@ def judge_kill_trial(world: int, victim: int, t_kill: float | None, reports: dic
         if r == victim:
             continue
         rep = reports.get(r) or {}
-        code = codes.get(r)
-        if code != 0:
-            problems.append(f"rank {r}: {exit_desc(code)}")
-        if rep.get("failure"):
-            problems.append(f"rank {r}: {rep['failure'][:300]}")
+        problems += exit_problems(r, codes.get(r), rep)
         err = rep.get("error")
         if not err:
             if not rep.get("failure"):
@@ -263,11 +267,8 @@ def judge_mismatch(world: int, odd: int, reports: dict, codes: dict, logs: dict,
     rows in `mine` and the two descriptions differ."""
     problems = []
     for r in range(world):
-        rep, code = reports.get(r) or {}, codes.get(r)
-        if code != 0:
-            problems.append(f"rank {r}: {exit_desc(code)}")
-        if rep.get("failure"):
-            problems.append(f"rank {r}: {rep['failure'][:300]}")
+        rep = reports.get(r) or {}
+        problems += exit_problems(r, codes.get(r), rep)
         res = rep.get("mismatch")
         if not res:
             if not rep.get("failure"):
