@@ -48,8 +48,8 @@ class Collective:
         self._fused: dict[torch.dtype, fused.FusedRunner] = {}
         self._auto: dict[torch.dtype, str] = {}  # backend "auto" picks, per CUDA dtype
         self._dtype_ok: set[torch.dtype] = set()
-        # validated call signatures -> (backend, output shape): a repeated call with the
-        # same kind of tensors skips the checks (the host overhead of a call, issue 8)
+        # validated call signatures -> (backend, output shape, fast call or None): a
+        # repeated call with the same kind of tensors skips the checks (host overhead)
         self._seen: dict[tuple, tuple] = {}  # signature -> (backend, shape, fast call)
         if debug.enabled(options.get("debug")):
             debug.register(program, len(plan.stages))
@@ -157,9 +157,11 @@ class Collective:
             if not torch_ops.in_op_impl():
                 return torch_ops.traced_call(self, x, out)
         if type(x) is torch.Tensor and (out is None or type(out) is torch.Tensor):
-            sig = (x.shape, x.dtype, x.device, x.is_contiguous(), None) if out is None else \
-                (x.shape, x.dtype, x.device, x.is_contiguous(), out.shape, out.dtype,
-                 out.device, out.is_contiguous())
+            # the current device too: a CUDA call launches on it (checked the first time)
+            cur = _current_device() if x.is_cuda else -1
+            sig = (x.shape, x.dtype, x.device, cur, x.is_contiguous(), None) if out is None \
+                else (x.shape, x.dtype, x.device, cur, x.is_contiguous(), out.shape,
+                      out.dtype, out.device, out.is_contiguous())
             seen = self._seen.get(sig)
             if seen is not None:  # validated before: only the overlap of x and out is new
                 if out is not None:
@@ -173,8 +175,9 @@ class Collective:
                 fast = None
                 if backend == "fused":
                     fast = self._fused_runner(x).fast_call(x, shape)
-                if len(self._seen) < 256:
-                    self._seen[sig] = (backend, shape, fast)
+                if len(self._seen) >= 256:  # many shapes: forget the oldest
+                    del self._seen[next(iter(self._seen))]
+                self._seen[sig] = (backend, shape, fast)
         else:
             backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
             shape = self._check(x, out, backend)
@@ -204,7 +207,8 @@ class Collective:
 
     def check(self) -> None:
         """Raise mixcc.CollectiveTimeout if a device-side wait of this collective's runtime
-        timed out (calls check this themselves before launching)."""
+        timed out, or mixcc.CollectiveMismatch if debug mode found mismatched calls (calls
+        check this themselves before launching)."""
         for runner in self._fused.values():
             runner.rt.check()
 
@@ -213,6 +217,11 @@ class Collective:
         mixcc.runtime.close_all() releases it)."""
         self._fused.clear()
         self._seen.clear()
+
+
+def _current_device() -> int:
+    get = getattr(torch._C, "_cuda_getDevice", None)  # the cheap private accessor, if any
+    return get() if get is not None else torch.cuda.current_device()
 
 
 def _check_overlap(x: torch.Tensor, out: torch.Tensor) -> None:

@@ -50,7 +50,8 @@ class CollectiveTimeout(MixccError):
                  timeout_s: float, via: int | None = None):
         self.rank, self.peer, self.stage, self.block, self.epoch = rank, peer, stage, block, epoch
         self.via = via
-        how = (f"waited for rank {via}, which had itself timed out waiting for rank {peer},"
+        how = (f"waited for rank {via}, which had itself given up on rank {peer} (directly or "
+               "through another rank),"
                if via is not None else f"waited more than {timeout_s:g} s for rank {peer}")
         super().__init__(
             f"rank {rank} {how} at stage '{stage}' (block {block}, epoch {epoch}); rank "

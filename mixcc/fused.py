@@ -150,6 +150,10 @@ class FusedRunner:
             self.stages.append((stage, lib))
             hashes.append(src_hash)
             occupancy = min(occupancy, blocks_per_sm(lib))
+        if self.rt.world > 1:  # every rank must launch the same grid: agree on the fewest
+            everyone: list = [None] * self.rt.world
+            dist.all_gather_object(everyone, occupancy, group=group)
+            occupancy = min(everyone)
         self.block_cap = block_cap(occupancy, self.rt.sms_per_rank)
         self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, self.block_cap)
         # per-stage facts the hot path needs, computed once
@@ -164,8 +168,7 @@ class FusedRunner:
         self._args: dict[tuple[int, int], abi.LaunchArgs] = {}
 
     def _tuned(self, i: int, nbytes: int) -> tune.Choice | None:
-        return self.tuned.get(self._prefixes[i] + str(tune.bucket(nbytes))) if self.tuned \
-            else None
+        return self.tuned.get((i, tune.bucket(nbytes))) if self.tuned else None
 
     def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
         """(algorithm, columns per block, chunks, blocks) for intra stage i; the same on
@@ -228,6 +231,8 @@ class FusedRunner:
         key = (i, unit_elems)
         a = self._args.get(key)
         if a is None:
+            if len(self._args) >= 4096:  # many shapes: start over rather than grow
+                self._args.clear()
             a = self._args[key] = self._make_args(i, unit_elems, x.numel() * self.elem)
         a.in_ptr = in_ptr = x.data_ptr()
         a.out_ptr = out_ptr = dst.data_ptr()

@@ -70,7 +70,8 @@ class _ErrorRecord(ctypes.Structure):  # mirrors mixcc::ErrorRecord in mixcc_syn
     _fields_ = [("status", ctypes.c_int), ("rank", ctypes.c_int), ("peer", ctypes.c_int),
                 ("stage", ctypes.c_int), ("block", ctypes.c_int), ("epoch", ctypes.c_uint),
                 ("mine_fp", ctypes.c_uint), ("peer_fp", ctypes.c_uint), ("via", ctypes.c_int),
-                ("blame_ipc", ctypes.c_void_p), ("blame_sym", ctypes.c_void_p)]
+                ("blame_ipc", ctypes.c_void_p), ("blame_sym", ctypes.c_void_p),
+                ("claim", ctypes.c_int)]
 
 
 ABORT_ENV = "MIXCC_ABORT_ON_ERROR"
@@ -192,7 +193,7 @@ class Runtime:
             err = self.error()
             if err is None:
                 continue
-            abort = self.abort_on_error or abort_enabled(None)
+            abort = self.abort_on_error
             log.error("mixcc watchdog (rank %d, pid %d): %s The output of the failed call "
                       "and of every later call on this runtime is undefined.%s",
                       self.rank, os.getpid(), err,
@@ -206,7 +207,8 @@ class Runtime:
             return
 
     def check(self) -> None:
-        """Raise CollectiveTimeout if a device-side wait of this runtime timed out."""
+        """Raise CollectiveTimeout if a device-side wait of this runtime timed out, or
+        CollectiveMismatch if debug mode found mismatched calls."""
         if self._closed:
             raise RuntimeError("this mixcc runtime is closed")
         err = self.error()
@@ -222,32 +224,33 @@ class Runtime:
                 f"on other hosts ({sorted({self.hosts[r] for r in missing})}); set the "
                 "mesh's ranks_per_node to the ranks per host")
 
-    def close(self, barrier: bool = True) -> None:
-        """Release peer mappings and memory. With `barrier` (while the group lives) this is
-        collective: a barrier first, so no peer still reads this workspace.
+    def close(self, barrier: bool = True) -> bool:
+        """Release peer mappings and memory; returns whether the runtime had failed on
+        any rank (then NVSHMEM must not be finalised either).
 
-        After a failure (a timeout, a mismatch, or a barrier that failed because a peer
-        is gone) there is no barrier and this rank's own workspace is not freed: a
-        surviving peer may still write into it until its own kernels give up. It is
-        released when the process exits."""
+        First this rank's queued kernels finish (after a failure they return at once).
+        With `barrier` (while the group lives) it is collective: a barrier, so that no peer
+        still reads this workspace, then the ranks agree whether any of them failed. Every
+        rank takes part whether or not it failed itself, so a peer that finished a call
+        this rank timed out on is not left waiting. When a rank failed, or the barrier
+        fails because a peer is gone, this rank's own workspace is not freed (a surviving
+        peer may still write into it until its own kernels give up); the process exit
+        releases it. Without `barrier` nothing is agreed: only a failure seen here keeps
+        the workspace."""
         if self._closed:
-            return
+            return False
         self._closed = True
-        self._stop.set()
-        self._watchdog.join()
         lib = native()
         failures = []
-        keep_workspace = self.failed()
+        keep_workspace = True
         try:
             torch.cuda.synchronize(self.device)  # queued kernels return once one failed
-            if barrier and not keep_workspace and self.world > 1 and dist.is_initialized():
-                try:
-                    dist.barrier(group=self.group)
-                except Exception as e:  # a peer is gone: release what is only ours
-                    log.warning("mixcc: rank %d: the closing barrier failed (%s); releasing "
-                                "without it", self.rank, e)
-                    keep_workspace = True
+            keep_workspace = self.failed()  # decided after the kernels ran, not before
+            if barrier and self.world > 1 and dist.is_initialized():
+                keep_workspace = self._any_failed(keep_workspace)
         finally:
+            self._stop.set()
+            self._watchdog.join()  # it may log the failure the synchronize revealed
             for p in self._opened:
                 failures.append(("cudaIpcCloseMemHandle", lib.mixcc_rt_ipc_close(self.device, p)))
             self._opened = []
@@ -262,6 +265,23 @@ class Runtime:
                 _RUNTIMES.pop(self._key, None)
         for what, rc in failures:  # everything was released first; now report
             cuda_check(rc, what)
+        return keep_workspace
+
+    def _any_failed(self, mine: bool) -> bool:
+        """Collective: a barrier, then whether any rank's runtime failed. A barrier that
+        fails (a peer is gone) counts as a failure."""
+        try:
+            dist.barrier(group=self.group)
+            backend = str(dist.get_backend(self.group))
+            dev = torch.device("cuda", self.device) if backend == "nccl" else \
+                torch.device("cpu")
+            flag = torch.tensor([int(mine)], dtype=torch.int32, device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            return bool(flag.item())
+        except Exception as e:  # a peer is gone: release what is only ours
+            log.warning("mixcc: rank %d: the closing barrier failed (%s); releasing "
+                        "without it", self.rank, e)
+            return True
 
     def __enter__(self) -> Runtime:
         return self
@@ -298,12 +318,13 @@ def close_all(barrier: bool = True) -> None:
     """Close every runtime (call on every rank before destroying the process groups)."""
     from . import nvshmem
 
-    failed = any(rt.failed() for rt in _RUNTIMES.values())
+    failed = False
     errors = []
     for rt in list(_RUNTIMES.values()):
         try:
-            rt.close(barrier=barrier)
+            failed |= rt.close(barrier=barrier)
         except RuntimeError as e:  # release the others first
+            failed = True
             errors.append(e)
     _RUNTIMES.clear()
     # NVSHMEM's free and finalize are collective: not without the peers, and not after a

@@ -60,6 +60,7 @@ def stage_prefix(src_hash: str, dtype: str, world: int, arch: str) -> str:
 
 
 def key(src_hash: str, dtype: str, world: int, arch: str, nbytes: int) -> str:
+    """The table key of one stage at one size."""
     return stage_prefix(src_hash, dtype, world, arch) + str(bucket(nbytes))
 
 
@@ -71,10 +72,16 @@ def load(path: Path | None = None) -> dict[str, Choice]:
         return {}
     try:
         raw = json.loads(path.read_text())
-        if raw.get("version") != VERSION:
-            raise ValueError(f"version {raw.get('version')!r}, expected {VERSION}")
-        return {k: Choice(**v) for k, v in raw["entries"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(raw, dict) or raw.get("version") != VERSION:
+            raise ValueError(f"version {raw.get('version') if isinstance(raw, dict) else raw!r}"
+                             f", expected {VERSION}")
+        out = {str(k): Choice(**v) for k, v in raw["entries"].items()}
+        for c in out.values():
+            if not (isinstance(c.algorithm, str) and isinstance(c.blocks, int) and c.blocks > 0
+                    and isinstance(c.chunk_cols, int)):
+                raise ValueError(f"bad entry {c}")
+        return out
+    except Exception as e:  # any damage: ignored, never a crash on one rank only
         warnings.warn(f"mixcc: ignoring the tuning table {path}: {e}", RuntimeWarning,
                       stacklevel=2)
         return {}
@@ -96,12 +103,19 @@ def save(entries: dict[str, Choice], path: Path | None = None) -> Path:
     return path
 
 
-def shared(group: dist.ProcessGroup | None, prefixes: list[str]) -> dict[str, Choice]:
-    """Rank 0's entries under `prefixes`, the same dict on every rank of `group`."""
+def shared(group: dist.ProcessGroup | None, prefixes: list[str]) -> dict[tuple[int, int], Choice]:
+    """Rank 0's entries for the stages whose key prefixes are `prefixes`, as
+    {(stage index, size bucket): choice}, the same dict on every rank of `group`: keyed by
+    stage index, so a rank whose own prefix differs (another arch or build) still launches
+    rank 0's grid."""
     mine = None
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     if rank == 0:
-        mine = {k: v for k, v in load().items() if any(k.startswith(p) for p in prefixes)}
+        mine = {}
+        for k, v in load().items():
+            for i, p in enumerate(prefixes):
+                if k.startswith(p) and k[len(p):].isdigit():
+                    mine[(i, int(k[len(p):]))] = v
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return mine or {}
     box = [mine]

@@ -58,7 +58,7 @@ def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: li
     from .bench import repeat_times
 
     runner.tuned = {} if choice is None else {
-        p + str(tune.bucket(b)): choice for p, b in zip(runner._prefixes, per_stage, strict=True)}
+        (i, tune.bucket(b)): choice for i, b in enumerate(per_stage)}
     runner._args.clear()  # launch arguments are cached per shape, and so are fast calls
     coll._seen.clear()
     ts = repeat_times(lambda: coll(x, out=out), cfg["iters"], cfg["repeats"], "graph")
@@ -95,8 +95,9 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             for p, b in zip(runner._prefixes, per_stage, strict=True):
                 entries[p + str(tune.bucket(b))] = tune.Choice(
                     best.algorithm, best.blocks, best.chunk_cols, round(t * 1e6, 2))
-            runner.tuned = {k: v for k, v in entries.items()
-                            if any(k.startswith(p) for p in runner._prefixes)}
+            runner.tuned = {(i, tune.bucket(b)): entries[p + str(tune.bucket(b))]
+                            for i, (p, b) in enumerate(zip(runner._prefixes, per_stage,
+                                                           strict=True))}
             runner._args.clear()
             coll._seen.clear()
             if rank == 0:

@@ -23,14 +23,21 @@
 namespace mixcc {
 
 struct ErrorRecord {           // host-mapped; written once by the first failing thread
-  volatile int status;         // 0 ok, 1 timeout, 2 fingerprint mismatch (debug mode)
+  volatile int status;         // 0 ok, 1 timeout, 2 fingerprint mismatch (debug mode);
+                               // stored last, with release: the fields below are complete
   volatile int rank, peer, stage, block;
   volatile unsigned epoch;
   volatile unsigned mine_fp, peer_fp;  // status 2: this rank's and the peer's fingerprints
   volatile int via;            // 1 + the peer waited for when `peer` is the rank it blamed
   unsigned* blame_ipc;         // set by the host: this rank's blame words (IPC workspace,
   unsigned long long* blame_sym;  // NVSHMEM symmetric workspace or null), written on timeout
+  volatile int claim;          // the first failing thread takes it (CAS 0 -> 1), then
+                               // writes the fields, then status
 };
+
+__device__ __forceinline__ void st_release_sys_int(volatile int* p, int v) {
+  asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
@@ -67,8 +74,10 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned lo
 // waited for, adopting (and re-publishing) the rank that peer blames: timeouts that
 // expire together along a chain (rank 3 waits for rank 1, which waits for the dead rank
 // 0) then all name rank 0. Before its own timeout a wait adopts only final words.
-// 250 ms: far above the spread of the ranks' timeout moments (they start waiting within
-// microseconds of each other) and well inside the +1 s users are promised.
+// 250 ms: far above the usual spread of the ranks' timeout moments (ranks blocked on one
+// dead peer start waiting within microseconds of each other) and well inside the +1 s
+// users are promised. A rank that started waiting more than 250 ms before the rank it
+// waits for can still name that rank instead of the root.
 constexpr unsigned BLAME_FINAL = 0x80000000u;
 constexpr uint64_t BLAME_GRACE_NS = 250000000ull;
 
@@ -99,7 +108,7 @@ __device__ __forceinline__ void publish_tentative(ErrorRecord* err, int root) {
 // when `peer` was learned from that peer's blame word, else 0.
 __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int peer, int stage,
                                                int block, unsigned epoch, int via = 0) {
-  if (atomicCAS((int*)&err->status, 0, 1) == 0) {
+  if (atomicCAS((int*)&err->claim, 0, 1) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->stage = stage;
@@ -110,6 +119,7 @@ __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int p
     if (unsigned* b = err->blame_ipc) atomicExch(b, v);
     if (unsigned long long* bs = err->blame_sym) atomicExch(bs, (unsigned long long)v);
     __threadfence_system();
+    st_release_sys_int(&err->status, 1);  // the host reads a complete record
   }
 }
 
@@ -117,7 +127,7 @@ __device__ __forceinline__ void record_timeout(ErrorRecord* err, int rank, int p
 __device__ __forceinline__ void record_mismatch(ErrorRecord* err, int rank, int peer,
                                                 int block, unsigned epoch, unsigned mine,
                                                 unsigned theirs) {
-  if (atomicCAS((int*)&err->status, 0, 2) == 0) {
+  if (atomicCAS((int*)&err->claim, 0, 1) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->stage = 0;
@@ -126,17 +136,21 @@ __device__ __forceinline__ void record_mismatch(ErrorRecord* err, int rank, int 
     err->mine_fp = mine;
     err->peer_fp = theirs;
     __threadfence_system();
+    st_release_sys_int(&err->status, 2);
   }
 }
 
 // Another wait of this runtime already timed out: every later wait gives up at once, so
 // kernels queued behind a failed one return instead of each waiting its own timeout.
 __device__ __forceinline__ bool runtime_failed(const ErrorRecord* err) {
-  return *(volatile const int*)&err->status != 0;
+  return err->claim != 0;
 }
 
-// Spin until load() >= value in wrapping uint32 arithmetic. On timeout (or when the
-// runtime already failed), record (rank, peer, stage, block, value) and return false.
+// Spin until load() >= value in wrapping uint32 arithmetic. On timeout, record (rank,
+// peer, stage, block, value) and return false; when the runtime already failed, return
+// false without recording (checked at the 32nd spin, then every 1024: a kernel queued
+// behind a failed one returns within microseconds, while a wait that is satisfied soon
+// never reads the host-mapped record).
 // blame() reads the peer's blame word (1 + the rank it timed out on, 0 if none): a peer
 // that gave up on a third rank will never arrive, so the wait ends at once and names
 // that rank, with `via` the peer.
@@ -148,7 +162,7 @@ __device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t t
   const uint64_t start = globaltimer_ns();
   unsigned n = 0;
   while ((int)(load() - value) < 0) {
-    if ((++n & 1023) == 0) {
+    if ((++n & 1023) == 0 || n == 32) {
       if (runtime_failed(err)) return false;
       const unsigned w = blame();
       const int root = (int)(w & ~BLAME_FINAL) - 1;

@@ -58,11 +58,18 @@ def test_table_round_trip_merge_and_damage(tmp_path, monkeypatch):
     got = tune.load()
     assert got == {k1: tune.Choice("one_shot", 16, 0, 12.5),
                    k2: tune.Choice("two_shot", 8, 2048, 3.0)}
-    assert tune.shared(None, [tune.stage_prefix("abc", "bfloat16", 4, "sm_90a")]) == got
-    assert tune.shared(None, [tune.stage_prefix("abd", "bfloat16", 4, "sm_90a")]) == {}
-    path.write_text("{not json")
-    with pytest.warns(RuntimeWarning, match="ignoring the tuning table"):
-        assert tune.load() == {}
+    other = tune.stage_prefix("abd", "bfloat16", 4, "sm_90a")
+    mine = tune.stage_prefix("abc", "bfloat16", 4, "sm_90a")
+    # keyed by (stage index, bucket): stage 1 here is the tuned one
+    assert tune.shared(None, [other, mine]) == {
+        (1, tune.bucket(3 << 20)): tune.Choice("one_shot", 16, 0, 12.5),
+        (1, tune.bucket(100)): tune.Choice("two_shot", 8, 2048, 3.0)}
+    assert tune.shared(None, [other]) == {}
+    for damaged in ("{not json", "[]", json.dumps({"version": 1, "entries": []}),
+                    json.dumps({"version": 1, "entries": {"k": {"algorithm": 1}}})):
+        path.write_text(damaged)
+        with pytest.warns(RuntimeWarning, match="ignoring the tuning table"):
+            assert tune.load() == {}
     path.write_text(json.dumps({"version": 99, "entries": {}}))
     with pytest.warns(RuntimeWarning, match="version"):
         assert tune.load() == {}

@@ -70,7 +70,7 @@ def test_too_small_workspace_is_refused():
 
 def test_tuned_entry_decides_algorithm_blocks_and_chunk():
     nbytes = 7168 * 64 * 2
-    entry = {PREFIX + str(tune.bucket(nbytes)): tune.Choice("two_shot", 6, 1024)}
+    entry = {(0, tune.bucket(nbytes)): tune.Choice("two_shot", 6, 1024)}
     r = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, tuned=entry)
     algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes)
     assert (algo, nblocks) == (1, 6) and cols <= 1024
