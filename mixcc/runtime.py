@@ -20,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -225,18 +226,18 @@ class Runtime:
                 "mesh's ranks_per_node to the ranks per host")
 
     def close(self, barrier: bool = True) -> bool:
-        """Release peer mappings and memory; returns whether the runtime had failed on
-        any rank (then NVSHMEM must not be finalised either).
+        """Release peer mappings and memory; returns whether this runtime failed or found
+        a failed peer while closing (then NVSHMEM must not be finalised either).
 
         First this rank's queued kernels finish (after a failure they return at once).
-        With `barrier` (while the group lives) it is collective: a barrier, so that no peer
-        still reads this workspace, then the ranks agree whether any of them failed. Every
-        rank takes part whether or not it failed itself, so a peer that finished a call
-        this rank timed out on is not left waiting. When a rank failed, or the barrier
-        fails because a peer is gone, this rank's own workspace is not freed (a surviving
-        peer may still write into it until its own kernels give up); the process exit
-        releases it. Without `barrier` nothing is agreed: only a failure seen here keeps
-        the workspace."""
+        With `barrier` (while the group lives) the ranks then meet through the group's
+        store, so that no peer still reads this workspace when it is freed: each rank
+        posts whether its runtime failed. A failed rank posts and goes on (a peer may be
+        dead: it waits for nobody); a healthy rank waits for every rank's post (at most
+        CLOSE_WAIT_S) and keeps its workspace when any rank failed or did not post, so a
+        rank that completed a call another timed out on is not left waiting. A kept
+        workspace is released by the process exit: a surviving peer may still write into
+        it. Without `barrier` only a failure seen here keeps the workspace."""
         if self._closed:
             return False
         self._closed = True
@@ -247,7 +248,7 @@ class Runtime:
             torch.cuda.synchronize(self.device)  # queued kernels return once one failed
             keep_workspace = self.failed()  # decided after the kernels ran, not before
             if barrier and self.world > 1 and dist.is_initialized():
-                keep_workspace = self._any_failed(keep_workspace)
+                keep_workspace = self._meet(keep_workspace)
         finally:
             self._stop.set()
             self._watchdog.join()  # it may log the failure the synchronize revealed
@@ -267,20 +268,32 @@ class Runtime:
             cuda_check(rc, what)
         return keep_workspace
 
-    def _any_failed(self, mine: bool) -> bool:
-        """Collective: a barrier, then whether any rank's runtime failed. A barrier that
-        fails (a peer is gone) counts as a failure."""
+    def _meet(self, failed: bool) -> bool:
+        """The closing meeting (see close); returns whether to keep the workspace."""
+        store = _store()
+        if store is None:  # no store to meet through: a barrier, skipped after a failure
+            if failed:
+                return True
+            try:
+                dist.barrier(group=self.group)
+                return False
+            except Exception as e:  # a peer is gone
+                log.warning("mixcc: rank %d: the closing barrier failed (%s)", self.rank, e)
+                return True
+        name = getattr(self.group or dist.group.WORLD, "group_name", "world")
+        n = _CLOSES[name] = _CLOSES.get(name, 0) + 1  # the same count on every rank
+        key = f"mixcc/close/{name}/{n}"
+        store.set(f"{key}/{self.rank}", "1" if failed else "0")
+        if failed:
+            return True
         try:
-            dist.barrier(group=self.group)
-            backend = str(dist.get_backend(self.group))
-            dev = torch.device("cuda", self.device) if backend == "nccl" else \
-                torch.device("cpu")
-            flag = torch.tensor([int(mine)], dtype=torch.int32, device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            return bool(flag.item())
-        except Exception as e:  # a peer is gone: release what is only ours
-            log.warning("mixcc: rank %d: the closing barrier failed (%s); releasing "
-                        "without it", self.rank, e)
+            keys = [f"{key}/{r}" for r in range(self.world)]
+            store.wait(keys, timedelta(seconds=CLOSE_WAIT_S))
+            return any(store.get(k) != b"0" for k in keys)
+        except Exception as e:  # a peer never came: keep what it might still touch
+            log.warning("mixcc: rank %d: not every rank reached close() within %g s (%s); "
+                        "keeping this rank's workspace until the process exits", self.rank,
+                        CLOSE_WAIT_S, e)
             return True
 
     def __enter__(self) -> Runtime:
@@ -288,6 +301,21 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# How long a healthy rank waits in close() for the other ranks to post theirs: they may
+# still be finishing other work; a rank that never comes (dead) costs this much once.
+CLOSE_WAIT_S = 60.0
+_CLOSES: dict[str, int] = {}  # closes per group name: the store keys of the meeting
+
+
+def _store():
+    """The default process group's store (the meeting place of close), or None."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except Exception:
+        return None
 
 
 # Stage codes of the device error record (templates/mixcc_sync.cuh).
