@@ -31,11 +31,13 @@ TWO_SHOT_MIN_BYTES = 512 << 10
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
-def _current_stream(device: int) -> int:
-    """The raw current stream of `device`: torch's fast private accessor (a few us cheaper
-    per call than building a Stream object), else the public API."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+def _public_stream(device: int) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# The raw current stream of a device: torch's fast private accessor (a few us cheaper per
+# call than building a Stream object), else the public API.
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _public_stream
 
 
 def multicast_refusal() -> str | None:
@@ -224,16 +226,21 @@ class FusedRunner:
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
         return a
 
-    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
-        unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
-        if unit_elems == 0:
-            return
+    def _cached_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+        """The launch arguments of stage i for this shape, made once and kept."""
         key = (i, unit_elems)
         a = self._args.get(key)
         if a is None:
             if len(self._args) >= 4096:  # many shapes: start over rather than grow
                 self._args.clear()
-            a = self._args[key] = self._make_args(i, unit_elems, x.numel() * self.elem)
+            a = self._args[key] = self._make_args(i, unit_elems, nbytes)
+        return a
+
+    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
+        unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
+        if unit_elems == 0:
+            return
+        a = self._cached_args(i, unit_elems, x.numel() * self.elem)
         a.in_ptr = in_ptr = x.data_ptr()
         a.out_ptr = out_ptr = dst.data_ptr()
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
@@ -256,13 +263,10 @@ class FusedRunner:
         unit_elems = x.shape[0] // stage.lmap.in_units * (x.numel() // max(1, x.shape[0]))
         if unit_elems == 0:
             return None
-        a = self._args.get((0, unit_elems))
-        if a is None:
-            a = self._args[(0, unit_elems)] = self._make_args(0, unit_elems,
-                                                              x.numel() * self.elem)
+        a = self._cached_args(0, unit_elems, x.numel() * self.elem)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
         even = unit_elems % self.vec == 0
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _current_stream
+        raw = _current_stream
         timeout_s = self.timeout_ns / 1e9
 
         def call(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

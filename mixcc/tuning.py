@@ -14,7 +14,6 @@ import statistics
 import sys
 
 import torch
-import torch.distributed as dist
 
 from . import launch, mps, tune
 from .codegen.plan import IntraStage
@@ -45,24 +44,17 @@ def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
     return out
 
 
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # gloo: CPU tensors
-    return float(t.item())
-
-
 def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: list[int],
                  choice: tune.Choice | None, cfg: dict) -> float:
     """Seconds per call with `choice` forced on every stage (None: the heuristic)."""
-    from .bench import repeat_times
+    from .bench import _max_over_ranks, repeat_times
 
     runner.tuned = {} if choice is None else {
         (i, tune.bucket(b)): choice for i, b in enumerate(per_stage)}
     runner._args.clear()  # launch arguments are cached per shape, and so are fast calls
     coll._seen.clear()
     ts = repeat_times(lambda: coll(x, out=out), cfg["iters"], cfg["repeats"], "graph")
-    return _max_over_ranks(statistics.median(ts))
+    return _max_over_ranks([statistics.median(ts)], torch.device("cpu"))[0]  # gloo: CPU
 
 
 def worker(rank: int, world: int, cfg: dict) -> None:
