@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from . import debug, fused, nvshmem
+from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
 from .codegen.plan import Plan
@@ -106,6 +107,14 @@ class Collective:
             pick = self._auto[x.dtype] = "reference" if reason else "fused"
         return pick
 
+    def _by_size(self, backend: str, x: torch.Tensor) -> str:
+        """auto on a validated CUDA input: the reference backend (NCCL) where the tuning
+        table measured it faster at this size, else `backend`."""
+        if self.backend == "auto" and backend == "fused" and self._fused_runner(
+                x).prefers_reference(x.numel() * x.element_size()):
+            return "reference"
+        return backend
+
     def _expected_device(self, backend: str, x: torch.Tensor) -> torch.device:
         if backend == "fused" or x.is_cuda:
             if not torch.cuda.is_available():
@@ -172,6 +181,7 @@ class Collective:
             else:
                 backend = self._choose(x)
                 shape = self._check(x, out, backend)
+                backend = self._by_size(backend, x)
                 fast = None
                 if backend == "fused":
                     fast = self._fused_runner(x).fast_call(x, shape)
@@ -181,6 +191,7 @@ class Collective:
         else:
             backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
             shape = self._check(x, out, backend)
+            backend = self._by_size(backend, x)
         if backend == "fused":
             return self._fused_runner(x)(x, out, shape)
         if self._reference is None:
@@ -265,10 +276,12 @@ def compile(  # noqa: A001 - the public name the contract asks for
     Mesh rank r is rank r of `group`. `rows`, when given, is checked at compile time.
     `backend`: "auto" (fused where it applies, else reference), "reference" or "fused".
     Fused options: `workspace_bytes` (IPC workspace per rank, fixed), `algorithm` ("auto",
-    "one_shot", "two_shot"; one-node stages), `pipeline_depth` (chunks in flight in a
-    cross-node stage, 1-3; 1 = no overlap), `symmetric_bytes` (NVSHMEM workspace per
-    rank, fixed), `timeout_s` for every device-side wait, `max_blocks` (further capped so
-    that the blocks of every rank sharing a GPU fit on it at once).
+    "one_shot", "two_shot", "push"; one-node stages; auto also runs a size on the
+    reference backend where the tuning table measured NCCL faster), `pipeline_depth`
+    (chunks in flight in a cross-node stage, 1-3; 1 = no overlap), `symmetric_bytes`
+    (NVSHMEM workspace per rank, fixed), `timeout_s` for every device-side wait,
+    `max_blocks` (further capped so that the blocks of every rank sharing a GPU fit on it
+    at once).
     `debug` (default: MIXCC_DEBUG) makes every fused call carry a fingerprint of
     (collective, shape, dtype, call count) that ranks compare at their first barrier:
     mismatched calls raise CollectiveMismatch naming both sides. `abort_on_error`
@@ -281,8 +294,9 @@ def compile(  # noqa: A001 - the public name the contract asks for
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if algorithm not in ("auto", "one_shot", "two_shot"):
-        raise ValueError(f"algorithm must be auto, one_shot or two_shot, got {algorithm!r}")
+    if algorithm not in ("auto", *fused.ALGORITHMS):
+        raise ValueError(f"algorithm must be auto, one_shot, two_shot or push, got "
+                         f"{algorithm!r}")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a mixcc.Mesh, got {type(mesh).__name__}")
     size = _group_size(group)
@@ -291,10 +305,12 @@ def compile(  # noqa: A001 - the public name the contract asks for
             f"mesh has {mesh.world_size} ranks but the process group has {size}; "
             "mesh rank r must be group rank r"
         )
-    if workspace_bytes < 1 << 18:
-        raise ValueError(f"workspace_bytes must be >= 262144, got {workspace_bytes}")
-    if symmetric_bytes < 1 << 18:
-        raise ValueError(f"symmetric_bytes must be >= 262144, got {symmetric_bytes}")
+    if workspace_bytes < layout.MIN_WORKSPACE_BYTES:
+        raise ValueError(f"workspace_bytes must be >= {layout.MIN_WORKSPACE_BYTES}, got "
+                         f"{workspace_bytes}")
+    if symmetric_bytes < layout.min_symmetric_bytes():
+        raise ValueError(f"symmetric_bytes must be >= {layout.min_symmetric_bytes()}, got "
+                         f"{symmetric_bytes}")
     if pipeline_depth not in (1, 2, 3):
         raise ValueError(f"pipeline_depth must be 1, 2 or 3, got {pipeline_depth!r}")
     text = resolve(program)

@@ -39,8 +39,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
-# fused variants: backend name -> the `algorithm` compile option
-FUSED = {"fused": "auto", "fused:one_shot": "one_shot", "fused:two_shot": "two_shot"}
+# mixcc's own rows: backend name -> the `algorithm` compile option. "auto" is the compile
+# default (backend="auto": fused kernels, or NCCL where the tuning table measured it
+# faster); the others force the fused backend.
+FUSED = {"auto": "auto", "fused": "auto", "fused:one_shot": "one_shot",
+         "fused:two_shot": "two_shot", "fused:push": "push"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
 GPU_ONLY = (*FUSED, *baselines.SYMM, "separate")  # backends that run on CUDA tensors only
 
@@ -323,7 +326,8 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
             obj = ref
         else:
             try:  # the same verdict on every rank: it depends on the program and machine
-                obj = mixcc_compile(prog, mesh, dtype=dtype, backend="fused",
+                obj = mixcc_compile(prog, mesh, dtype=dtype,
+                                    backend="auto" if be == "auto" else "fused",
                                     algorithm=FUSED[be])
             except ValueError as e:
                 skipped.append(f"{be}: {e}")
@@ -517,6 +521,42 @@ def format_row(r: Row) -> str:
             f"{r.bytes:>10} {r.bus_bytes:>10.0f} {r.time_us:>10.2f} {r.min_us:>10.2f} "
             f"{r.max_us:>10.2f} {r.algbw_gbs:>11.3f} {r.busbw_gbs:>11.3f} {ratio} "
             f"{r.best or '-':<20} {r.errors if r.errors >= 0 else 'n/a':>6}")
+
+
+def pivot(rows: list[Row], mode: str = "oop") -> str:
+    """A compact table of `mode` rows: one line per (program, world, mesh, size), time in
+    us per backend, and each backend's ratio to NCCL (the reference backend, on GPUs) or
+    to the best baseline. The last thing `mixcc bench` prints."""
+    keys: dict[tuple, dict[str, Row]] = {}
+    backends: list[str] = []
+    for r in rows:
+        if r.mode != mode:
+            continue
+        keys.setdefault((r.program, r.world, r.mesh, r.ranks_per_node, r.bytes), {})[
+            r.backend] = r
+        if r.backend not in backends:
+            backends.append(r.backend)
+    if not keys:
+        return ""
+    lines = [f"# {mode} time (us) per backend; /ref: time / the reference backend's"]
+    head = f"{'program':<28} {'mesh':<10} {'bytes':>10} " + " ".join(
+        f"{b[:14]:>14}" for b in backends)
+    if "reference" in backends:
+        head += "  " + " ".join(f"{('/ref ' + b)[:14]:>14}" for b in backends
+                                if b != "reference")
+    lines.append(head)
+    for (prog, world, mesh, rpn, nbytes), by in keys.items():
+        cells = [f"{by[b].time_us:>14.2f}" if b in by else f"{'-':>14}" for b in backends]
+        nodes = f"/{rpn}" if rpn < world else ""  # simulated nodes of rpn ranks
+        line = f"{prog[:28]:<28} {mesh + nodes:<10} {nbytes:>10} "
+        line += " ".join(cells)
+        ref = by.get("reference")
+        if ref is not None and "reference" in backends:
+            line += "  " + " ".join(
+                f"{by[b].time_us / ref.time_us:>14.2f}" if b in by else f"{'-':>14}"
+                for b in backends if b != "reference")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def plot_available() -> bool:

@@ -304,6 +304,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"{e}\nor pass --no-mps (GPU rows then report host issue times, "
                          "not device times)") from None
     bench.add_ratios(rows)
+    if len({r.backend for r in rows}) > 1:
+        print(bench.pivot(rows), flush=True)
     try:
         _write_rows(rows, args.out)
     except OSError as e:
@@ -469,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "tune", help="measure fused launch choices and write the table auto reads",
-        description="Time every candidate launch (one-shot / two-shot, 4-32 blocks, chunk "
-                    "width) of each program per size bucket with CUDA graphs (max over "
-                    "ranks) and write the fastest into the tuning table (the kernel "
-                    "cache's tune/table.json, or MIXCC_TUNE_TABLE). Ranks sharing one GPU "
-                    "run under MPS.")
+        description="Time every candidate launch (one-shot / two-shot / push, 4-128 "
+                    "blocks, chunk width, and NCCL itself with one process per GPU) of "
+                    "each program per size bucket with CUDA graphs (max over ranks) and "
+                    "write the fastest into the tuning table (the kernel cache's "
+                    "tune/table.json, or MIXCC_TUNE_TABLE). Ranks sharing one GPU run "
+                    "under MPS.")
     t.add_argument("--program", action="append",
                    help="program or preset (repeatable; default allreduce(world))")
     t.add_argument("--mesh", default=None, help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2)")

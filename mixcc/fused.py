@@ -20,14 +20,35 @@ import torch.distributed as dist
 from . import debug, nvshmem, tune
 from .codegen import abi, layout
 from .codegen.build import build, device_arch, find_nvcc
-from .codegen.plan import HierStage, IntraStage, Plan, Stage, grid, hier_cols, intra_cols, share_cap
+from .codegen.plan import (
+    HierStage,
+    IntraStage,
+    Plan,
+    Stage,
+    grid,
+    hier_cols,
+    intra_cols,
+    push_cols,
+    share_cap,
+)
 from .codegen.render import CTYPES, render_stage
 from .codegen.spec import BuildSpec, nvshmem_spec
 
-# One-shot reads every source from every consumer: n x the bytes but one barrier.
-# Two-shot moves ~2(n-1)/n of the bytes with a second barrier (a few us). Past about
-# 512 KiB per rank the bytes dominate on NVLink-class links, so auto switches there.
-TWO_SHOT_MIN_BYTES = 512 << 10
+# auto's built-in choice without a tuning table (docs/DESIGN.md, "Intra-node algorithms";
+# measurements in docs/PERF.md, 2026-11-29, two H200s, 128 blocks): the pull one-shot ran
+# at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.69-1.21x) and
+# of push (0.54-1.41x: its remote stores and its local reduce are two phases of a block
+# that do not overlap). Where a rank reads from more than one peer the one-shot reads
+# (peers) x its input, against 2(n-1)/n for the two-shot; past ONE_SHOT_MAX_BYTES_WIDE per
+# rank such stages take the two-shot (NVSwitch machines with more than two GPUs have not
+# been measured: `mixcc tune` decides there).
+ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
+# auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
+# reference backend from this many bytes per rank, where the group has NCCL: on two H200s
+# as two nodes the IPC + NVSHMEM kernel took 1.08x NCCL's time at 4 MiB and 1.3-1.6x from
+# 8 MiB on (allreduce(dp); allgather(dp) 1.0x at 4 MiB, 1.14-1.33x above; docs/PERF.md).
+HIER_NCCL_MIN_BYTES = 4 << 20
+ALGORITHMS = ("one_shot", "two_shot", "push")  # the intra kernels' `algo` codes, in order
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
@@ -70,6 +91,18 @@ def unavailable_reason(plan: Plan, mesh, options: dict, dtype: torch.dtype | Non
     if mesh.world_size > 1 and not dist.is_initialized():
         return "torch.distributed is not initialized"
     return None
+
+
+def push_safe(stage: IntraStage) -> bool:
+    """Whether the push kernel may run this stage in place on every rank (it reads its own
+    input units during the reduce, so no output unit may be written before a later task
+    reads it as input)."""
+    return all(r.inplace_safe for r in stage.push_schedule.ranks)
+
+
+def push_width(stage: IntraStage) -> int:
+    """The most peers one rank pushes to in this stage."""
+    return max(len(r.dsts) for r in stage.push_schedule.ranks)
 
 
 def shares_reduction(stage: IntraStage) -> bool:
@@ -161,6 +194,10 @@ class FusedRunner:
         # per-stage facts the hot path needs, computed once
         self._shares_reduction = [isinstance(st, IntraStage) and shares_reduction(st)
                                   for st, _ in self.stages]
+        self._push_safe = [isinstance(st, IntraStage) and push_safe(st) for st, _ in self.stages]
+        self._push_width = [push_width(st) if isinstance(st, IntraStage) else 0
+                            for st, _ in self.stages]
+        self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
         dname = str(dtype).removeprefix("torch.")
@@ -172,33 +209,68 @@ class FusedRunner:
     def _tuned(self, i: int, nbytes: int) -> tune.Choice | None:
         return self.tuned.get((i, tune.bucket(nbytes))) if self.tuned else None
 
-    def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
-        """(algorithm, columns per block, chunks, blocks) for intra stage i; the same on
+    def default_algorithm(self, i: int, nbytes: int) -> str:
+        """auto's choice for intra stage i without a tuning-table entry (see
+        ONE_SHOT_MAX_BYTES_WIDE): the one-shot, or the two-shot where a rank reads from
+        several peers at a large size and the two-shot splits a reduction."""
+        if self._push_width[i] > 1 and nbytes > ONE_SHOT_MAX_BYTES_WIDE \
+                and self._shares_reduction[i]:
+            return "two_shot"
+        return "one_shot"
+
+    def prefers_reference(self, nbytes: int) -> bool:
+        """Whether auto should run a call with `nbytes` of input per rank on the reference
+        backend (NCCL): the tuning table's entry for this size says so, or, without one, the
+        plan crosses nodes and nbytes >= HIER_NCCL_MIN_BYTES. Only on an NCCL group (the
+        reference backend cannot run CUDA tensors on gloo)."""
+        if not self._nccl or self.algorithm != "auto":
+            return False
+        choice = self._tuned(0, nbytes)
+        if choice is not None:
+            return choice.algorithm == "nccl"
+        return not self.plan.one_node and nbytes >= HIER_NCCL_MIN_BYTES
+
+    def _params(self, i: int, unit_elems: int, nbytes: int, inplace: bool
+                ) -> tuple[int, int, int, int]:
+        """(algorithm code, columns per block, chunks, blocks) for intra stage i; the same on
         every rank for the same shape, as the barriers require. A tuning-table entry
-        decides when there is one; else one-shot, or two-shot from TWO_SHOT_MIN_BYTES on
-        where it splits a reduction."""
+        decides when there is one; else default_algorithm."""
         stage = self.stages[i][0]
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
-            two = self.algorithm == "two_shot"
-        elif choice is not None:
-            two = choice.algorithm == "two_shot"
+            algo = self.algorithm
+        elif choice is not None and choice.algorithm in ALGORITHMS:
+            algo = choice.algorithm
         else:
-            two = nbytes >= TWO_SHOT_MIN_BYTES and self._shares_reduction[i]
-        cols = intra_cols(stage, two, self.elem, self.rt.region_bytes)
+            algo = self.default_algorithm(i, nbytes)
+        if algo == "push" and inplace and not self._push_safe[i]:
+            if self.algorithm == "push":
+                raise ValueError(
+                    f"algorithm='push' cannot run stage {i} of this program in place (an "
+                    "output block is written before it is read as input); pass out= or "
+                    "use algorithm='one_shot'")
+            algo = "one_shot"
+        two = algo == "two_shot"
+        if algo == "push":
+            cols = push_cols(stage, self.elem, self.rt.region_bytes)
+            units = f"{stage.push_schedule.slots} unit slot(s) per sender area"
+        else:
+            cols = intra_cols(stage, two, self.elem, self.rt.region_bytes)
+            units = f"{stage.units_per_region(two)} units per block region"
         if cols < self.vec:
             raise ValueError(
-                f"workspace_bytes={self.rt.workspace_bytes} is too small for "
-                f"{stage.units_per_region(two)} units per block region; raise workspace_bytes")
+                f"workspace_bytes={self.rt.workspace_bytes} is too small for {units}; "
+                "raise workspace_bytes")
         blocks = self.max_blocks
-        if choice is not None:
+        if choice is not None and choice.algorithm == algo:
             blocks = min(blocks, choice.blocks)
             if self.vec <= choice.chunk_cols <= cols:
                 cols = choice.chunk_cols // self.vec * self.vec
         nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks)
-        return int(two), cols, n_chunks, nblocks
+        return ALGORITHMS.index(algo), cols, n_chunks, nblocks
 
-    def _make_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+    def _make_args(self, i: int, unit_elems: int, nbytes: int, inplace: bool
+                   ) -> abi.LaunchArgs:
         """The launch arguments of stage i for this shape (pointers and stream are set
         per call)."""
         stage = self.stages[i][0]
@@ -208,7 +280,7 @@ class FusedRunner:
         a.data_off, a.region_bytes, a.err = layout.DATA_OFFSET, self.rt.region_bytes, \
             self.rt.err_dev
         if isinstance(stage, IntraStage):
-            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes)
+            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes, inplace)
             return a
         cols = hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
         if cols < self.vec:
@@ -216,7 +288,7 @@ class FusedRunner:
                              "hierarchical stage; raise them")
         blocks = self.max_blocks
         choice = self._tuned(i, nbytes)
-        if choice is not None:
+        if choice is not None and choice.algorithm == "hier":
             blocks = min(blocks, choice.blocks)
             if self.vec <= choice.chunk_cols <= cols:
                 cols = choice.chunk_cols // self.vec * self.vec
@@ -226,23 +298,25 @@ class FusedRunner:
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
         return a
 
-    def _cached_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
-        """The launch arguments of stage i for this shape, made once and kept."""
-        key = (i, unit_elems)
+    def _cached_args(self, i: int, unit_elems: int, nbytes: int, inplace: bool = False
+                     ) -> abi.LaunchArgs:
+        """The launch arguments of stage i for this shape (and in-place-ness: push cannot
+        run every stage in place), made once and kept."""
+        key = (i, unit_elems, inplace and not self._push_safe[i])
         a = self._args.get(key)
         if a is None:
             if len(self._args) >= 4096:  # many shapes: start over rather than grow
                 self._args.clear()
-            a = self._args[key] = self._make_args(i, unit_elems, nbytes)
+            a = self._args[key] = self._make_args(i, unit_elems, nbytes, inplace)
         return a
 
     def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
         unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
         if unit_elems == 0:
             return
-        a = self._cached_args(i, unit_elems, x.numel() * self.elem)
-        a.in_ptr = in_ptr = x.data_ptr()
-        a.out_ptr = out_ptr = dst.data_ptr()
+        in_ptr, out_ptr = x.data_ptr(), dst.data_ptr()
+        a = self._cached_args(i, unit_elems, x.numel() * self.elem, in_ptr == out_ptr)
+        a.in_ptr, a.out_ptr = in_ptr, out_ptr
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
         a.stream = _current_stream(self.device)
         a.fp = fp
@@ -257,8 +331,8 @@ class FusedRunner:
         shape, dtype and device (already validated), which sets only the pointers and
         stream of the cached launch arguments per call; else None. The host overhead of
         an eager call is the hot path of a serving step (issue 8)."""
-        if len(self.stages) != 1 or self.debug:
-            return None
+        if len(self.stages) != 1 or self.debug or not self._push_safe[0]:
+            return None  # (a push-unsafe stage decides per call whether it runs in place)
         stage, lib = self.stages[0]
         unit_elems = x.shape[0] // stage.lmap.in_units * (x.numel() // max(1, x.shape[0]))
         if unit_elems == 0:

@@ -106,7 +106,7 @@ class Runtime:
         if self.world > layout.MAX_RANKS:
             raise ValueError(f"a runtime serves at most {layout.MAX_RANKS} ranks, "
                              f"the group has {self.world}")
-        if workspace_bytes < layout.DATA_OFFSET + 2 * layout.MAX_BLOCKS * 1024:
+        if layout.region_bytes(workspace_bytes) < 512:
             raise ValueError(f"workspace_bytes={workspace_bytes} is too small")
         lib = native()
         self.region_bytes = layout.region_bytes(workspace_bytes)
@@ -319,7 +319,8 @@ def _store():
 
 
 # Stage codes of the device error record (templates/mixcc_sync.cuh).
-STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit")
+STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit", "push data",
+               "push credit")
 
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 

@@ -1,11 +1,12 @@
 """`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py).
 
 For every program and size (bytes of input per rank, powers of two), every rank runs
-the program with each candidate (algorithm x blocks x chunk width) forced on all its
-stages, timed by CUDA graphs (median of repeats, then the max over ranks: the same
-number on every rank), and the fastest candidate becomes the entry of each stage for
-that size bucket. The heuristic's own time is measured beside it. Rank 0 writes the
-table. Ranks sharing one GPU run under MPS (mixcc/mps.py starts it when needed).
+the program with each candidate (algorithm x blocks x chunk width, and on an NCCL group
+the reference backend, "nccl") forced on all its stages, timed by CUDA graphs (median of
+repeats, then the max over ranks: the same number on every rank), and the fastest
+candidate becomes the entry of each stage for that size bucket. The heuristic's own time
+is measured beside it. Rank 0 writes the table. Ranks sharing one GPU run under MPS
+(mixcc/mps.py starts it when needed); one process per GPU runs on NCCL.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ from .codegen.plan import IntraStage
 from .mesh import Mesh
 
 CHUNK_CANDIDATES = (0, 8192)  # columns per block and chunk: the widest that fits, or 8192
-BLOCK_CANDIDATES = (4, 8, 16, 32)
+BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
 
 
 def candidates(runner) -> list[tune.Choice]:
-    """The launch choices worth timing for `runner` (a FusedRunner): both intra
-    algorithms where two-shot splits a reduction, block counts up to its block cap."""
-    algos = ["one_shot"]
+    """The launch choices worth timing for `runner` (a FusedRunner): the intra algorithms
+    (two-shot where it splits a reduction, push where it can run), block counts up to its
+    block cap, and the reference backend on an NCCL group."""
+    algos = ["one_shot", "push"]
     if any(runner._shares_reduction):
         algos.append("two_shot")
     if not any(isinstance(st, IntraStage) for st, _ in runner.stages):
         algos = ["hier"]
     blocks = sorted({b for b in BLOCK_CANDIDATES if b <= runner.max_blocks} | {runner.max_blocks})
-    return [tune.Choice(a, b, c) for a in algos for b in blocks for c in CHUNK_CANDIDATES]
+    out = [tune.Choice(a, b, c) for a in algos for b in blocks for c in CHUNK_CANDIDATES]
+    if runner._nccl:
+        out.append(tune.Choice("nccl", 0))
+    return out
 
 
 def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
@@ -54,7 +59,9 @@ def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: li
     runner._args.clear()  # launch arguments are cached per shape, and so are fast calls
     coll._seen.clear()
     ts = repeat_times(lambda: coll(x, out=out), cfg["iters"], cfg["repeats"], "graph")
-    return _max_over_ranks([statistics.median(ts)], torch.device("cpu"))[0]  # gloo: CPU
+    # the group's own device: CPU tensors on gloo (ranks sharing a GPU), CUDA on NCCL
+    return _max_over_ranks([statistics.median(ts)], x.device if runner._nccl
+                           else torch.device("cpu"))[0]
 
 
 def worker(rank: int, world: int, cfg: dict) -> None:
@@ -69,7 +76,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     gen = torch.Generator().manual_seed(99 + rank)
     entries: dict[str, tune.Choice] = {}
     for program in cfg["programs"]:
-        coll = mixcc.compile(program, mesh, dtype=dtype, backend="fused")
+        coll = mixcc.compile(program, mesh, dtype=dtype)  # auto: "nccl" entries apply
         g = coll.ir.granularity
         for nbytes in cfg["sizes"]:
             hidden = cfg["hidden"]

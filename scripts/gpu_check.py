@@ -38,7 +38,7 @@ from mixcc import presets  # noqa: E402
 from oracle import expected, make_input, mismatch, statements  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMALL_WS = 256 << 10  # forces several chunks at moderate sizes
+SMALL_WS = 1 << 20  # forces several chunks at moderate sizes
 
 
 def meshes_for(world: int) -> list[list[tuple[str, int]]]:
@@ -138,8 +138,9 @@ def shape_cases(pool: list[tuple[str, list]], n: int, seed: int) -> list[tuple]:
     for _ in range(n):
         prog, axes = rng.choice(pool)
         g = granularity(prog, axes)
+        algo = rng.choice(("auto", "one_shot", "two_shot", "push"))
         out.append((prog, axes, rng.choice(list(DTYPES)), g * rng.randint(1, 48),
-                    rng.choice(HIDDENS), rng.choice(("auto", "one_shot", "two_shot")), SMALL_WS))
+                    rng.choice(HIDDENS), algo, SMALL_WS))
     return out
 
 
@@ -338,6 +339,17 @@ def mutate_tables() -> None:
                                           sched.max_parts, sched.max_finals, ranks))
 
     render.hier_table = broken_hier
+    original_push = render.push_table
+
+    def broken_push(sched):  # drop the last term of every reduce task
+        from mixcc.codegen.schedule import PushRank, PushSchedule
+
+        ranks = tuple(PushRank(pr.dsts, pr.srcs, pr.sends,
+                               tuple((j, terms[:-1] or terms) for j, terms in pr.reduce),
+                               pr.inplace_safe) for pr in sched.ranks)
+        return original_push(PushSchedule(sched.in_units, sched.slots, ranks, sched.redop))
+
+    render.push_table = broken_push
 
 
 def worker(rank: int, world: int, cfg: dict) -> None:
@@ -355,7 +367,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
                 g = granularity(prog, axes)
                 for dtype_name in DTYPES:
                     for rows, hidden in ((g, 1024), (g * 7, 7), (g * 64, 1024 + 8)):
-                        algos = ["one_shot", "two_shot"] if rows > g else ["auto"]
+                        algos = ["one_shot", "two_shot", "push"] if rows > g else ["auto"]
                         for algo in algos:
                             cases.append((prog, axes, dtype_name, rows, hidden, algo, SMALL_WS))
         one_node_fuzz = [] if cfg["skip_one_node"] else fuzz_programs(world, cfg["fuzz"],
@@ -365,6 +377,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             for dtype_name in DTYPES:
                 cases.append((prog, axes, dtype_name, g * 3, 33, "auto", SMALL_WS))
                 cases.append((prog, axes, dtype_name, g * 16, 512, "two_shot", SMALL_WS))
+                cases.append((prog, axes, dtype_name, g * 16, 520, "one_shot", SMALL_WS))
         if cfg["shapes"] and not cfg["skip_one_node"]:  # many shapes per built kernel
             pool = sorted({(c[0], tuple(c[1])) for c in cases})
             cases += shape_cases([(p, list(a)) for p, a in pool], cfg["shapes"],

@@ -148,9 +148,11 @@ __device__ __forceinline__ bool runtime_failed(const ErrorRecord* err) {
 
 // Spin until load() >= value in wrapping uint32 arithmetic. On timeout, record (rank,
 // peer, stage, block, value) and return false; when the runtime already failed, return
-// false without recording (checked at the 32nd spin, then every 1024: a kernel queued
-// behind a failed one returns within microseconds, while a wait that is satisfied soon
-// never reads the host-mapped record).
+// false without recording (checked every 1024th spin, about a millisecond: a kernel
+// queued behind a failed one returns within about that, while a wait that is satisfied
+// sooner never reads the host-mapped record. Checking at the 32nd spin as well cost
+// 20-60 us on every wait that lasted a few microseconds, seen on two H200s in a VM where
+// a read of host memory is slow: docs/PERF.md, 2026-11-29).
 // blame() reads the peer's blame word (1 + the rank it timed out on, 0 if none): a peer
 // that gave up on a third rank will never arrive, so the wait ends at once and names
 // that rank, with `via` the peer.
@@ -162,7 +164,7 @@ __device__ __forceinline__ bool spin_until(Load load, unsigned value, uint64_t t
   const uint64_t start = globaltimer_ns();
   unsigned n = 0;
   while ((int)(load() - value) < 0) {
-    if ((++n & 1023) == 0 || n == 32) {
+    if ((++n & 1023) == 0) {
       if (runtime_failed(err)) return false;
       const unsigned w = blame();
       const int root = (int)(w & ~BLAME_FINAL) - 1;

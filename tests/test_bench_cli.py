@@ -47,9 +47,9 @@ def _bench_error(capsys, *argv: str) -> str:
      "is not a preset (one of allreduce, allgather, reducescatter, allreduce_allgather, "
      "reducescatter_allreduce) nor a program such as 'allreduce(tp)'; "
      "did you mean 'allreduce_allgather'?"),
-    (["--backend", "bogus"], "--backend 'bogus' is not one of fused, fused:one_shot, "
-                             "fused:two_shot, reference, nccl1, symm_one_shot, symm_two_shot, "
-                             "symm_one_shot_nocopy, symm_two_shot_nocopy, separate"),
+    (["--backend", "bogus"], "--backend 'bogus' is not one of auto, fused, fused:one_shot, "
+                             "fused:two_shot, fused:push, reference, nccl1, symm_one_shot, "
+                             "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, separate"),
     (["--backend", "fused:three_shot"], "did you mean 'fused:two_shot'?"),
     (["--backend", "reference,refrence"], "did you mean 'reference'?"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 must divide the world size 4"),
@@ -272,7 +272,11 @@ def test_bench_float64_world_from_mesh_header_units_and_files(tmp_path):
                       "allreduce_allgather", "--backend", "reference,nccl1", "--out", prefix,
                       tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    table, pivot = proc.stdout.split("# oop time (us) per backend", 1)
+    lines = table.splitlines()
+    # the summary printed last: one line per size, a column per backend and its ratio
+    assert pivot.splitlines()[1].split()[3:] == ["reference", "nccl1", "/ref", "nccl1"]
+    assert len(pivot.splitlines()) == 2 + 2  # header lines + rows 1 and 2
     assert lines[0] == "# mixcc bench: mesh dp=1,tp=2 (ranks_per_node 2), world 2, " \
                        "process group gloo; CPU"
     assert lines[1].startswith("# dtype float64, hidden 1024, backends reference,nccl1; ")
@@ -327,8 +331,8 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("comma list of fused, fused:one_shot, fused:two_shot, reference, nccl1, "
-            "symm_one_shot, symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
+    assert ("comma list of auto, fused, fused:one_shot, fused:two_shot, fused:push, reference, "
+            "nccl1, symm_one_shot, symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
             "separate") in text
     for b in bench.BACKENDS:
         try:
@@ -386,8 +390,9 @@ def test_combined_presets_compare_with_separate_nccl1_and_reference():
     bench.add_ratios(rows)
     assert [(r.best, round(r.ratio, 4)) for r in rows] == [
         ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
-    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [
-        False, False, False, True, True, True, True, True, True, True]
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 5 + [True] * 7
+    assert bench.BACKENDS[:5] == ("auto", "fused", "fused:one_shot", "fused:two_shot",
+                                  "fused:push")
 
 
 def test_rows_round_trip_through_json_and_plot_titles(tmp_path):

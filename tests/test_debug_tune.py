@@ -88,12 +88,17 @@ def test_tune_candidates_and_stage_bytes():
                          backend="reference")
     stages = [(st, None) for st in coll.plan.stages]
     r = SimpleNamespace(stages=stages, _shares_reduction=[shares_reduction(s) for s, _ in stages],
-                        max_blocks=12, elem=2)
+                        max_blocks=12, elem=2, _nccl=False)
     cands = tuning.candidates(r)
-    assert {c.algorithm for c in cands} == {"one_shot", "two_shot"}
+    assert {c.algorithm for c in cands} == {"one_shot", "two_shot", "push"}
     assert {c.blocks for c in cands} == {4, 8, 12}  # up to the block cap, which is included
     assert {c.chunk_cols for c in cands} == set(tuning.CHUNK_CANDIDATES)
     assert tuning.stage_input_bytes(r, 64, 1024) == [64 * 1024 * 2]
+    # on an NCCL group the reference backend (one NCCL call per step) is a candidate too
+    r._nccl, r.max_blocks = True, 128
+    cands = tuning.candidates(r)
+    assert [c for c in cands if c.algorithm == "nccl"] == [tune.Choice("nccl", 0)]
+    assert max(c.blocks for c in cands) == 128
 
 
 def test_tune_cli_without_gpu_is_one_line_error(capsys):

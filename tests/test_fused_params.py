@@ -1,6 +1,8 @@
 """Launch parameters of the fused backend, computed on CPU (no GPU needed): every
-column of every unit is covered, chunks fit the workspace regions, and auto picks
-two-shot only for large messages with something to share."""
+column of every unit is covered, chunks fit the workspace regions, auto picks the
+one-shot (two-shot only for large messages with something to share and several peers
+per rank), push refuses in place what it cannot run in place, and the tuning table's NCCL
+entries send auto to the reference backend."""
 
 from types import SimpleNamespace
 
@@ -10,7 +12,15 @@ import torch
 import mixcc
 from mixcc import tune
 from mixcc.codegen import layout
-from mixcc.fused import TWO_SHOT_MIN_BYTES, FusedRunner, block_cap, shares_reduction
+from mixcc.fused import (
+    HIER_NCCL_MIN_BYTES,
+    ONE_SHOT_MAX_BYTES_WIDE,
+    FusedRunner,
+    block_cap,
+    push_safe,
+    push_width,
+    shares_reduction,
+)
 
 PREFIX = "0123456789abcdef|bfloat16|8|sm_90a|"
 
@@ -20,72 +30,134 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     coll = mixcc.compile(program, mixcc.Mesh(axes), backend="reference")
     r = object.__new__(FusedRunner)  # bypass the GPU runtime: only the arithmetic is tested
     r.stages = [(st, None) for st in coll.plan.stages]
+    r.plan = coll.plan
     r.algorithm, r.elem = algorithm, torch.empty((), dtype=dtype).element_size()
     r.vec, r.max_blocks = 16 // r.elem, max_blocks
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(workspace),
                            workspace_bytes=workspace)
     r._shares_reduction = [shares_reduction(st) for st, _ in r.stages]
+    r._push_safe = [push_safe(st) for st, _ in r.stages]
+    r._push_width = [push_width(st) for st, _ in r.stages]
+    r._nccl = True
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
 
 
 @pytest.mark.parametrize("unit_elems", [1, 7, 7168, 7168 * 64, 7168 * 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("workspace", [256 << 10, 8 << 20])
+@pytest.mark.parametrize("workspace", [1 << 20, 8 << 20])
 def test_chunks_cover_every_column(unit_elems, dtype, workspace):
     r = runner("reducescatter_allreduce", {"dp": 2, "tp": 4}, dtype, workspace=workspace)
-    for nbytes in (unit_elems * 2 * r.elem, 64 << 20):
-        algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes)
-        assert cols % r.vec == 0 and cols > 0
-        assert 1 <= nblocks <= layout.MAX_BLOCKS
-        assert n_chunks * nblocks * cols >= unit_elems > (n_chunks - 1) * nblocks * cols
-        # spread evenly: no block of a one-chunk launch is left without columns
-        assert n_chunks > 1 or (nblocks - 1) * cols < unit_elems
-        units = 2 + (r.stages[0][0].schedules["two_shot"].slots if algo else 0)
-        assert units * cols * r.elem <= layout.region_bytes(workspace)
+    stage = r.stages[0][0]
+    for algorithm in ("auto", "one_shot", "two_shot", "push"):
+        r.algorithm = algorithm
+        for nbytes in (unit_elems * 2 * r.elem, 64 << 20):
+            algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes, False)
+            assert cols % r.vec == 0 and cols > 0
+            assert 1 <= nblocks <= layout.MAX_BLOCKS
+            assert n_chunks * nblocks * cols >= unit_elems > (n_chunks - 1) * nblocks * cols
+            # spread evenly: no block of a one-chunk launch is left without columns
+            assert n_chunks > 1 or (nblocks - 1) * cols < unit_elems
+            region = layout.region_bytes(workspace)
+            if algo == 2:  # push: slots x cols fit one sender's area of a push region
+                area = layout.push_area_bytes(region, 8)
+                assert stage.push_schedule.slots * cols * r.elem <= area
+            else:
+                units = 2 + (stage.schedules["two_shot"].slots if algo else 0)
+                assert units * cols * r.elem <= region
 
 
-def test_auto_switches_to_two_shot_for_large_messages():
+def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
     r = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16)
-    assert r._params(0, 7168, 14336)[0] == 0
-    assert r._params(0, 7168 * 64, TWO_SHOT_MIN_BYTES)[0] == 1
-    forced = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16, "one_shot")
-    assert forced._params(0, 7168 * 64, 64 << 20)[0] == 0
+    assert r._params(0, 7168, 14336, False)[0] == 0
+    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE, False)[0] == 0
+    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE + 1, False)[0] == 1
+    # two ranks: each reads one peer, which moves the least bytes at any size
+    two = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16)
+    assert two._params(0, 1 << 26, 1 << 27, False)[0] == 0
+    forced = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16, "push")
+    assert forced._params(0, 7168 * 64, 64 << 20, False)[0] == 2
     # a plain allgather reduces nothing: two-shot would only double the remote reads
     ag = runner("allgather(dp)", {"dp": 2, "tp": 4}, torch.bfloat16)
-    assert ag._params(0, 7168 * 64, 64 << 20)[0] == 0
+    assert ag._params(0, 7168 * 64, 64 << 20, False)[0] == 0
+
+
+def test_push_in_place_hazard_falls_back_or_raises():
+    # the output keeps the input's shape, but an output unit is written before a later
+    # output unit reads it as own input: push cannot run it in place
+    prog, axes = "reducescatter(a); allgather(b)", {"a": 2, "b": 2}
+    r = runner(prog, axes, torch.float32)
+    assert not push_safe(r.stages[0][0])
+    forced = runner(prog, axes, torch.float32, "push")
+    assert forced._params(0, 4096, 1 << 16, False)[0] == 2
+    with pytest.raises(ValueError, match="in place"):
+        forced._params(0, 4096, 1 << 16, True)
+    # a stage whose output has another shape never runs in place: always push-safe
+    assert push_safe(runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.float32)
+                     .stages[0][0])
+
+
+def test_cross_node_plans_go_to_nccl_from_4_mib_without_a_table():
+    r = runner("allreduce(dp)", {"dp": 2, "tp": 1}, torch.bfloat16)
+    r.plan = mixcc.compile("allreduce(dp)", mixcc.Mesh({"dp": 2, "tp": 1}, ranks_per_node=1),
+                           backend="reference").plan
+    assert not r.plan.one_node
+    assert not r.prefers_reference(HIER_NCCL_MIN_BYTES - 1)
+    assert r.prefers_reference(HIER_NCCL_MIN_BYTES)
+    r._nccl = False
+    assert not r.prefers_reference(HIER_NCCL_MIN_BYTES)
+    # a table entry wins over the default, either way
+    r._nccl = True
+    r.tuned = {(0, tune.bucket(64 << 20)): tune.Choice("hier", 8)}
+    assert not r.prefers_reference(64 << 20)
+    assert not runner("allreduce(tp)", {"tp": 2}, torch.bfloat16).prefers_reference(1 << 30)
+
+
+def test_nccl_entry_sends_auto_to_the_reference_backend():
+    nbytes = 64 << 20
+    entry = {(0, tune.bucket(nbytes)): tune.Choice("nccl", 0)}
+    r = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16, tuned=entry)
+    assert r.prefers_reference(nbytes)
+    assert not r.prefers_reference(nbytes // 4)  # another bucket: no entry
+    r._nccl = False  # a gloo group cannot run CUDA tensors on the reference backend
+    assert not r.prefers_reference(nbytes)
+    forced = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16, "push", tuned=entry)
+    assert not forced.prefers_reference(nbytes)
+    # the fused launch itself ignores an NCCL entry (the stage still has a kernel)
+    assert runner("allreduce(tp)", {"tp": 2}, torch.bfloat16,
+                  tuned=entry)._params(0, nbytes // 2, nbytes, False)[0] == 0
 
 
 def test_max_blocks_is_respected():
     r = runner("allreduce(tp)", {"tp": 8}, torch.float32, max_blocks=4)
-    assert r._params(0, 1 << 24, 1 << 26)[3] == 4
+    assert r._params(0, 1 << 24, 1 << 26, False)[3] == 4
 
 
 def test_too_small_workspace_is_refused():
     r = runner("allreduce(tp)", {"tp": 8}, torch.float32)
     r.rt.region_bytes = 8
     with pytest.raises(ValueError, match="workspace_bytes"):
-        r._params(0, 1024, 4096)
+        r._params(0, 1024, 4096, False)
 
 
 def test_tuned_entry_decides_algorithm_blocks_and_chunk():
     nbytes = 7168 * 64 * 2
     entry = {(0, tune.bucket(nbytes)): tune.Choice("two_shot", 6, 1024)}
     r = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, tuned=entry)
-    algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes)
+    algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes, False)
     assert (algo, nblocks) == (1, 6) and cols <= 1024
     assert n_chunks * nblocks * cols >= 7168 * 64
     # another size bucket has no entry: the heuristic (one-shot for small messages)
-    assert r._params(0, 7168, 7168 * 2)[0] == 0
+    assert r._params(0, 7168, 7168 * 2, False)[0] == 0
     # a fixed algorithm or block cap still wins over the table
     forced = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, "one_shot", max_blocks=4,
                     tuned=entry)
-    algo, _, _, nblocks = forced._params(0, 7168 * 64, nbytes)
+    algo, _, _, nblocks = forced._params(0, 7168 * 64, nbytes, False)
     assert (algo, nblocks) == (0, 4)
 
 
 def test_block_cap_fits_every_rank_on_the_gpu():
     # 132 SMs shared by 8 ranks, one block of 512 threads per SM: 16 blocks each
     assert block_cap(1, 132 // 8) == 16
-    assert block_cap(2, 132 // 8) == layout.MAX_BLOCKS
+    assert block_cap(16, 132 // 8) == layout.MAX_BLOCKS
     assert block_cap(1, 0) == 1

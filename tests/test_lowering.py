@@ -66,13 +66,13 @@ def test_one_node_plan_is_fused_capable_with_chunking():
     assert plan.one_node and len(plan.stages) == 1
     st = plan.stages[0]
     assert isinstance(st, IntraStage) and st.transports == ("ipc",)
-    assert set(st.schedules) == {"one_shot", "two_shot"}
+    assert set(st.schedules) == {"one_shot", "two_shot", "push"}
     region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
     cols = intra_cols(st, True, 2, region)
     assert cols % 8 == 0 and st.units_per_region(True) == 3
     assert 3 * cols * 2 <= region < 3 * (cols + 8) * 2
     text = plan.describe(2)
-    assert "two_shot chunk" in text and "pipeline depth 1" in text
+    assert "two_shot chunk" in text and "push chunk" in text
 
 
 @pytest.mark.parametrize("coll", ["allreduce", "allgather", "reducescatter"])
@@ -95,7 +95,7 @@ def test_multi_node_plan_is_hierarchical(coll):
 def test_hier_chunk_fits_both_workspaces(program, elem):
     m = Mesh({"dp": 2, "tp": 4}, ranks_per_node=4)
     (st,) = lowered(program, m).stages
-    for ws, sym in ((256 << 10, 256 << 10), (16 << 20, 16 << 20), (16 << 20, 1 << 20)):
+    for ws, sym in ((1 << 20, 1 << 20), (16 << 20, 16 << 20), (16 << 20, 1 << 20)):
         region, sregion = layout.region_bytes(ws), layout.sym_region_bytes(sym)
         cols = hier_cols(st, elem, region, sregion)
         h, sc = st.hier, share_cap(cols, elem, st.hier.local)
@@ -108,7 +108,7 @@ def test_hier_chunk_fits_both_workspaces(program, elem):
                 or 2 * h.nodes * h.max_parts * sc2 * elem > sregion)
     text = lowered(program, m).describe(elem)
     assert "[intra+inter] transport=ipc+nvshmem" in text and "pipeline depth 2" in text
-    assert "NVSHMEM symmetric heap 16777216 B" in text
+    assert f"NVSHMEM symmetric heap {layout.DEFAULT_SYMMETRIC_BYTES} B" in text
 
 
 def test_grid_covers_every_column_evenly():

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mixcc
-from mixcc.codegen.render import schedule_table
-from mixcc.codegen.schedule import DST_OUT
+from mixcc.codegen.render import push_table, schedule_table
+from mixcc.codegen.schedule import DST_OUT, TERM_INPUT
 
 from oracle import expected
 from strategies import one_node_programs
@@ -76,6 +76,62 @@ def run_table(flat, offsets, rank_inputs, n_out, redop, cols):
     return outs
 
 
+def run_push_table(flat, offsets, rank_inputs, n_out, redop, cols, slots):
+    """What the push kernel does with its flat tables: every rank stores the units its
+    consumers need into its own area of their push regions, then every rank reduces its
+    input and received slots in table order. NaN where nothing was written."""
+    world = len(offsets)
+    parsed = []
+    for r in range(world):
+        t = offsets[r]
+        dsts = flat[t + 1 : t + 1 + flat[t]]
+        t += 1 + flat[t]
+        srcs = flat[t + 1 : t + 1 + flat[t]]
+        t += 1 + flat[t]
+        sends = [flat[t + 1 + 4 * i : t + 5 + 4 * i] for i in range(flat[t])]
+        t += 1 + 4 * flat[t]
+        tasks = []
+        n_reduce = flat[t]
+        t += 1
+        for _ in range(n_reduce):
+            j, nt = flat[t], flat[t + 1]
+            tasks.append((j, [flat[t + 2 + 4 * k : t + 6 + 4 * k] for k in range(nt)]))
+            t += 2 + 4 * nt
+        parsed.append((dsts, srcs, sends, tasks))
+    regions = [np.full((world - 1, slots, cols), np.nan) for _ in range(world)]
+    writer: list[dict[int, int]] = [{} for _ in range(world)]
+    for r, (dsts, _, sends, _) in enumerate(parsed):  # phase 1: pushes
+        for dst, unit, area, slot in sends:
+            assert dst in dsts and dst != r, f"rank {r} pushes to {dst} without a credit"
+            assert 0 <= area < world - 1 and 0 <= slot < slots
+            # one writer per area of a consumer's region, whatever the program
+            assert writer[dst].setdefault(area, r) == r, f"area {area} of {dst}: two writers"
+            regions[dst][area, slot] = rank_inputs[r][unit]
+    for r, (dsts, srcs, _, _) in enumerate(parsed):  # signals and credits pair up
+        for p in dsts:
+            assert r in parsed[p][1], f"{r} pushes to {p}, which does not wait for it"
+        for p in srcs:
+            assert r in parsed[p][0], f"{r} waits for {p}, which does not push to it"
+    outs = [np.full((n_out, cols), np.nan) for _ in range(world)]
+    for r, (_, srcs, _, tasks) in enumerate(parsed):  # phase 2: reduce from local memory
+        src_of = writer[r]
+        for j, terms in tasks:
+            acc = None
+            for kind, a, b, coef in terms:
+                if kind == TERM_INPUT:
+                    x = rank_inputs[r][a]
+                else:
+                    assert src_of[a] in srcs, f"rank {r} reads area {a} of an unsynced rank"
+                    x = regions[r][a, b]
+                if acc is None:
+                    acc = coef * x if redop == "sum" else x.copy()
+                else:
+                    acc = {"sum": acc + coef * x, "max": np.maximum(acc, x),
+                           "min": np.minimum(acc, x)}[redop]
+            outs[r][j] = acc
+    return outs
+
+
 def check(program, axes, seed, cols=24):
     mesh = mixcc.Mesh(axes, ranks_per_node=math.prod(s for _, s in axes))
     coll = mixcc.compile(program, mesh, backend="reference")
@@ -84,11 +140,17 @@ def check(program, axes, seed, cols=24):
     units = coll.ir.granularity
     inputs = [gen.standard_normal((units, cols)) for _ in range(world)]
     exp, _, _ = expected(program, axes, [torch.from_numpy(x) for x in inputs])
-    for algo in ("one_shot", "two_shot"):
+    for algo in ("one_shot", "two_shot", "push"):
         cur = inputs
         for stage in coll.plan.stages:
-            flat, offsets, _ = schedule_table(stage.schedules[algo])
             n_out = len(stage.lmap.out_units[0])
+            if algo == "push":
+                sched = stage.push_schedule
+                flat, offsets, _ = push_table(sched)
+                cur = run_push_table(flat, offsets, cur, n_out, stage.lmap.redop, cols,
+                                     sched.slots)
+                continue
+            flat, offsets, _ = schedule_table(stage.schedules[algo])
             cur = run_table(flat, offsets, cur, n_out, stage.lmap.redop, cols)
         for r in range(world):
             got = cur[r].reshape(-1, cols)

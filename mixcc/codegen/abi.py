@@ -20,7 +20,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("share_cap", "long long"),  # hierarchical: elements of one column-share slot
     ("n_chunks", "int"),
     ("nblocks", "int"),
-    ("algo", "int"),  # intra: 0 one-shot, 1 two-shot
+    ("algo", "int"),  # intra: 0 one-shot, 1 two-shot, 2 push
     ("wide", "int"),  # 1: 16-byte accesses (unit_elems and both pointers allow them)
     ("depth", "int"),  # hierarchical: chunks in flight (1 = no pipelining)
     ("rank", "int"),

@@ -7,13 +7,26 @@ IPC workspace, one per rank, fixed size:
                     of src's last input barrier; written only in debug mode (mixcc/debug.py)
   [BLAME_OFFSET]    uint32: 1 + the rank this rank's first timed-out wait blamed (0: none),
                     read by peers that time out waiting for this rank (root-cause naming)
-  [DATA_OFFSET, …)  NSETS sets x MAX_BLOCKS regions of region_bytes(workspace) bytes.
-                    Chunk (epoch e) of block b uses region b of set e % NSETS. Block b of
-                    every kernel only ever touches region b of a set, and the epoch counter
-                    is shared by every kernel, so collectives with different block counts
-                    and kinds share one workspace. Four sets let a pipelined kernel keep up
-                    to three chunks in flight (docs/DESIGN.md, "Pipelining"); NSETS is a
-                    power of two so that e % NSETS stays in step when the uint32 epoch wraps.
+  [PUSH_FLAG_OFFSET] push transport flags: uint32 [MAX_BLOCKS][2][MAX_RANKS]: [b][0][src]
+                    = the last epoch src pushed data into this rank's push area (src
+                    writes it), [b][1][dst] = the last epoch dst consumed what this rank
+                    pushed to it (a credit, dst writes it)
+  [SENT_OFFSET]     uint32 [MAX_BLOCKS][MAX_RANKS][NSETS], local: the epoch at which this
+                    rank last pushed into set s of rank dst (the credit it must see before
+                    writing that set again)
+  [DATA_OFFSET, …)  the pull area: NSETS sets x MAX_BLOCKS regions of region_bytes(workspace)
+                    bytes, then the push area, laid out alike. Chunk (epoch e) of block b
+                    uses region b of set e % NSETS. Block b of every kernel only ever
+                    touches region b of a set, and the epoch counter is shared by every
+                    kernel, so collectives with different block counts and kinds share one
+                    workspace. Four sets let a pipelined kernel keep up to three chunks in
+                    flight (docs/DESIGN.md, "Pipelining"); NSETS is a power of two so that
+                    e % NSETS stays in step when the uint32 epoch wraps. In the pull area a
+                    rank writes its own regions and peers read them; in the push area peers
+                    write and the owner reads: each push region is cut into world-1 equal
+                    sender areas, area (src - dst - 1) mod world belonging to sender src in
+                    every program (docs/DESIGN.md, "Push"), so each area has one writer and
+                    one reader whatever mix of collectives runs.
 
 NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
   [0, SIG_BYTES)         uint64 signals [MAX_BLOCKS][NSETS][MAX_RANKS] (data of a chunk
@@ -32,12 +45,16 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
 
 from __future__ import annotations
 
-# Default per-rank IPC workspace. 16 MiB gives 128 KiB regions: a one-shot message of a
-# few MB per rank then fits in one chunk (latency-bound sizes never loop).
-DEFAULT_WORKSPACE_BYTES = 16 << 20
-# Default per-rank NVSHMEM symmetric workspace (same region size as the IPC one).
-DEFAULT_SYMMETRIC_BYTES = 16 << 20
-MAX_BLOCKS = 32  # blocks per kernel; also the number of workspace regions per set
+# Default per-rank IPC workspace. 64 MiB gives 64 KiB regions per block in each of the
+# pull and push areas at 128 blocks: 8 MiB per chunk over the grid, so a message of a few
+# MB per rank fits in one chunk, and a chunk's flags cost little against its transfer.
+DEFAULT_WORKSPACE_BYTES = 64 << 20
+# Default per-rank NVSHMEM symmetric workspace (regions of about 64 KiB at 128 blocks).
+DEFAULT_SYMMETRIC_BYTES = 32 << 20
+# Blocks per kernel; also the number of workspace regions per set. 32 blocks (one SM
+# each) moved at most ~160 GB/s through the kernels' copy and reduce phases on two H200s
+# (each phase latency-bound per SM: docs/PERF.md, 2026-11-29); the link alone takes 16.
+MAX_BLOCKS = 128
 MAX_RANKS = 64  # ranks a runtime can serve
 MAX_NODES = 64
 THREADS = 512  # threads per block: 512 x 16 B in flight per block per pass
@@ -45,7 +62,11 @@ NSETS = 4
 FLAG_BYTES = MAX_BLOCKS * 2 * MAX_RANKS * 4
 FP_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 BLAME_OFFSET = FLAG_BYTES + FP_BYTES
-DATA_OFFSET = (BLAME_OFFSET + 4 + 4095) // 4096 * 4096
+PUSH_FLAG_OFFSET = (BLAME_OFFSET + 4 + 15) // 16 * 16
+PUSH_FLAG_BYTES = MAX_BLOCKS * 2 * MAX_RANKS * 4
+SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
+SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
+DATA_OFFSET = (SENT_OFFSET + SENT_BYTES_IPC + 4095) // 4096 * 4096
 SIG_BYTES = MAX_BLOCKS * NSETS * MAX_RANKS * 8
 CREDIT_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 SENT_BYTES = MAX_BLOCKS * MAX_RANKS * NSETS * 4
@@ -53,9 +74,23 @@ SYM_BLAME_OFFSET = SIG_BYTES + CREDIT_BYTES + SENT_BYTES
 SYM_DATA_OFFSET = (SYM_BLAME_OFFSET + 8 + 4095) // 4096 * 4096
 
 
+# The smallest workspaces `compile` accepts: every region holds at least 256 bytes.
+MIN_WORKSPACE_BYTES = DATA_OFFSET + 2 * NSETS * MAX_BLOCKS * 256
+
+
 def region_bytes(workspace_bytes: int) -> int:
-    """Bytes of one block's region in one set of the IPC data area."""
-    return (workspace_bytes - DATA_OFFSET) // (NSETS * MAX_BLOCKS) // 16 * 16
+    """Bytes of one block's region in one set of the IPC pull (or push) area."""
+    return (workspace_bytes - DATA_OFFSET) // (2 * NSETS * MAX_BLOCKS) // 16 * 16
+
+
+def push_area_bytes(region: int, world: int) -> int:
+    """Bytes of one sender's area in a push region of `region` bytes (world - 1 senders)."""
+    return region // max(1, world - 1) // 16 * 16
+
+
+def min_symmetric_bytes() -> int:
+    """The smallest NVSHMEM workspace `compile` accepts (regions of at least 256 bytes)."""
+    return SYM_DATA_OFFSET + NSETS * MAX_BLOCKS * 256
 
 
 def sym_region_bytes(symmetric_bytes: int) -> int:

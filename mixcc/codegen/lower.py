@@ -15,7 +15,7 @@ from ..mesh import Mesh
 from .hier import hier_schedule
 from .linear_map import LinearMap, linear_map
 from .plan import HierStage, IntraStage, Plan, Stage, Step
-from .schedule import one_shot, two_shot
+from .schedule import one_shot, push, two_shot
 
 
 def phases(ops: tuple[Op, ...]) -> list[tuple[str, tuple[Op, ...]]]:
@@ -90,6 +90,7 @@ def lower(ir: IR, mesh: Mesh) -> Plan:
             one_node = False
         else:
             stages.append(IntraStage(ops, lmap, {"one_shot": one_shot(lmap),
-                                                 "two_shot": two_shot(lmap)}))
+                                                 "two_shot": two_shot(lmap),
+                                                 "push": push(lmap)}))
         units = len(lmap.out_units[0])
     return Plan(tuple(stages), tuple(steps), ir.granularity, one_node)

@@ -22,7 +22,7 @@ from ..ir.nodes import Op
 from . import layout
 from .hier import HierSchedule
 from .linear_map import LinearMap
-from .schedule import Schedule
+from .schedule import PushSchedule, Schedule
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,13 @@ class IntraStage:
 
     ops: tuple[Op, ...]
     lmap: LinearMap
-    schedules: dict[str, Schedule] = field(default_factory=dict)
+    schedules: dict[str, Schedule | PushSchedule] = field(default_factory=dict)
     scope = "intra"
     transports = ("ipc",)
+
+    @property
+    def push_schedule(self) -> PushSchedule:
+        return self.schedules["push"]  # type: ignore[return-value]
 
     def units_per_region(self, two_shot: bool) -> int:
         return self.lmap.in_units + (self.schedules["two_shot"].slots if two_shot else 0)
@@ -81,6 +85,14 @@ def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int) 
     vec = max(1, 16 // elem)
     per = region_bytes // (stage.units_per_region(two_shot) * elem)
     return per // vec * vec
+
+
+def push_cols(stage: IntraStage, elem: int, region_bytes: int) -> int:
+    """Columns of every unit one block pushes per chunk: the sender's area of a push region
+    holds `slots` units of that many columns (a multiple of 16 bytes; 0 if none fits)."""
+    vec = max(1, 16 // elem)
+    area = layout.push_area_bytes(region_bytes, stage.lmap.world_size)
+    return area // (stage.push_schedule.slots * elem) // vec * vec
 
 
 def share_cap(cols: int, elem: int, local: int) -> int:
@@ -146,8 +158,9 @@ class Plan:
             ops = "; ".join(str(o) for o in st.ops)
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
             if isinstance(st, IntraStage):
-                lines.append("    algorithm: one_shot below the auto threshold, two_shot above "
-                             "(where it splits a reduction); pipeline depth 1")
+                lines.append("    algorithm: one_shot (auto's default; two_shot past 1 MiB where "
+                             "a rank reads several peers; push on request or from the tuning "
+                             "table; docs/DESIGN.md, \"Intra-node algorithms\")")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
@@ -155,9 +168,14 @@ class Plan:
                         lines.append(f"    {name} chunk: {cols} elements x "
                                      f"{st.units_per_region(two)} unit(s) per block = "
                                      f"{cols * elem * st.lmap.in_units} B of input per block")
-                lines.append(f"    workspace per rank: IPC {workspace_bytes} B "
-                             f"({layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
-                             f"{region} B), symmetric heap 0 B")
+                    cols = push_cols(st, elem, region)
+                    lines.append(f"    push chunk: {cols} elements per unit per block, "
+                                 f"{layout.NSETS} chunks in flight per block (credits)")
+                lines.append(f"    workspace per rank: IPC {workspace_bytes} B (pull and push "
+                             f"areas of {layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
+                             f"{region} B), symmetric heap 0 B; inputs and outputs are "
+                             "ordinary tensors, read and written in place (no copy of the "
+                             "message is allocated)")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:

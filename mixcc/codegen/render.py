@@ -15,7 +15,7 @@ from ..paths import templates_dir
 from . import abi, layout
 from .hier import hier_table
 from .plan import HierStage, IntraStage, Stage
-from .schedule import Schedule
+from .schedule import PushSchedule, Schedule
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 OP_ENUMS = {"sum": "kSum", "max": "kMax", "min": "kMin"}
@@ -46,6 +46,27 @@ def schedule_table(sched: Schedule) -> tuple[list[int], list[int], int]:
             flat += [g.dst, len(g.sources)]
             for src, slot in g.sources:
                 flat += [src, slot]
+    return flat, offsets, max_terms
+
+
+def push_table(sched: PushSchedule) -> tuple[list[int], list[int], int]:
+    """(flat int table, per-rank offsets, max terms) of a push schedule, as the template's
+    push kernel reads it: [n_dst, dsts.., n_src, srcs.., n_send, {dst, unit, area, slot} x
+    n_send, n_reduce, {out unit, n_terms, {kind, a, b, coef} x n_terms} x n_reduce]."""
+    flat: list[int] = []
+    offsets = []
+    max_terms = 1
+    for pr in sched.ranks:
+        offsets.append(len(flat))
+        flat += [len(pr.dsts), *pr.dsts, len(pr.srcs), *pr.srcs, len(pr.sends)]
+        for send in pr.sends:
+            flat += list(send)
+        flat.append(len(pr.reduce))
+        for j, terms in pr.reduce:
+            flat += [j, len(terms)]
+            for term in terms:
+                flat += list(term)
+            max_terms = max(max_terms, len(terms))
     return flat, offsets, max_terms
 
 
@@ -91,7 +112,12 @@ def render_stage(stage: Stage, dtype: torch.dtype) -> str:
         flat, offsets, max_terms = schedule_table(stage.schedules[key])
         scheds.append({"name": name, "table": _ints(flat), "offsets": _ints(offsets),
                        "max_terms": max_terms})
-    return _env().get_template("stage_kernel.cu.j2").render(schedules=scheds, **ctx)
+    flat, offsets, max_terms = push_table(stage.push_schedule)
+    scheds.append({"name": "Push", "table": _ints(flat), "offsets": _ints(offsets),
+                   "max_terms": max_terms})
+    return _env().get_template("stage_kernel.cu.j2").render(
+        schedules=scheds, push_flag_offset=layout.PUSH_FLAG_OFFSET,
+        sent_offset=layout.SENT_OFFSET, **ctx)
 
 
 def render_hier(stage: HierStage, dtype: torch.dtype) -> str:

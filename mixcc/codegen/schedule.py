@@ -6,6 +6,10 @@ two-shot: each distinct output block is split among the ranks that need it; each
   owner reduces its share into its workspace, then every consumer copies the shares
   from the owners (two barriers per chunk; moves about 2(n-1)/n of the data:
   best for large messages).
+push: the one-shot map with the data travelling the other way: every source stores the
+  units its consumers need straight from its input into their push areas (posted
+  stores, no staging copy), signals, and each consumer reduces its own input and the
+  received units from local memory, then returns a credit (docs/DESIGN.md, "Push").
 
 Tables are per rank, in units, so one compiled kernel serves any row count.
 """
@@ -133,3 +137,87 @@ def two_shot(lmap: LinearMap) -> Schedule:
             RankSchedule(tuple(reduce[r]), tuple(gather[r]), nb[r]) for r in range(world)
         ), lmap.redop,
     )
+
+
+TERM_INPUT, TERM_SLOT = 0, 1
+
+
+@dataclass(frozen=True)
+class PushRank:
+    """One rank's push schedule. `sends`: (consumer, my unit, my area index in the
+    consumer's push region, unit slot in that area). `reduce`: (output unit, terms) with
+    terms (TERM_INPUT, unit, 0, coef) read from my own input or (TERM_SLOT, area, slot,
+    coef) read from my push region."""
+
+    dsts: tuple[int, ...]  # ranks I push to (I wait for their credits)
+    srcs: tuple[int, ...]  # ranks that push to me (I wait for their data)
+    sends: tuple[tuple[int, int, int, int], ...]
+    reduce: tuple[tuple[int, tuple[tuple[int, int, int, int], ...]], ...]
+    inplace_safe: bool  # no output unit is written before a later task reads it as input
+
+
+@dataclass(frozen=True)
+class PushSchedule:
+    in_units: int
+    slots: int  # unit slots per sender area: max over (consumer, source) pairs
+    ranks: tuple[PushRank, ...]
+    redop: str = "sum"
+
+    def describe(self, rank: int = 0) -> str:
+        pr = self.ranks[rank]
+        lines = [f"push: {self.slots} unit slot(s) per sender area; rank {rank} pushes to "
+                 f"{list(pr.dsts)}, receives from {list(pr.srcs)}"]
+        for dst, unit, area, slot in pr.sends:
+            lines.append(f"  r{dst}.area{area}.slot{slot} <- in[{unit}]")
+        for j, terms in pr.reduce:
+            names = tuple((f"in[{a}]" if kind == TERM_INPUT else f"area{a}.slot{b}", c)
+                          for kind, a, b, c in terms)
+            if self.redop != "sum":
+                body = f"{self.redop}({', '.join(n for n, _ in names)})"
+            else:
+                body = " + ".join((f"{c}*" if c != 1 else "") + n for n, c in names)
+            lines.append(f"  out[{j}] = {body}")
+        return "\n".join(lines)
+
+
+def push_area(src: int, dst: int, world: int) -> int:
+    """The index of sender `src`'s area in consumer `dst`'s push region (layout.py)."""
+    return (src - dst - 1) % world
+
+
+def push(lmap: LinearMap) -> PushSchedule:
+    """The one-shot map as a push schedule: each (source, unit) a consumer needs from a
+    peer gets a slot in that source's area of the consumer's push region."""
+    world = lmap.world_size
+    slot_of: list[dict[tuple[int, int], int]] = []  # per consumer: (src, unit) -> slot
+    for c, units in enumerate(lmap.out_units):
+        need: dict[int, list[int]] = {}
+        for terms in units:
+            for s, u, _ in terms:
+                if s != c and u not in need.setdefault(s, []):
+                    need[s].append(u)
+        slot_of.append({(s, u): k for s, us in need.items() for k, u in enumerate(sorted(us))})
+    slots = max((k + 1 for m in slot_of for k in m.values()), default=1)
+    ranks = []
+    for r, units in enumerate(lmap.out_units):
+        sends = tuple(sorted((c, u, push_area(r, c, world), k)
+                             for c in range(world) for (s, u), k in slot_of[c].items()
+                             if s == r))
+        reduce = []
+        written: set[int] = set()
+        safe = True
+        for j, terms in enumerate(units):
+            rt = []
+            for s, u, coef in terms:
+                if s == r:
+                    safe = safe and u not in written
+                    rt.append((TERM_INPUT, u, 0, coef))
+                else:
+                    rt.append((TERM_SLOT, push_area(s, r, world), slot_of[r][(s, u)], coef))
+            reduce.append((j, tuple(rt)))
+            written.add(j)
+        safe = safe or len(units) != lmap.in_units  # other shapes never run in place
+        ranks.append(PushRank(tuple(sorted({c for c, *_ in sends})),
+                              tuple(sorted({s for s, _ in slot_of[r]})), sends, tuple(reduce),
+                              safe))
+    return PushSchedule(lmap.in_units, slots, tuple(ranks), lmap.redop)
