@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device call on nvidia-h200-x2 (issue 14), one process per GPU on NCCL:
+#   check   the correctness ladder at world 2 with every intra algorithm (push included),
+#           graph replay, in place, the NCCL reference (scripts/gpu_check.py --pg nccl)
+#   ar      allreduce 8 KiB..256 MiB per rank: auto, each fused algorithm, NCCL, torch
+#           symmetric memory two-shot (with and without its copy) and one-shot
+#   coll    allgather, reducescatter and both presets on dp=2,tp=1 and dp=1,tp=2
+#   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
+#   tune    mixcc tune for allreduce on NCCL (NCCL a candidate), then the ar sweep with
+#           that table (auto against the fixed algorithms and NCCL)
+#   mps     GPU 0 alone, 4 processes under MPS: the ladder at world 4 and its --mutate control
+# Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl", ".mxcache"].
+set -u
+source "$(dirname "$0")/device_env.sh"
+export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
+nvidia-smi -L
+MAX=${MAX:-256M}
+bench() {  # name, then mixcc bench arguments; the pivot table (printed last) to stdout
+  local name=$1; shift
+  python3 -m mixcc bench --world-size 2 --dtype bfloat16 --hidden 4096 --iters 20 \
+    --repeats 5 --min-bytes 8K --max-bytes "$MAX" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  sed -n '/^# oop time/,$p' "$OUT/$name.log" | grep -v "^wrote\|^note"
+}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(check ar)
+for step in "${steps[@]}"; do
+  case $step in
+    check)
+      timeout 300 python3 scripts/gpu_check.py --pg nccl --worlds 2 --fuzz 2 2>&1 \
+        | tee "$OUT/gpu_check.log" | grep -v "Warning\|warnings.warn" | tail -n 12 ;;
+    ar)
+      bench ar --mesh dp=1,tp=2 --program allreduce --backend "${AR_BACKENDS:-\
+auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
+    coll)
+      bench coll_dp2 --mesh dp=2,tp=1 --program allgather --program reducescatter \
+        --program allreduce_allgather --program reducescatter_allreduce \
+        --backend auto,fused:push,reference,nccl1
+      bench coll_tp2 --mesh dp=1,tp=2 --program allreduce_allgather \
+        --program reducescatter_allreduce --backend auto,fused:push,reference ;;
+    nodes)
+      bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
+        --program "allgather(dp)" --backend auto,fused,reference ;;
+    tune)
+      export MIXCC_TUNE_TABLE=$OUT/tune_table.json
+      python3 -m mixcc tune --world-size 2 --mesh dp=1,tp=2 --program allreduce \
+        --dtype bfloat16 --hidden 4096 --min-bytes "${TUNE_MIN:-64K}" --max-bytes "$MAX" \
+        --iters 10 --repeats 3 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/tune.log"
+      bench ar_tuned --mesh dp=1,tp=2 --program allreduce --backend \
+        auto,fused:one_shot,fused:push,fused:two_shot,reference ;;
+    mps)
+      (start_mps
+       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/gpu_check.py --worlds 4 --fuzz 2 \
+         2>&1 | tee "$OUT/gpu_check_mps.log" | grep "TOTAL\|FAIL" | head -n 5
+       CUDA_VISIBLE_DEVICES=0 timeout 120 python3 scripts/gpu_check.py --worlds 4 --fuzz 1 \
+         --mutate 2>&1 | tee "$OUT/gpu_check_mutate.log" | grep "TOTAL") ;;
+  esac
+  (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz .)
+done
+(cd "$OUT" && find . -type f ! -name results.tgz -delete)
