@@ -6,10 +6,18 @@
     out = coll(x)
 """
 
-from . import presets
+from . import presets, runtime
 from .api import Collective, compile
 from .errors import CollectiveMismatch, CollectiveTimeout, CompileError, MixccError, ParseError
 from .mesh import Mesh
+
+
+def close_all(barrier: bool = True) -> None:
+    """Release every fused runtime of this process (IPC workspaces, peer mappings, NVSHMEM).
+    Call it on every rank before destroying the process groups; after a peer died it
+    works without that peer. Nothing to do when no fused collective ever ran."""
+    runtime.close_all(barrier)
+
 
 __all__ = [
     "Collective",
@@ -18,6 +26,7 @@ __all__ = [
     "CompileError",
     "Mesh",
     "MixccError",
+    "close_all",
     "ParseError",
     "compile",
     "presets",

@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import debug, fused, nvshmem
+from . import debug, fused, nvshmem, torch_ops
 from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
@@ -52,6 +52,7 @@ class Collective:
         # validated call signatures -> (backend, output shape, fast call or None): a
         # repeated call with the same kind of tensors skips the checks (host overhead)
         self._seen: dict[tuple, tuple] = {}  # signature -> (backend, shape, fast call)
+        self._torch_op_handle = torch_ops.register(self)  # names it in mixcc::run
         if debug.enabled(options.get("debug")):
             debug.register(program, len(plan.stages))
         if _group_size(group) is not None:
@@ -161,8 +162,6 @@ class Collective:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the program on this rank's `x`; returns `out` (allocated when None)."""
         if torch.compiler.is_compiling():  # torch.compile: one custom op, see torch_ops.py
-            from . import torch_ops
-
             if not torch_ops.in_op_impl():
                 return torch_ops.traced_call(self, x, out)
         if type(x) is torch.Tensor and (out is None or type(out) is torch.Tensor):
@@ -225,7 +224,7 @@ class Collective:
 
     def close(self) -> None:
         """Drop this collective's kernels (the shared runtime stays with its group;
-        mixcc.runtime.close_all() releases it)."""
+        mixcc.close_all() releases it)."""
         self._fused.clear()
         self._seen.clear()
 

@@ -236,10 +236,12 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
 
 def count_wrong(got: torch.Tensor, expect: torch.Tensor) -> int:
     """Elements of `got` outside the rounding of its dtype around `expect` (the exact,
-    float64 result in `mixcc bench`)."""
+    float64 result in `mixcc bench`); a NaN counts unless the exact result is NaN there."""
     g, e = got.double().cpu(), expect.double().cpu()
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(got.dtype, 2e-2)
-    return int(((g - e).abs() > tol * (1 + e.abs())).sum())
+    close = (g - e).abs() <= tol * (1 + e.abs())  # False wherever either side is NaN
+    same = (g == e) | (g.isnan() & e.isnan())  # equal infinities, NaN where NaN is exact
+    return int((~(close | same)).sum())
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(?:i?b)?\s*$", re.IGNORECASE)

@@ -5,8 +5,10 @@ emits `torch.ops.mixcc.run(x, handle)` instead of tracing into process groups an
 kernel launches, so a model that calls `coll(x)` compiles with `fullgraph=True`. The
 fake (meta) implementation gives the output shape (`coll.output_shape`); the real one
 runs the collective eagerly. `handle` names the Collective in a registry of weak
-references; it is computed once per trace, and Dynamo guards on the collective's
-identity, so another collective recompiles rather than reusing the handle. `out=` is
+references; every Collective gets its handle when it is built, as a plain int attribute,
+so Dynamo reads it as a constant (guarded on the collective) without calling anything:
+passing the Collective itself to a constant-folded function fails in torch 2.11's Dynamo
+(AsPythonConstantNotImplementedError). `out=` is
 the op's result copied into `out` (the op itself never aliases or mutates its input).
 """
 
@@ -28,16 +30,17 @@ _lock = threading.Lock()
 _local = threading.local()  # .depth: real implementations running on this thread
 
 
-@torch.compiler.assume_constant_result
-def handle_of(coll: Collective) -> int:
-    """The registry handle of `coll` (assigned on first use; a constant in the graph)."""
-    h = coll.__dict__.get("_torch_op_handle")
-    if h is None:
-        with _lock:
-            h = next(_next_handle)
-            _registry[h] = weakref.ref(coll, lambda _, h=h: _registry.pop(h, None))
-            coll.__dict__["_torch_op_handle"] = h
+def register(coll: Collective) -> int:
+    """A new registry handle for `coll` (Collective.__init__ stores it)."""
+    with _lock:
+        h = next(_next_handle)
+        _registry[h] = weakref.ref(coll, lambda _, h=h: _registry.pop(h, None))
     return h
+
+
+def handle_of(coll: Collective) -> int:
+    """The registry handle of `coll`."""
+    return coll._torch_op_handle
 
 
 def _lookup(handle: int) -> Collective:
@@ -83,7 +86,7 @@ def _run_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
 def traced_call(coll: Collective, x: torch.Tensor, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """What `coll(x, out)` records while torch.compile traces."""
-    y = torch.ops.mixcc.run(x, handle_of(coll))
+    y = torch.ops.mixcc.run(x, coll._torch_op_handle)
     if out is None:
         return y
     if out.shape != y.shape:
@@ -91,4 +94,4 @@ def traced_call(coll: Collective, x: torch.Tensor, out: torch.Tensor | None = No
     return out.copy_(y)
 
 
-__all__ = ["handle_of", "in_op_impl", "run", "traced_call"]
+__all__ = ["handle_of", "in_op_impl", "register", "run", "traced_call"]

@@ -103,3 +103,16 @@ def test_world_of_one_runs_without_a_process_group():
 def test_call_without_process_group_says_so(rs_ar):
     with pytest.raises(RuntimeError, match="init_process_group"):
         rs_ar(torch.zeros(4, 2))
+
+
+def test_repeat_call_still_refuses_an_overlapping_out():
+    # the second call has the signature of the first (validated once, then the fast
+    # path): the overlap of x and out is new on every call and must still be checked
+    coll = mixcc.compile("allreduce(tp)", Mesh({"tp": 1}), dtype=torch.float32,
+                         backend="reference")
+    buf = torch.randn(12, 2)
+    x = buf[0:4]
+    assert torch.equal(coll(x, out=buf[8:12]), x)  # fine, and now a known signature
+    with pytest.raises(ValueError, match="not overlap x"):
+        coll(x, out=buf[2:6])
+    assert torch.equal(coll(x, out=x), buf[0:4])  # in place stays allowed

@@ -497,3 +497,25 @@ def test_graph_timing_replays_a_one_call_graph_before_each_timed_replay(monkeypa
     assert times == [2.0 / 1e3 / 4] * 2
     assert log == ["eager"] * 3 + ["replay 4", "replay 1"] + [
         "barrier", "replay 1", "record", "replay 4", "record"] * 2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5),
+                                       (torch.float64, 1e-12)])
+def test_count_wrong_counts_elements_off_the_exact_result(dtype, tol):
+    gen = torch.Generator().manual_seed(5)
+    expect = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    got = expect.to(dtype)
+    assert bench.count_wrong(got, expect) == 0  # rounding to the dtype is not an error
+    bad = got.clone()
+    bad[3, 1] += 1.0
+    bad[7, 0] = -bad[7, 0] * 3 - 1
+    bad[9, 5] = float("nan")
+    assert bench.count_wrong(bad, expect) == 3
+    # just past the tolerance at one element counts, just inside does not
+    e = torch.tensor([2.0], dtype=torch.float64)
+    assert bench.count_wrong((e * (1 + 3 * tol)).to(dtype), e) == 1
+    assert bench.count_wrong((e * (1 + tol / 4)).to(dtype), e) == 0
+    # NaN and infinities where the exact result has them are right
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    assert bench.count_wrong(special.to(dtype), special) == 0
+    assert bench.count_wrong(special.flip(0).to(dtype), special) == 2

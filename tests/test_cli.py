@@ -88,3 +88,31 @@ def test_explain_help_lists_grammar_and_presets(capsys):
     out = capsys.readouterr().out
     assert "coll     := allreduce | allgather | reducescatter" in out
     assert "reducescatter_allreduce" in out and "reducescatter(dp); allreduce(tp)" in out
+
+
+def test_prebuild_with_a_cache_others_can_write_is_one_line(tmp_path, monkeypatch, capsys):
+    import os
+    import shutil
+
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        import pytest
+
+        pytest.skip("nvcc is needed to reach the build step")
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)  # group and others may write: refused
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(cache))
+    assert main(["prebuild", "--mesh", "tp=2", "--program", "allreduce(tp)",
+                 "--arch", "sm_90"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mixcc: error: ") and str(cache) in err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_close_all_is_public_after_a_plain_import():
+    code = ("import mixcc; mixcc.close_all(); mixcc.close_all(barrier=False); "
+            "mixcc.runtime.close_all(); print('released')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "released"

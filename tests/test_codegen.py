@@ -36,6 +36,13 @@ def test_render_is_deterministic_and_specialised():
     assert "using T = float;" in f and "VEC_WIDE = 4;" in f and "kMax" in f
 
 
+@pytest.mark.parametrize("op,enum", [("sum", "kSum"), ("max", "kMax"), ("min", "kMin")])
+def test_every_reduction_renders_its_own_op(op, enum):
+    src = render_stage(stages(f"allreduce(tp, op={op})", {"tp": 2})[0], torch.float32)
+    assert f"constexpr mixcc::Op OP = mixcc::Op::{enum};" in src
+    assert sum(f"mixcc::Op::{e};" in src for e in ("kSum", "kMax", "kMin")) == 1
+
+
 def test_schedule_table_layout():
     st0 = stages("allreduce(tp)", {"tp": 2})[0]
     flat, offsets, max_terms = schedule_table(st0.schedules["one_shot"])

@@ -50,3 +50,22 @@ def test_from_device_mesh_and_parse():
     assert Mesh.parse("dp=2,tp=4", 4) == Mesh({"dp": 2, "tp": 4}, 4)
     with pytest.raises(ValueError, match="name=size"):
         Mesh.parse("dp2")
+
+
+def test_from_device_mesh_refuses_ranks_out_of_row_major_order():
+    import torch
+
+    class FakeDM:
+        mesh_dim_names = ("dp", "tp")
+
+        def __init__(self, mesh):
+            self.mesh = mesh
+
+    with pytest.raises(ValueError, match="row-major"):
+        Mesh.from_device_mesh(FakeDM(torch.arange(8).reshape(4, 2).t().contiguous()), 8)
+    with pytest.raises(ValueError, match="row-major"):  # ranks of another group
+        Mesh.from_device_mesh(FakeDM(torch.arange(8, 16).reshape(2, 4)), 8)
+    with pytest.raises(ValueError, match="mesh_dim_names"):
+        dm = FakeDM(torch.arange(4).reshape(2, 2))
+        dm.mesh_dim_names = None
+        Mesh.from_device_mesh(dm)

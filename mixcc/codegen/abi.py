@@ -10,6 +10,8 @@ import ctypes
 import functools
 import hashlib
 
+from ..errors import MixccError
+
 # (name, C type). One struct serves every stage kind; a kind ignores the fields it does
 # not use (the loader leaves them zero).
 FIELDS: tuple[tuple[str, str], ...] = (
@@ -56,7 +58,7 @@ class LaunchArgs(ctypes.Structure):
     _fields_ = [(name, _CTYPES[ctype]) for name, ctype in FIELDS]
 
 
-class AbiMismatch(RuntimeError):
+class AbiMismatch(MixccError, RuntimeError):
     """A loaded module was built for another launch ABI."""
 
 

@@ -31,11 +31,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import MixccError
 from ..paths import templates_dir
 from .spec import BuildSpec
 
 
-class BuildError(RuntimeError):
+class BuildError(MixccError, RuntimeError):
     """nvcc or ninja failed; the message holds the compiler output and the build dir."""
 
 
