@@ -8,6 +8,7 @@
 
 from . import presets, runtime
 from .api import Collective, compile
+from .buffers import empty
 from .errors import CollectiveMismatch, CollectiveTimeout, CompileError, MixccError, ParseError
 from .mesh import Mesh
 
@@ -29,6 +30,7 @@ __all__ = [
     "close_all",
     "ParseError",
     "compile",
+    "empty",
     "presets",
 ]
 __version__ = "0.1.0"

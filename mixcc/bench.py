@@ -41,9 +41,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "fp64": torch.float64}
 # mixcc's own rows: backend name -> the `algorithm` compile option. "auto" is the compile
 # default (backend="auto": fused kernels, or NCCL where the tuning table measured it
-# faster); the others force the fused backend.
-FUSED = {"auto": "auto", "fused": "auto", "fused:one_shot": "one_shot",
-         "fused:two_shot": "two_shot", "fused:push": "push"}
+# faster); "auto:registered" the same with the input in a registered buffer
+# (mixcc.empty, filled outside the timing); the others force the fused backend.
+FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
+         "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
 GPU_ONLY = (*FUSED, *baselines.SYMM, "separate")  # backends that run on CUDA tensors only
 
@@ -329,7 +330,7 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
         else:
             try:  # the same verdict on every rank: it depends on the program and machine
                 obj = mixcc_compile(prog, mesh, dtype=dtype,
-                                    backend="auto" if be == "auto" else "fused",
+                                    backend="auto" if be.startswith("auto") else "fused",
                                     algorithm=FUSED[be])
             except ValueError as e:
                 skipped.append(f"{be}: {e}")
@@ -471,6 +472,10 @@ def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor 
     wrong elements summed over ranks (-1 for the reference itself)."""
     baseline = be in baselines.BASELINES
     coll = ref if be == "reference" else fn
+    if be == "auto:registered":  # the same data, inside the group's registered pool
+        from .buffers import empty
+
+        x = empty(x.shape, x.dtype).copy_(x)
     xin = x.clone() if mode == "ip" else x  # in place overwrites: never the shared input
     out = xin if mode == "ip" else torch.empty(ref.output_shape(x.shape), dtype=x.dtype,
                                                 device=x.device)

@@ -310,13 +310,50 @@ class FusedRunner:
             a = self._args[key] = self._make_args(i, unit_elems, nbytes, inplace)
         return a
 
+    def reg_word(self, x_ptr: int, nbytes: int, out_ptr: int) -> int:
+        """The one-shot kernel's registered-input word for an input at x_ptr: 1 + its
+        offset / 16 in this runtime's pool, or 0 (staged: not in the pool, in place, or
+        not 16-byte aligned). ValueError for an input partly inside a registered pool, or
+        inside the pool of a closed runtime or of another process group."""
+        pool = self.rt.pool
+        how = pool.contains(x_ptr, nbytes) if pool is not None else None
+        if how is None:
+            from .runtime import pool_of
+
+            other, how = pool_of(x_ptr, nbytes)
+            if other is None:
+                return 0
+            if how == "in":
+                whose = "a closed runtime" if other._closed else "another process group"
+                raise ValueError(f"x lies in the registered buffer (mixcc.empty) of {whose}; "
+                                 "allocate it from this collective's group, or pass an "
+                                 "ordinary tensor")
+        if how == "partly":
+            raise ValueError("x lies partly inside a registered buffer (mixcc.empty): pass "
+                             "a tensor wholly inside it or wholly outside it")
+        off = x_ptr - pool.base
+        return 0 if x_ptr == out_ptr or off % 16 else off // 16 + 1
+
+    def _pool_args(self, a: abi.LaunchArgs, i: int, x_ptr: int, nbytes: int, out_ptr: int
+                   ) -> tuple[int, int]:
+        """(pool_peers, in_off) of a launch: the peers' pool bases where the group has a
+        registered pool (the one-shot kernel then runs the registered-input protocol),
+        else 0; and the input's registered-input word (one-shot intra stages only)."""
+        peers = self.rt.pool_peers.data_ptr() if self.rt.pool is not None else 0
+        if not isinstance(self.stages[i][0], IntraStage):
+            return peers, 0
+        word = self.reg_word(x_ptr, nbytes, out_ptr)  # refuses foreign and partial inputs
+        return peers, word if a.algo == 0 else 0
+
     def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
         unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
         if unit_elems == 0:
             return
         in_ptr, out_ptr = x.data_ptr(), dst.data_ptr()
-        a = self._cached_args(i, unit_elems, x.numel() * self.elem, in_ptr == out_ptr)
+        nbytes = x.numel() * self.elem
+        a = self._cached_args(i, unit_elems, nbytes, in_ptr == out_ptr)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
+        a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
         a.stream = _current_stream(self.device)
         a.fp = fp
@@ -337,8 +374,10 @@ class FusedRunner:
         unit_elems = x.shape[0] // stage.lmap.in_units * (x.numel() // max(1, x.shape[0]))
         if unit_elems == 0:
             return None
-        a = self._cached_args(0, unit_elems, x.numel() * self.elem)
+        nbytes = x.numel() * self.elem
+        a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
+        pool_args = self._pool_args
         even = unit_elems % self.vec == 0
         raw = _current_stream
         timeout_s = self.timeout_ns / 1e9
@@ -352,6 +391,7 @@ class FusedRunner:
             a.in_ptr = xp = x.data_ptr()
             a.out_ptr = op = out.data_ptr()
             a.wide = even and not (xp | op) & 15
+            a.pool_peers, a.in_off = pool_args(a, 0, xp, nbytes, op)
             a.stream = raw(device)
             rt.timeout_s = timeout_s
             rc = launch(ref)

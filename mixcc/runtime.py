@@ -89,6 +89,110 @@ def abort_enabled(option: bool | None) -> bool:
     return os.environ.get(ABORT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+class _Block:
+    """One allocation of a registered pool, shown to torch through
+    __cuda_array_interface__: torch's tensor (and every view of it) keeps this object
+    alive, and its range returns to the pool once the last of them is gone."""
+
+    def __init__(self, pool: Pool, offset: int, nbytes: int):
+        self.pool, self.offset, self.nbytes = pool, offset, nbytes
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (pool.base + offset, False),
+            "version": 3, "strides": None}
+
+    def __del__(self) -> None:
+        self.pool.release(self.offset, self.nbytes)
+
+
+class Pool:
+    """A runtime's registered pool: device memory that every peer of the node has mapped,
+    so that a one-shot stage reads an input lying in it in place (docs/DESIGN.md,
+    "Registered buffers"). First-fit allocation in ALIGN-byte steps; the memory is freed
+    once the runtime closed and no tensor over it remains."""
+
+    ALIGN = 256
+
+    def __init__(self, device: int, nbytes: int):
+        if not 0 < nbytes <= layout.MAX_POOL_BYTES:
+            raise ValueError(f"pool_bytes must be in 1..{layout.MAX_POOL_BYTES}, got {nbytes}")
+        self.device, self.nbytes = device, -(-nbytes // self.ALIGN) * self.ALIGN
+        ptr = ctypes.c_void_p()
+        cuda_check(native().mixcc_rt_alloc(device, self.nbytes, ctypes.byref(ptr)),
+                   "cudaMalloc of the registered pool")
+        self.base: int = ptr.value
+        self._free = [(0, self.nbytes)]  # sorted (offset, size) ranges
+        self._live = 0  # blocks handed out and not yet released
+        self._closed = self._kept = False
+        self._lock = threading.Lock()
+        _POOLS[self.base] = self
+
+    def contains(self, ptr: int, nbytes: int) -> str | None:
+        """'in' if [ptr, ptr + nbytes) lies inside the pool, 'partly' if it overlaps its
+        edge, None if it does not touch it."""
+        lo, hi = self.base, self.base + self.nbytes
+        if ptr >= hi or ptr + nbytes <= lo:
+            return None
+        return "in" if lo <= ptr and ptr + nbytes <= hi else "partly"
+
+    def allocate(self, nbytes: int) -> _Block:
+        need = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the registered pool's runtime is closed")
+            for i, (off, size) in enumerate(self._free):
+                if size >= need:
+                    self._free[i:i + 1] = [(off + need, size - need)] if size > need else []
+                    self._live += 1
+                    return _Block(self, off, need)
+        raise ValueError(f"the registered pool ({self.nbytes} bytes) has no free range of "
+                         f"{need} bytes: free mixcc.empty tensors, or pass a larger "
+                         "pool_bytes to the first mixcc.empty of the group")
+
+    def release(self, offset: int, nbytes: int) -> None:
+        with self._lock:
+            self._free.append((offset, nbytes))
+            self._free.sort()
+            merged = [self._free[0]]
+            for off, size in self._free[1:]:
+                if merged[-1][0] + merged[-1][1] == off:
+                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
+                else:
+                    merged.append((off, size))
+            self._free = merged
+            self._live -= 1
+            done = self._closed and self._live == 0
+        if done:
+            self._free_memory()
+
+    def close(self, keep: bool) -> None:
+        """The runtime closes: no new block; the memory goes once no tensor uses it (never
+        after a failure, `keep`: a surviving peer may still read it)."""
+        with self._lock:
+            self._closed, self._kept = True, keep
+            done = self._live == 0
+        if done:
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        if self.base and not self._kept:
+            _POOLS.pop(self.base, None)
+            native().mixcc_rt_free(self.device, self.base)
+        self.base = 0
+
+
+_POOLS: dict[int, Pool] = {}  # base address -> live pool, of every runtime of the process
+
+
+def pool_of(ptr: int, nbytes: int) -> tuple[Pool | None, str | None]:
+    """The live registered pool that [ptr, ptr + nbytes) touches, and how ('in' or
+    'partly'), or (None, None)."""
+    for pool in list(_POOLS.values()):
+        how = pool.contains(ptr, nbytes)
+        if how:
+            return pool, how
+    return None, None
+
+
 class Runtime:
     """Workspace, peer mappings, epochs and error record of one (group, device).
 
@@ -155,6 +259,10 @@ class Runtime:
         self.peers = torch.tensor(ptrs, dtype=torch.int64, device=dev)
         # [MAX_BLOCKS] IPC epochs, then [MAX_BLOCKS] NVSHMEM chunk sequence numbers
         self.epochs = torch.zeros(2 * layout.MAX_BLOCKS, dtype=torch.int32, device=dev)
+        # the registered pool (open_pool, mixcc.empty): none until asked for
+        self.pool: Pool | None = None
+        self._pool_opened: list[int] = []
+        self.pool_peers = torch.zeros(self.world, dtype=torch.int64, device=dev)
         host, dptr = ctypes.c_void_p(), ctypes.c_void_p()
         cuda_check(lib.mixcc_rt_host_alloc(ctypes.sizeof(_ErrorRecord), ctypes.byref(host),
                                            ctypes.byref(dptr)), "cudaHostAlloc")
@@ -225,6 +333,36 @@ class Runtime:
                 f"on other hosts ({sorted({self.hosts[r] for r in missing})}); set the "
                 "mesh's ranks_per_node to the ranks per host")
 
+    def open_pool(self, nbytes: int) -> Pool:
+        """Create this runtime's registered pool of `nbytes` and map every peer's
+        (collective: every rank of the group calls it once, with any size)."""
+        if self.pool is not None:
+            return self.pool
+        lib = native()
+        pool = Pool(self.device, nbytes)
+        handle = ctypes.create_string_buffer(64)
+        cuda_check(lib.mixcc_rt_ipc_handle(self.device, pool.base, handle),
+                   "cudaIpcGetMemHandle of the registered pool")
+        everyone = [handle.raw]
+        if self.world > 1:
+            everyone = [None] * self.world
+            dist.all_gather_object(everyone, handle.raw, group=self.group)
+        ptrs = []
+        for r, h in enumerate(everyone):
+            if r == self.rank:
+                ptrs.append(pool.base)
+            elif int(self._ptrs[r]) == 0:  # another host: never read in place
+                ptrs.append(0)
+            else:
+                p = ctypes.c_void_p()
+                cuda_check(lib.mixcc_rt_ipc_open(self.device, h, ctypes.byref(p)),
+                           f"cudaIpcOpenMemHandle of rank {r}'s registered pool")
+                self._pool_opened.append(p.value)
+                ptrs.append(p.value)
+        self.pool_peers.copy_(torch.tensor(ptrs, dtype=torch.int64))
+        self.pool = pool
+        return pool
+
     def close(self, barrier: bool = True) -> bool:
         """Release peer mappings and memory; returns whether this runtime failed or found
         a failed peer while closing (then NVSHMEM must not be finalised either).
@@ -255,6 +393,12 @@ class Runtime:
             for p in self._opened:
                 failures.append(("cudaIpcCloseMemHandle", lib.mixcc_rt_ipc_close(self.device, p)))
             self._opened = []
+            for p in self._pool_opened:
+                failures.append(("cudaIpcCloseMemHandle", lib.mixcc_rt_ipc_close(self.device, p)))
+            self._pool_opened = []
+            if self.pool is not None:
+                self.pool.close(keep=keep_workspace)
+                self.pool = None
             if self._ws and not keep_workspace:
                 failures.append(("cudaFree", lib.mixcc_rt_free(self.device, self._ws)))
             self._ws = None
@@ -323,6 +467,11 @@ STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit", "push 
                "push credit")
 
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
+
+
+def existing_runtime(group: dist.ProcessGroup | None, device: int) -> Runtime | None:
+    """The runtime of (group, device) if one was created, whatever its workspace size."""
+    return _RUNTIMES.get((id(group if group is not None else dist.group.WORLD), device))
 
 
 def get_runtime(group: dist.ProcessGroup | None, device: int, workspace_bytes: int,

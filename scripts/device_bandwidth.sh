@@ -8,6 +8,7 @@
 #   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
 #   tune    mixcc tune for allreduce on NCCL (NCCL a candidate), then the ar sweep with
 #           that table (auto against the fixed algorithms and NCCL)
+#   gpu     the pytest GPU tests (python -m pytest tests/gpu)
 #   mps     GPU 0 alone, 4 processes under MPS: the ladder at world 4 and its --mutate control
 # Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl", ".mxcache"].
 set -u
@@ -40,6 +41,9 @@ auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
     nodes)
       bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
         --program "allgather(dp)" --backend auto,fused,reference ;;
+    gpu)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 \
+        | grep -v "Warning\|warnings.warn" | tee "$OUT/pytest_gpu.log" | tail -n 15 ;;
     tune)
       export MIXCC_TUNE_TABLE=$OUT/tune_table.json
       python3 -m mixcc tune --world-size 2 --mesh dp=1,tp=2 --program allreduce \

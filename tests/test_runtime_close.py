@@ -42,6 +42,7 @@ def world(monkeypatch):
         rt._closed, rt._key, rt.rank, rt.world, rt.device = False, None, rank, 2, 0
         rt.group = SimpleNamespace(group_name="g")
         rt._opened, rt._ws, rt._err_host = [100 + rank], 200 + rank, 300 + rank
+        rt._pool_opened, rt.pool = [], None
         rt._err = runtime._ErrorRecord()
         rt._err.status = int(failed)
         rt._stop = threading.Event()

@@ -36,6 +36,8 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("err", "void*"),
     ("stream", "void*"),
     ("fp", "unsigned int"),  # debug mode: this call's fingerprint (0: off; mixcc/debug.py)
+    ("pool_peers", "char* const*"),  # registered pool base of every rank (0: none)
+    ("in_off", "long long"),  # one-shot: 0, or 1 + the input's offset in my pool / 16
 )
 
 _CTYPES = {

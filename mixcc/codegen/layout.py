@@ -14,6 +14,11 @@ IPC workspace, one per rank, fixed size:
   [SENT_OFFSET]     uint32 [MAX_BLOCKS][MAX_RANKS][NSETS], local: the epoch at which this
                     rank last pushed into set s of rank dst (the credit it must see before
                     writing that set again)
+  [REG_OFFSET]      uint64 [MAX_BLOCKS][MAX_RANKS]: (epoch << 32) | word, written by src
+                    before its first barrier of a one-shot call: word 0 = src staged its
+                    input, else src's input lies in its registered pool at byte offset
+                    (word - 1) * 16 and peers read it there (docs/DESIGN.md, "Registered
+                    buffers")
   [DATA_OFFSET, …)  the pull area: NSETS sets x MAX_BLOCKS regions of region_bytes(workspace)
                     bytes, then the push area, laid out alike. Chunk (epoch e) of block b
                     uses region b of set e % NSETS. Block b of every kernel only ever
@@ -66,7 +71,11 @@ PUSH_FLAG_OFFSET = (BLAME_OFFSET + 4 + 15) // 16 * 16
 PUSH_FLAG_BYTES = MAX_BLOCKS * 2 * MAX_RANKS * 4
 SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
 SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
-DATA_OFFSET = (SENT_OFFSET + SENT_BYTES_IPC + 4095) // 4096 * 4096
+REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
+REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
+DATA_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
+# The registered pool's offsets travel as 16-byte units in 32 bits.
+MAX_POOL_BYTES = (1 << 32) * 16 - 16
 SIG_BYTES = MAX_BLOCKS * NSETS * MAX_RANKS * 8
 CREDIT_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 SENT_BYTES = MAX_BLOCKS * MAX_RANKS * NSETS * 4

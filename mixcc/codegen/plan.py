@@ -175,7 +175,9 @@ class Plan:
                              f"areas of {layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
                              f"{region} B), symmetric heap 0 B; inputs and outputs are "
                              "ordinary tensors, read and written in place (no copy of the "
-                             "message is allocated)")
+                             "message is allocated); an input from mixcc.empty (the group's "
+                             "registered pool, 1 GiB per rank by default, made by its first "
+                             "mixcc.empty) is read by peers in place by the one-shot")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:

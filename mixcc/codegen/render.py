@@ -117,7 +117,7 @@ def render_stage(stage: Stage, dtype: torch.dtype) -> str:
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
         schedules=scheds, push_flag_offset=layout.PUSH_FLAG_OFFSET,
-        sent_offset=layout.SENT_OFFSET, **ctx)
+        sent_offset=layout.SENT_OFFSET, reg_offset=layout.REG_OFFSET, **ctx)
 
 
 def render_hier(stage: HierStage, dtype: torch.dtype) -> str:

@@ -1,0 +1,86 @@
+"""Registered buffers on CPU: the pool's first-fit allocator, and which inputs a one-shot
+stage reads in place (the registered-input word) or refuses, with fake pools (no GPU)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from mixcc import runtime
+from mixcc.fused import FusedRunner
+from mixcc.runtime import Pool
+
+
+def fake_pool(base: int, nbytes: int, monkeypatch) -> Pool:
+    p = object.__new__(Pool)
+    p.device, p.base, p.nbytes = 0, base, nbytes
+    p._free, p._live, p._closed, p._kept = [(0, nbytes)], 0, False, False
+    p._lock = threading.Lock()
+    freed = []
+    monkeypatch.setattr(p, "_free_memory", lambda: freed.append(p.base))
+    p.freed = freed
+    monkeypatch.setitem(runtime._POOLS, base, p)
+    return p
+
+
+def test_first_fit_allocation_release_and_coalescing(monkeypatch):
+    pool = fake_pool(1 << 30, 4096, monkeypatch)
+    a, b, c = pool.allocate(100), pool.allocate(256), pool.allocate(1000)
+    assert [blk.offset for blk in (a, b, c)] == [0, 256, 512]
+    assert a.__cuda_array_interface__["data"] == ((1 << 30), False)
+    assert c.__cuda_array_interface__["shape"] == (1024,)  # 256-byte steps
+    with pytest.raises(ValueError, match="no free range of 4096 bytes"):
+        pool.allocate(4000)
+    del b  # a hole between a and c
+    d = pool.allocate(200)
+    assert d.offset == 256  # first fit reuses it
+    del a, c
+    assert pool._live == 1 and pool._free == [(0, 256), (512, 3584)]
+
+
+def test_pool_memory_goes_when_closed_and_unused(monkeypatch):
+    pool = fake_pool(1 << 31, 1024, monkeypatch)
+    blk = pool.allocate(10)
+    pool.close(keep=False)
+    assert pool.freed == []  # a tensor still uses it
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.allocate(10)
+    del blk
+    assert pool.freed == [1 << 31]
+
+
+def runner_with(pool):
+    r = object.__new__(FusedRunner)
+    r.rt = SimpleNamespace(pool=pool)
+    return r
+
+
+def test_registered_input_word(monkeypatch):
+    pool = fake_pool(1 << 32, 1 << 20, monkeypatch)
+    r = runner_with(pool)
+    base = pool.base
+    assert r.reg_word(base + 4096, 8192, 0) == 4096 // 16 + 1  # read in place
+    assert r.reg_word(base, 16, 5) == 1  # offset 0 is word 1, never 0
+    assert r.reg_word(base + 4096, 8192, base + 4096) == 0  # in place: staged
+    assert r.reg_word(base + 8, 64, 0) == 0  # not 16-byte aligned: staged
+    assert r.reg_word(base - (1 << 20), 4096, 0) == 0  # an ordinary tensor
+    with pytest.raises(ValueError, match="partly inside"):
+        r.reg_word(base + (1 << 20) - 64, 128, 0)
+    with pytest.raises(ValueError, match="partly inside"):
+        r.reg_word(base - 64, 128, 0)
+
+
+def test_inputs_of_other_pools_are_refused(monkeypatch):
+    mine = fake_pool(1 << 33, 1 << 20, monkeypatch)
+    other = fake_pool(1 << 34, 1 << 20, monkeypatch)
+    r = runner_with(mine)
+    with pytest.raises(ValueError, match="another process group"):
+        r.reg_word(other.base + 256, 256, 0)
+    other._closed = True
+    with pytest.raises(ValueError, match="a closed runtime"):
+        r.reg_word(other.base + 256, 256, 0)
+    with pytest.raises(ValueError, match="partly inside"):  # also with no pool of its own
+        runner_with(None).reg_word(other.base - 16, 64, 0)
+    assert runner_with(None).reg_word(1 << 20, 64, 0) == 0
