@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import debug, fused, nvshmem, torch_ops
+from . import debug, fused, nvshmem, ops, torch_ops
 from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
@@ -148,8 +148,10 @@ class Collective:
         if out is not None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-            if out.dtype != x.dtype:
-                raise TypeError(f"out.dtype must be {x.dtype} (same as x), got {out.dtype}")
+            want = ops.output_dtype(self.ir.epilogue, x.dtype)
+            if out.dtype != want:
+                same = " (same as x)" if want == x.dtype else " (the program ends in quant)"
+                raise TypeError(f"out.dtype must be {want}{same}, got {out.dtype}")
             if out.shape != shape:
                 raise ValueError(f"out.shape must be {tuple(shape)}, got {tuple(out.shape)}")
             if out.device != x.device:
@@ -159,8 +161,12 @@ class Collective:
             _check_overlap(x, out)
         return shape
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the program on this rank's `x`; returns `out` (allocated when None)."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 **tensors: torch.Tensor) -> torch.Tensor:
+        """Run the program on this rank's `x`; returns `out` (allocated when None). The
+        tensors an epilogue names are keyword arguments (`coll(x, residual=r, weight=w)`)."""
+        if tensors or self.ir.epilogue:
+            return self._call_epilogue(x, out, tensors)
         if torch.compiler.is_compiling():  # torch.compile: one custom op, see torch_ops.py
             if not torch_ops.in_op_impl():
                 return torch_ops.traced_call(self, x, out)
@@ -191,6 +197,11 @@ class Collective:
             backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
             shape = self._check(x, out, backend)
             backend = self._by_size(backend, x)
+        return self._execute(x, out, backend, shape)
+
+    def _execute(self, x: torch.Tensor, out: torch.Tensor | None, backend: str,
+                 shape: torch.Size) -> torch.Tensor:
+        """The collectives on validated input, on `backend`."""
         if backend == "fused":
             return self._fused_runner(x)(x, out, shape)
         if self._reference is None:
@@ -206,6 +217,76 @@ class Collective:
             return y.reshape(shape)
         out.copy_(y.reshape(shape))
         return out
+
+    def _call_epilogue(self, x: torch.Tensor, out: torch.Tensor | None,
+                       tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A call of a program with epilogue statements: the collectives, then the
+        epilogue as torch ops in fp32 (mixcc/ops.py; not fused into the kernels yet)."""
+        if not self.ir.epilogue:
+            raise TypeError(f"unexpected keyword tensor(s) {sorted(tensors)}: the program "
+                            f"{self.program!r} has no epilogue statement")
+        if torch.compiler.is_compiling() and not torch_ops.in_op_impl():
+            return torch_ops.traced_call(self, x, out, tensors)
+        backend = self._choose(x) if isinstance(x, torch.Tensor) else self.backend
+        shape = self._check(x, out, backend)
+        self._check_tensors(x, out, shape, tensors)
+        backend = self._by_size(backend, x)
+        y = self._execute(x, None, backend, shape)
+        res = ops.run_epilogue(y, self.ir.epilogue, tensors,
+                               ops.output_dtype(self.ir.epilogue, x.dtype))
+        if out is None:
+            return res
+        out.copy_(res)
+        return out
+
+    def epilogue_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(names the epilogue writes, names it only reads), each in program order."""
+        written = tuple(dict.fromkeys(e.name for e in self.ir.epilogue
+                                      if ops.EPILOGUES[e.op].writes))
+        read = tuple(n for n in dict.fromkeys(e.name for e in self.ir.epilogue)
+                     if n not in written)
+        return written, read
+
+    def _check_tensors(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size,
+                       tensors: dict[str, torch.Tensor]) -> None:
+        """Every keyword tensor the epilogue names, before anything runs."""
+        names = dict.fromkeys(e.name for e in self.ir.epilogue)
+        unknown = sorted(set(tensors) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword tensor(s) {unknown}; the program names "
+                            f"{list(names)}")
+        for e in self.ir.epilogue:
+            entry = ops.EPILOGUES[e.op]
+            if e.name not in tensors:
+                raise TypeError(f"missing keyword tensor {e.name!r} (for {e})")
+            t = tensors[e.name]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{e.name} must be a torch.Tensor (for {e}), got "
+                                f"{type(t).__name__}")
+            if t.device != x.device:
+                raise ValueError(f"{e.name}.device must be {x.device} (same as x), got "
+                                 f"{t.device}")
+            if entry.needs_float32:
+                if t.dtype != torch.float32 or t.numel() != 1:
+                    raise ValueError(f"{e.name} must be a float32 tensor of one element (the "
+                                     f"scale of {e}), got {t.dtype} with {t.numel()} elements")
+                continue
+            if not t.is_floating_point():
+                raise TypeError(f"{e.name}.dtype must be a floating-point dtype (for {e}), "
+                                f"got {t.dtype}")
+            want = entry.shape(tuple(shape))
+            if isinstance(want, str):
+                raise ValueError(f"{e}: {want}")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{e.name}.shape must be {want} (for {e}), got "
+                                 f"{tuple(t.shape)}")
+            if entry.writes:
+                for other, what in ((x, "x"), (out, "out")):
+                    if other is not None and _overlaps(t, other) and not (
+                            t.data_ptr() == other.data_ptr() and t.numel() == other.numel()
+                            and t.dtype == other.dtype):
+                        raise ValueError(f"{e.name} (written by {e}) overlaps {what} "
+                                         f"partially: pass {what} itself or a separate tensor")
 
     def _fused_runner(self, x: torch.Tensor) -> fused.FusedRunner:
         runner = self._fused.get(x.dtype)

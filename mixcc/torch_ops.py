@@ -83,10 +83,41 @@ def _run_fake(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty(coll.output_shape(x.shape))
 
 
-def traced_call(coll: Collective, x: torch.Tensor, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """What `coll(x, out)` records while torch.compile traces."""
-    y = torch.ops.mixcc.run(x, coll._torch_op_handle)
+@torch.library.custom_op("mixcc::run_epilogue", mutates_args=("written",))
+def run_epilogue(x: torch.Tensor, written: list[torch.Tensor], read: list[torch.Tensor],
+                 handle: int) -> torch.Tensor:
+    """Run collective `handle` with an epilogue: `written` are the tensors its store
+    statements update in place, `read` the others, each in Collective.epilogue_names
+    order; a new tensor of its output shape and dtype."""
+    coll = _lookup(handle)
+    w_names, r_names = coll.epilogue_names()
+    kw = dict(zip(w_names, written, strict=True)) | dict(zip(r_names, read, strict=True))
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        return coll(x, **kw)  # the eager path: a fresh output tensor
+    finally:
+        _local.depth -= 1
+
+
+@run_epilogue.register_fake
+def _run_epilogue_fake(x: torch.Tensor, written: list[torch.Tensor], read: list[torch.Tensor],
+                       handle: int) -> torch.Tensor:
+    from .ops import output_dtype
+
+    coll = _lookup(handle)
+    return x.new_empty(coll.output_shape(x.shape),
+                       dtype=output_dtype(coll.ir.epilogue, x.dtype))
+
+
+def traced_call(coll: Collective, x: torch.Tensor, out: torch.Tensor | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """What `coll(x, out, **tensors)` records while torch.compile traces."""
+    if tensors:
+        w_names, r_names = coll.epilogue_names()
+        y = torch.ops.mixcc.run_epilogue(x, [tensors[n] for n in w_names],
+                                         [tensors[n] for n in r_names], coll._torch_op_handle)
+    else:
+        y = torch.ops.mixcc.run(x, coll._torch_op_handle)
     if out is None:
         return y
     if out.shape != y.shape:
@@ -94,4 +125,4 @@ def traced_call(coll: Collective, x: torch.Tensor, out: torch.Tensor | None = No
     return out.copy_(y)
 
 
-__all__ = ["handle_of", "in_op_impl", "register", "run", "traced_call"]
+__all__ = ["handle_of", "in_op_impl", "register", "run", "run_epilogue", "traced_call"]

@@ -165,3 +165,47 @@ def mismatch_nonfinite(out: torch.Tensor, exp: torch.Tensor, mag: torch.Tensor,
     fin = exp.isfinite()
     return mismatch(torch.where(fin, got, 0.0), torch.where(fin, exp, 0.0), mag, dtype,
                     n_statements, terms)
+
+
+# Epilogues (docs/DESIGN.md, "Epilogues"), in float64, written apart from mixcc/ops.py:
+# a chain is a list of (op, name, eps) with op in add / store / rmsnorm / quant.
+def split_epilogue(program: str) -> tuple[str, list[tuple[str, str, float | None]]]:
+    """(the collectives' text, the epilogue chain) of a program."""
+    body = "\n".join(line.split("#", 1)[0] for line in program.splitlines())
+    colls, chain = [], []
+    for part in (p.strip() for p in body.split(";")):
+        m = re.match(r"^(add|store|rmsnorm|quant)\s*\((.*)\)$", part)
+        if not m:
+            if part:
+                colls.append(part)
+            continue
+        args = [a.strip() for a in m.group(2).split(",")]
+        if m.group(1) == "quant":
+            chain.append(("quant", args[1], None))
+        elif m.group(1) == "rmsnorm" and len(args) > 1:
+            chain.append(("rmsnorm", args[0], float(args[1].split("=")[1])))
+        else:
+            chain.append((m.group(1), args[0], None))
+    return "; ".join(colls), chain
+
+
+def epilogue_expected(y: torch.Tensor, chain: list, tensors: dict[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(output, the stored tensors' new values) in float64 for collective output `y`
+    (float64); a store rounds to its tensor's dtype, and later reads see that value."""
+    v = y.double()
+    t = {k: x.double() for k, x in tensors.items()}
+    dt = {k: x.dtype for k, x in tensors.items()}
+    stored = {}
+    for op, name, eps in chain:
+        if op == "add":
+            v = v + t[name]
+        elif op == "store":
+            t[name] = v.to(dt[name]).double()
+            stored[name] = t[name]
+        elif op == "rmsnorm":
+            ms = (v * v).mean(dim=-1, keepdim=True)
+            v = v / torch.sqrt(ms + (1e-6 if eps is None else eps)) * t[name]
+        else:  # quant: saturate to the fp8 e4m3 range
+            v = torch.clamp(v / t[name].reshape(()), -448.0, 448.0)
+    return v, stored

@@ -59,3 +59,55 @@ def check_exact(rank: int, world: int, group, program: str, axes: list, rpn: int
     if not torch.equal(out.double(), exp[rank]):
         return f"not exact: max error {(out.double() - exp[rank]).abs().max().item()}"
     return ""
+
+
+def check_epilogue(rank: int, world: int, group, program: str, axes: list, rpn: int,
+                   rows: int, hidden: int, dtype_name: str, seed: int) -> str:
+    """A program with an epilogue on the reference backend against the float64 oracle:
+    the output and every stored tensor, rounding-level tolerances of the dtype."""
+    from oracle import EPS, epilogue_expected, split_epilogue
+
+    dtype = DTYPES[dtype_name]
+    mesh = mixcc.Mesh(axes, ranks_per_node=rpn)
+    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend="reference")
+    colls, chain = split_epilogue(program)
+    inputs = [make_input(seed, r, rows, hidden, dtype) for r in range(world)]
+    exp, mag, terms = expected(colls, axes, inputs)
+    g = torch.Generator().manual_seed(seed * 7 + rank)
+    out_rows = exp[rank].shape[0]
+    tensors = {}
+    for op, name, _ in chain:
+        if name in tensors:
+            continue
+        if op == "rmsnorm":
+            tensors[name] = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+        elif op == "quant":
+            tensors[name] = torch.rand(1, generator=g) + 0.25
+        else:
+            tensors[name] = torch.randn(out_rows, hidden, generator=g).to(dtype)
+    before = {k: v.clone() for k, v in tensors.items()}
+    want, stored = epilogue_expected(exp[rank], chain, before)
+    x = inputs[rank].clone()
+    got = coll(x, **tensors)
+    # the collective's output is rounded to the dtype once (plus its sums); the epilogue
+    # runs in fp32: a few roundings of the dtype relative to the row's scale
+    eps = EPS[dtype] * (terms + 4) * 4
+    fp8 = any(op == "quant" for op, _, _ in chain)
+    scale = want.abs().amax(dim=-1, keepdim=True) + mag[rank].amax() * EPS[dtype] + 1e-12
+    # fp8 e4m3: 3 mantissa bits (relative step 2^-3), subnormal step 2^-9 below 2^-6
+    tol = eps * scale + (want.abs() * 2.0**-3 + 2.0**-9 if fp8 else 0)
+    bad = (got.double() - want).abs() > tol
+    msgs = []
+    if got.dtype != (torch.float8_e4m3fn if fp8 else dtype):
+        msgs.append(f"output dtype {got.dtype}")
+    if bad.any() or torch.isnan(got.double()).any():
+        msgs.append(f"output: {int(bad.sum())} of {bad.numel()} elements off")
+    for name, val in stored.items():
+        ref_scale = val.abs().amax(dim=-1, keepdim=True) + 1e-12
+        if ((tensors[name].double() - val).abs() > eps * ref_scale + EPS[dtype] * val.abs()
+                ).any():
+            msgs.append(f"stored {name} differs")
+    for name, val in before.items():
+        if name not in stored and not torch.equal(tensors[name], val):
+            msgs.append(f"{name} was modified but nothing stores into it")
+    return "; ".join(msgs)

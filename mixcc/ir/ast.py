@@ -41,9 +41,28 @@ class Stmt:
 
 
 @dataclass(frozen=True)
+class Epi:
+    """One epilogue statement (mixcc/ops.py): `op(name)`, `rmsnorm(name, eps=E)` or
+    `quant(fmt, name)`."""
+
+    op: str
+    name: str
+    pos: Pos
+    eps: float | None = None
+    fmt: str | None = None
+
+    def __str__(self) -> str:
+        if self.op == "quant":
+            return f"quant({self.fmt}, {self.name})"
+        eps = f", eps={self.eps:g}" if self.eps is not None else ""
+        return f"{self.op}({self.name}{eps})"
+
+
+@dataclass(frozen=True)
 class Program:
     stmts: tuple[Stmt, ...]
     text: str
+    epilogue: tuple[Epi, ...] = ()
 
     def __str__(self) -> str:
-        return "; ".join(str(s) for s in self.stmts)
+        return "; ".join(str(s) for s in (*self.stmts, *self.epilogue))

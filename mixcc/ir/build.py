@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CompileError
 from ..mesh import Mesh
+from ..ops import QUANT_FORMATS
 from .ast import Program
 from .nodes import IR, Op
 
@@ -76,8 +77,16 @@ def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
         ops.append(Op(st.coll, axes, st.redop, st.pos, str(st)))
     if dtype is not None:
         check_dtype(dtype, {o.redop for o in ops if o.coll != "allgather"}, text)
+        if program.epilogue and not dtype.is_floating_point:
+            e = program.epilogue[0]
+            raise CompileError(f"epilogue statements need a floating-point dtype, not {dtype}",
+                               text, e.pos.line, e.pos.column, e.pos.width)
+    for e in program.epilogue:
+        if e.op == "quant" and QUANT_FORMATS.get(e.fmt) is None:
+            raise CompileError(f"quant({e.fmt}, ...) needs a torch with {e.fmt} tensors",
+                               text, e.pos.line, e.pos.column, e.pos.width)
     gran, frac = shape_facts(tuple(ops), mesh)
-    return IR(tuple(ops), gran, frac)
+    return IR(tuple(ops), gran, frac, program.epilogue)
 
 
 def check_rows(ir: IR, rows: int, text: str = "", what: str = "rows") -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from .ast import Pos
+from .ast import Epi, Pos
 
 # How a group sits on the nodes of the mesh (set by passes.split_nodes):
 #   intra - every group lies inside one node
@@ -47,8 +47,11 @@ class IR:
     ops: tuple[Op, ...]
     granularity: int
     row_factor: Fraction
+    epilogue: tuple[Epi, ...] = ()  # row-wise ops on the output (mixcc/ops.py)
 
     def __str__(self) -> str:
         body = "; ".join(f"{op} [{op.scope}]" if op.scope else str(op) for op in self.ops)
+        epi = "".join(f"; {e}" for e in self.epilogue)
         rows = f"rows % {self.granularity} == 0, " if self.granularity > 1 else ""
-        return f"{body or '(identity: copy)'}  ({rows}out rows = in rows x {self.row_factor})"
+        return (f"{body or '(identity: copy)'}{epi}  ({rows}out rows = in rows x "
+                f"{self.row_factor})")

@@ -8,7 +8,7 @@ from importlib import resources
 import lark
 
 from ..errors import ParseError
-from .ast import Axis, Pos, Program, Stmt
+from .ast import Axis, Epi, Pos, Program, Stmt
 
 # Human names for the grammar's terminals, used in "expected one of" lists.
 _TOKEN_TEXT = {
@@ -23,6 +23,13 @@ _TOKEN_TEXT = {
     "STAR": "'*'",
     "EQUAL": "'='",
     "SEMICOLON": "';'",
+    "ADD": "add",
+    "STORE": "store",
+    "RMSNORM": "rmsnorm",
+    "QUANT": "quant",
+    "EPS": "'eps'",
+    "QFMT": "fp8_e4m3",
+    "NUMBER": "number",
     "$END": "end of program",
 }
 
@@ -39,6 +46,14 @@ def _pos(item: lark.Token | lark.Tree) -> Pos:
     m = item.meta
     width = m.end_column - m.column if m.end_line == m.line else 1
     return Pos(m.line, m.column, max(1, width))
+
+
+def _epi(tree: lark.Tree) -> Epi:
+    kids = tree.children
+    if tree.data == "quant":
+        return Epi("quant", str(kids[1]), _pos(tree), fmt=str(kids[0]))
+    eps = float(kids[1]) if len(kids) > 1 else None
+    return Epi(str(tree.data), str(kids[0]), _pos(tree), eps=eps)
 
 
 def _stmt(tree: lark.Tree) -> Stmt:
@@ -72,4 +87,24 @@ def parse(text: str) -> Program:
         raise ParseError(
             f"unexpected character {text[e.pos_in_stream]!r}", text, e.line, e.column, expected
         ) from None
-    return Program(tuple(_stmt(s) for s in tree.children if isinstance(s, lark.Tree)), text)
+    stmts: list[Stmt] = []
+    epilogue: list[Epi] = []
+    for t in (c for c in tree.children if isinstance(c, lark.Tree)):
+        if t.data == "coll":
+            if epilogue:
+                p = _pos(t)
+                raise ParseError(f"collective after the epilogue statement {epilogue[0]}: "
+                                 "epilogue statements come after the last collective",
+                                 text, p.line, p.column, [])
+            stmts.append(_stmt(t))
+            continue
+        epi = _epi(t)
+        if not stmts:
+            raise ParseError(f"{epi} before any collective: epilogue statements follow the "
+                             "last collective", text, epi.pos.line, epi.pos.column, [])
+        if epilogue and epilogue[-1].op == "quant":
+            p = epilogue[-1].pos
+            raise ParseError(f"{epilogue[-1]} must be the last statement", text, p.line,
+                             p.column, [])
+        epilogue.append(epi)
+    return Program(tuple(stmts), text, tuple(epilogue))

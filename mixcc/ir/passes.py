@@ -75,4 +75,4 @@ def split_nodes(ops: tuple[Op, ...], mesh: Mesh) -> tuple[Op, ...]:
 def optimize(ir: IR, mesh: Mesh) -> IR:
     """All passes in order; the shape facts do not change."""
     ops = split_nodes(merge_adjacent(drop_trivial(ir.ops, mesh)), mesh)
-    return IR(ops, ir.granularity, ir.row_factor)
+    return IR(ops, ir.granularity, ir.row_factor, ir.epilogue)
