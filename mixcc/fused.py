@@ -230,8 +230,7 @@ class FusedRunner:
             return choice.algorithm == "nccl"
         return not self.plan.one_node and nbytes >= HIER_NCCL_MIN_BYTES
 
-    def _params(self, i: int, unit_elems: int, nbytes: int, inplace: bool
-                ) -> tuple[int, int, int, int]:
+    def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
         """(algorithm code, columns per block, chunks, blocks) for intra stage i; the same on
         every rank for the same shape, as the barriers require. A tuning-table entry
         decides when there is one; else default_algorithm."""
@@ -243,12 +242,14 @@ class FusedRunner:
             algo = choice.algorithm
         else:
             algo = self.default_algorithm(i, nbytes)
-        if algo == "push" and inplace and not self._push_safe[i]:
+        if algo == "push" and not self._push_safe[i]:
+            # decided per stage, never per call: whether a call runs in place may differ
+            # between ranks, and every rank must launch the same kernel
             if self.algorithm == "push":
                 raise ValueError(
-                    f"algorithm='push' cannot run stage {i} of this program in place (an "
-                    "output block is written before it is read as input); pass out= or "
-                    "use algorithm='one_shot'")
+                    f"algorithm='push' cannot run stage {i} of this program: an output block "
+                    "is written before a later one reads it as input, so it could not run "
+                    "in place; use algorithm='one_shot' or 'two_shot'")
             algo = "one_shot"
         two = algo == "two_shot"
         if algo == "push":
@@ -269,8 +270,7 @@ class FusedRunner:
         nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks)
         return ALGORITHMS.index(algo), cols, n_chunks, nblocks
 
-    def _make_args(self, i: int, unit_elems: int, nbytes: int, inplace: bool
-                   ) -> abi.LaunchArgs:
+    def _make_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
         """The launch arguments of stage i for this shape (pointers and stream are set
         per call)."""
         stage = self.stages[i][0]
@@ -280,7 +280,7 @@ class FusedRunner:
         a.data_off, a.region_bytes, a.err = layout.DATA_OFFSET, self.rt.region_bytes, \
             self.rt.err_dev
         if isinstance(stage, IntraStage):
-            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes, inplace)
+            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes)
             return a
         cols = hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
         if cols < self.vec:
@@ -298,16 +298,14 @@ class FusedRunner:
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
         return a
 
-    def _cached_args(self, i: int, unit_elems: int, nbytes: int, inplace: bool = False
-                     ) -> abi.LaunchArgs:
-        """The launch arguments of stage i for this shape (and in-place-ness: push cannot
-        run every stage in place), made once and kept."""
-        key = (i, unit_elems, inplace and not self._push_safe[i])
+    def _cached_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+        """The launch arguments of stage i for this shape, made once and kept."""
+        key = (i, unit_elems)
         a = self._args.get(key)
         if a is None:
             if len(self._args) >= 4096:  # many shapes: start over rather than grow
                 self._args.clear()
-            a = self._args[key] = self._make_args(i, unit_elems, nbytes, inplace)
+            a = self._args[key] = self._make_args(i, unit_elems, nbytes)
         return a
 
     def reg_word(self, x_ptr: int, nbytes: int, out_ptr: int) -> int:
@@ -351,7 +349,7 @@ class FusedRunner:
             return
         in_ptr, out_ptr = x.data_ptr(), dst.data_ptr()
         nbytes = x.numel() * self.elem
-        a = self._cached_args(i, unit_elems, nbytes, in_ptr == out_ptr)
+        a = self._cached_args(i, unit_elems, nbytes)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
         a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
@@ -368,8 +366,8 @@ class FusedRunner:
         shape, dtype and device (already validated), which sets only the pointers and
         stream of the cached launch arguments per call; else None. The host overhead of
         an eager call is the hot path of a serving step (issue 8)."""
-        if len(self.stages) != 1 or self.debug or not self._push_safe[0]:
-            return None  # (a push-unsafe stage decides per call whether it runs in place)
+        if len(self.stages) != 1 or self.debug:
+            return None
         stage, lib = self.stages[0]
         unit_elems = x.shape[0] // stage.lmap.in_units * (x.numel() // max(1, x.shape[0]))
         if unit_elems == 0:

@@ -101,14 +101,20 @@ class _Block:
             "version": 3, "strides": None}
 
     def __del__(self) -> None:
-        self.pool.release(self.offset, self.nbytes)
+        try:
+            self.pool.release(self.offset, self.nbytes)
+        except Exception:  # interpreter shutdown: the process exit frees the memory
+            pass
 
 
 class Pool:
     """A runtime's registered pool: device memory that every peer of the node has mapped,
     so that a one-shot stage reads an input lying in it in place (docs/DESIGN.md,
-    "Registered buffers"). First-fit allocation in ALIGN-byte steps; the memory is freed
-    once the runtime closed and no tensor over it remains."""
+    "Registered buffers"). First-fit allocation in ALIGN-byte steps. A released range is
+    reused only once the work queued on the releasing stream is done (an event), as
+    torch's allocator does; one released during CUDA graph capture is never reused (the
+    graph may replay). The memory is freed once the runtime closed and no tensor over it
+    remains."""
 
     ALIGN = 256
 
@@ -121,6 +127,7 @@ class Pool:
                    "cudaMalloc of the registered pool")
         self.base: int = ptr.value
         self._free = [(0, self.nbytes)]  # sorted (offset, size) ranges
+        self._pending: list[tuple[int, int, object]] = []  # released, work maybe queued
         self._live = 0  # blocks handed out and not yet released
         self._closed = self._kept = False
         self._lock = threading.Lock()
@@ -134,31 +141,64 @@ class Pool:
             return None
         return "in" if lo <= ptr and ptr + nbytes <= hi else "partly"
 
+    def _take(self, need: int) -> int | None:
+        for i, (off, size) in enumerate(self._free):
+            if size >= need:
+                self._free[i:i + 1] = [(off + need, size - need)] if size > need else []
+                self._live += 1
+                return off
+        return None
+
+    def _settle(self, wait: bool) -> None:
+        """Return released ranges whose queued work is done (all of them, waiting, with
+        `wait`) to the free list, coalesced."""
+        keep = []
+        for off, size, event in self._pending:
+            if event is not None and (wait or event.query()):
+                if wait:
+                    event.synchronize()
+                self._free.append((off, size))
+            else:
+                keep.append((off, size, event))
+        self._pending = keep
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for off, size in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((off, size))
+        self._free = merged
+
     def allocate(self, nbytes: int) -> _Block:
         need = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the registered pool's runtime is closed")
-            for i, (off, size) in enumerate(self._free):
-                if size >= need:
-                    self._free[i:i + 1] = [(off + need, size - need)] if size > need else []
-                    self._live += 1
-                    return _Block(self, off, need)
+            self._settle(wait=False)
+            off = self._take(need)
+            if off is None and self._pending:
+                self._settle(wait=True)
+                off = self._take(need)
+            if off is not None:
+                return _Block(self, off, need)
         raise ValueError(f"the registered pool ({self.nbytes} bytes) has no free range of "
                          f"{need} bytes: free mixcc.empty tensors, or pass a larger "
                          "pool_bytes to the first mixcc.empty of the group")
 
+    def _release_event(self) -> object:
+        """An event after the work queued so far on the current stream, or None while that
+        stream is capturing a graph (the range then stays out of use)."""
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     def release(self, offset: int, nbytes: int) -> None:
+        event = self._release_event()
         with self._lock:
-            self._free.append((offset, nbytes))
-            self._free.sort()
-            merged = [self._free[0]]
-            for off, size in self._free[1:]:
-                if merged[-1][0] + merged[-1][1] == off:
-                    merged[-1] = (merged[-1][0], merged[-1][1] + size)
-                else:
-                    merged.append((off, size))
-            self._free = merged
+            self._pending.append((offset, nbytes, event))
             self._live -= 1
             done = self._closed and self._live == 0
         if done:
@@ -174,9 +214,13 @@ class Pool:
             self._free_memory()
 
     def _free_memory(self) -> None:
-        if self.base and not self._kept:
-            _POOLS.pop(self.base, None)
-            native().mixcc_rt_free(self.device, self.base)
+        if not self.base or self._kept or torch.cuda.is_current_stream_capturing():
+            return  # kept for a surviving peer, or freed with the process
+        for _, _, event in self._pending:
+            if event is not None:
+                event.synchronize()
+        _POOLS.pop(self.base, None)
+        native().mixcc_rt_free(self.device, self.base)
         self.base = 0
 
 
@@ -335,33 +379,59 @@ class Runtime:
 
     def open_pool(self, nbytes: int) -> Pool:
         """Create this runtime's registered pool of `nbytes` and map every peer's
-        (collective: every rank of the group calls it once, with any size)."""
+        (collective: every rank of the group calls it once, at the same point of its call
+        sequence). All or nothing: if any rank fails to allocate or map, every rank
+        releases what it made and raises the same error."""
         if self.pool is not None:
             return self.pool
         lib = native()
-        pool = Pool(self.device, nbytes)
-        handle = ctypes.create_string_buffer(64)
-        cuda_check(lib.mixcc_rt_ipc_handle(self.device, pool.base, handle),
-                   "cudaIpcGetMemHandle of the registered pool")
-        everyone = [handle.raw]
-        if self.world > 1:
-            everyone = [None] * self.world
-            dist.all_gather_object(everyone, handle.raw, group=self.group)
-        ptrs = []
-        for r, h in enumerate(everyone):
-            if r == self.rank:
-                ptrs.append(pool.base)
-            elif int(self._ptrs[r]) == 0:  # another host: never read in place
-                ptrs.append(0)
-            else:
-                p = ctypes.c_void_p()
-                cuda_check(lib.mixcc_rt_ipc_open(self.device, h, ctypes.byref(p)),
-                           f"cudaIpcOpenMemHandle of rank {r}'s registered pool")
-                self._pool_opened.append(p.value)
-                ptrs.append(p.value)
+        pool, handle, err = None, b"", ""
+        try:
+            pool = Pool(self.device, nbytes)
+            h = ctypes.create_string_buffer(64)
+            cuda_check(lib.mixcc_rt_ipc_handle(self.device, pool.base, h),
+                       "cudaIpcGetMemHandle of the registered pool")
+            handle = h.raw
+        except (RuntimeError, ValueError) as e:
+            err = f"rank {self.rank}: {e}"
+        everyone = self._gather((handle, err))
+        errors = [e for _, e in everyone if e]
+        ptrs, opened = [], []
+        if not errors:
+            try:
+                for r, (h, _) in enumerate(everyone):
+                    if r == self.rank:
+                        ptrs.append(pool.base)
+                    elif int(self._ptrs[r]) == 0:  # another host: never read in place
+                        ptrs.append(0)
+                    else:
+                        p = ctypes.c_void_p()
+                        cuda_check(lib.mixcc_rt_ipc_open(self.device, h, ctypes.byref(p)),
+                                   f"cudaIpcOpenMemHandle of rank {r}'s registered pool")
+                        opened.append(p.value)
+                        ptrs.append(p.value)
+            except RuntimeError as e:
+                err = f"rank {self.rank}: {e}"
+            errors = [e for e in self._gather(err) if e]
+        if errors:
+            for p in opened:
+                lib.mixcc_rt_ipc_close(self.device, p)
+            if pool is not None:
+                pool.close(keep=False)
+            raise RuntimeError("mixcc: the registered pool could not be made on every rank: "
+                               + "; ".join(errors))
+        self._pool_opened = opened
         self.pool_peers.copy_(torch.tensor(ptrs, dtype=torch.int64))
         self.pool = pool
         return pool
+
+    def _gather(self, obj: object) -> list:
+        """`obj` of every rank of the group (an object collective), in rank order."""
+        if self.world == 1:
+            return [obj]
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, obj, group=self.group)
+        return everyone
 
     def close(self, barrier: bool = True) -> bool:
         """Release peer mappings and memory; returns whether this runtime failed or found

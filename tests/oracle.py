@@ -189,23 +189,36 @@ def split_epilogue(program: str) -> tuple[str, list[tuple[str, str, float | None
     return "; ".join(colls), chain
 
 
-def epilogue_expected(y: torch.Tensor, chain: list, tensors: dict[str, torch.Tensor]
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(output, the stored tensors' new values) in float64 for collective output `y`
-    (float64); a store rounds to its tensor's dtype, and later reads see that value."""
+def epilogue_expected(y: torch.Tensor, chain: list, tensors: dict[str, torch.Tensor],
+                      err: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                 torch.Tensor]:
+    """(output, {stored name: (new value, its error bound)}, an error bound per element of
+    the output) in float64
+    for collective output `y` (float64) known to within `err` per element; every fp32 or
+    dtype rounding on the way costs `eps` relative. A store rounds to its tensor's dtype,
+    and later reads see that value."""
     v = y.double()
     t = {k: x.double() for k, x in tensors.items()}
     dt = {k: x.dtype for k, x in tensors.items()}
     stored = {}
-    for op, name, eps in chain:
+    for op, name, e in chain:
         if op == "add":
             v = v + t[name]
+            err = err + eps * (v.abs() + t[name].abs())
         elif op == "store":
             t[name] = v.to(dt[name]).double()
-            stored[name] = t[name]
+            err = err + eps * v.abs()  # what later reads of the stored value may differ by
+            stored[name] = (t[name], err)
         elif op == "rmsnorm":
-            ms = (v * v).mean(dim=-1, keepdim=True)
-            v = v / torch.sqrt(ms + (1e-6 if eps is None else eps)) * t[name]
+            rms = torch.sqrt((v * v).mean(dim=-1, keepdim=True) + (1e-6 if e is None else e))
+            row_err = err.amax(dim=-1, keepdim=True)
+            v = v / rms * t[name]
+            # a perturbation d of a row moves v / rms by at most ~(1 + sqrt(n)) d / rms
+            n = v.shape[-1]
+            err = ((1 + n ** 0.5) * row_err / rms + eps) * t[name].abs() + eps * v.abs()
         else:  # quant: saturate to the fp8 e4m3 range
-            v = torch.clamp(v / t[name].reshape(()), -448.0, 448.0)
-    return v, stored
+            scale = t[name].reshape(())
+            v = torch.clamp(v / scale, -448.0, 448.0)
+            err = err / scale + eps * v.abs()
+    return v, stored, err

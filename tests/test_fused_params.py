@@ -52,7 +52,7 @@ def test_chunks_cover_every_column(unit_elems, dtype, workspace):
     for algorithm in ("auto", "one_shot", "two_shot", "push"):
         r.algorithm = algorithm
         for nbytes in (unit_elems * 2 * r.elem, 64 << 20):
-            algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes, False)
+            algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes)
             assert cols % r.vec == 0 and cols > 0
             assert 1 <= nblocks <= layout.MAX_BLOCKS
             assert n_chunks * nblocks * cols >= unit_elems > (n_chunks - 1) * nblocks * cols
@@ -69,17 +69,17 @@ def test_chunks_cover_every_column(unit_elems, dtype, workspace):
 
 def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
     r = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16)
-    assert r._params(0, 7168, 14336, False)[0] == 0
-    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE, False)[0] == 0
-    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE + 1, False)[0] == 1
+    assert r._params(0, 7168, 14336)[0] == 0
+    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE)[0] == 0
+    assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE + 1)[0] == 1
     # two ranks: each reads one peer, which moves the least bytes at any size
     two = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16)
-    assert two._params(0, 1 << 26, 1 << 27, False)[0] == 0
+    assert two._params(0, 1 << 26, 1 << 27)[0] == 0
     forced = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16, "push")
-    assert forced._params(0, 7168 * 64, 64 << 20, False)[0] == 2
+    assert forced._params(0, 7168 * 64, 64 << 20)[0] == 2
     # a plain allgather reduces nothing: two-shot would only double the remote reads
     ag = runner("allgather(dp)", {"dp": 2, "tp": 4}, torch.bfloat16)
-    assert ag._params(0, 7168 * 64, 64 << 20, False)[0] == 0
+    assert ag._params(0, 7168 * 64, 64 << 20)[0] == 0
 
 
 def test_push_in_place_hazard_falls_back_or_raises():
@@ -88,10 +88,12 @@ def test_push_in_place_hazard_falls_back_or_raises():
     prog, axes = "reducescatter(a); allgather(b)", {"a": 2, "b": 2}
     r = runner(prog, axes, torch.float32)
     assert not push_safe(r.stages[0][0])
-    forced = runner(prog, axes, torch.float32, "push")
-    assert forced._params(0, 4096, 1 << 16, False)[0] == 2
-    with pytest.raises(ValueError, match="in place"):
-        forced._params(0, 4096, 1 << 16, True)
+    assert r._params(0, 4096, 1 << 16)[0] == 0  # auto: the one-shot, in place or not
+    r.tuned = {(0, tune.bucket(1 << 16)): tune.Choice("push", 8)}
+    assert r._params(0, 4096, 1 << 16)[0] == 0  # a table's push entry too
+    forced = runner(prog, axes, torch.float32, "push")  # refused on every rank alike
+    with pytest.raises(ValueError, match="could not run in place"):
+        forced._params(0, 4096, 1 << 16)
     # a stage whose output has another shape never runs in place: always push-safe
     assert push_safe(runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.float32)
                      .stages[0][0])
@@ -125,34 +127,34 @@ def test_nccl_entry_sends_auto_to_the_reference_backend():
     assert not forced.prefers_reference(nbytes)
     # the fused launch itself ignores an NCCL entry (the stage still has a kernel)
     assert runner("allreduce(tp)", {"tp": 2}, torch.bfloat16,
-                  tuned=entry)._params(0, nbytes // 2, nbytes, False)[0] == 0
+                  tuned=entry)._params(0, nbytes // 2, nbytes)[0] == 0
 
 
 def test_max_blocks_is_respected():
     r = runner("allreduce(tp)", {"tp": 8}, torch.float32, max_blocks=4)
-    assert r._params(0, 1 << 24, 1 << 26, False)[3] == 4
+    assert r._params(0, 1 << 24, 1 << 26)[3] == 4
 
 
 def test_too_small_workspace_is_refused():
     r = runner("allreduce(tp)", {"tp": 8}, torch.float32)
     r.rt.region_bytes = 8
     with pytest.raises(ValueError, match="workspace_bytes"):
-        r._params(0, 1024, 4096, False)
+        r._params(0, 1024, 4096)
 
 
 def test_tuned_entry_decides_algorithm_blocks_and_chunk():
     nbytes = 7168 * 64 * 2
     entry = {(0, tune.bucket(nbytes)): tune.Choice("two_shot", 6, 1024)}
     r = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, tuned=entry)
-    algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes, False)
+    algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes)
     assert (algo, nblocks) == (1, 6) and cols <= 1024
     assert n_chunks * nblocks * cols >= 7168 * 64
     # another size bucket has no entry: the heuristic (one-shot for small messages)
-    assert r._params(0, 7168, 7168 * 2, False)[0] == 0
+    assert r._params(0, 7168, 7168 * 2)[0] == 0
     # a fixed algorithm or block cap still wins over the table
     forced = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, "one_shot", max_blocks=4,
                     tuned=entry)
-    algo, _, _, nblocks = forced._params(0, 7168 * 64, nbytes, False)
+    algo, _, _, nblocks = forced._params(0, 7168 * 64, nbytes)
     assert (algo, nblocks) == (0, 4)
 
 

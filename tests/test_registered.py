@@ -13,13 +13,34 @@ from mixcc.fused import FusedRunner
 from mixcc.runtime import Pool
 
 
+class FakeEvent:
+    """Stands in for the CUDA event a release records: done once `done` is set."""
+
+    def __init__(self, done: bool = True):
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
 def fake_pool(base: int, nbytes: int, monkeypatch) -> Pool:
     p = object.__new__(Pool)
     p.device, p.base, p.nbytes = 0, base, nbytes
-    p._free, p._live, p._closed, p._kept = [(0, nbytes)], 0, False, False
+    p._free, p._pending, p._live = [(0, nbytes)], [], 0
+    p._closed, p._kept = False, False
     p._lock = threading.Lock()
     freed = []
     monkeypatch.setattr(p, "_free_memory", lambda: freed.append(p.base))
+    p.events = []
+
+    def event():
+        p.events.append(FakeEvent())
+        return p.events[-1]
+
+    monkeypatch.setattr(p, "_release_event", event)
     p.freed = freed
     monkeypatch.setitem(runtime._POOLS, base, p)
     return p
@@ -37,7 +58,33 @@ def test_first_fit_allocation_release_and_coalescing(monkeypatch):
     d = pool.allocate(200)
     assert d.offset == 256  # first fit reuses it
     del a, c
-    assert pool._live == 1 and pool._free == [(0, 256), (512, 3584)]
+    assert pool._live == 1
+    pool._settle(wait=False)
+    assert pool._free == [(0, 256), (512, 3584)]
+
+
+def test_a_released_range_waits_for_the_work_queued_before_its_release(monkeypatch):
+    pool = fake_pool(1 << 35, 1024, monkeypatch)
+    a = pool.allocate(1024)
+    del a
+    pool.events[-1].done = False  # a kernel queued before the release still reads it
+    assert pool._free == [] and len(pool._pending) == 1
+    b = pool.allocate(512)  # no other room: waits for that work, then reuses the range
+    assert b.offset == 0 and pool.events[0].waited
+    del b
+    pool.events[-1].done = False
+    pool._free.append((512, 512))  # room elsewhere: the busy range is left alone
+    c = pool.allocate(256)
+    assert c.offset == 512 and not pool.events[-1].waited
+
+
+def test_a_range_released_during_graph_capture_is_never_reused(monkeypatch):
+    pool = fake_pool(1 << 36, 512, monkeypatch)
+    monkeypatch.setattr(pool, "_release_event", lambda: None)  # capturing
+    a = pool.allocate(512)
+    del a
+    with pytest.raises(ValueError, match="no free range"):
+        pool.allocate(256)
 
 
 def test_pool_memory_goes_when_closed_and_unused(monkeypatch):
