@@ -80,8 +80,14 @@ class Collective:
     def explain(self) -> str:
         elem = torch.empty((), dtype=self.dtype).element_size() if self.dtype else None
         ast = "\n".join(
-            f"  {s}  @ line {s.pos.line}, column {s.pos.column}" for s in self.ast.stmts
+            f"  {s}  @ line {s.pos.line}, column {s.pos.column}"
+            for s in (*self.ast.stmts, *self.ast.epilogue)
         )
+        epi = ""
+        if self.ir.epilogue:
+            epi = ("\nepilogue: " + "; ".join(str(e) for e in self.ir.epilogue)
+                   + " (row-wise in fp32 after the last stage, as torch ops on either "
+                   "backend: not fused into the kernels yet)")
         return (
             f"program: {self.program}\nmesh: {self.mesh}\n"
             f"AST:\n{ast}\n"
@@ -91,6 +97,7 @@ class Collective:
             + self.plan.describe(elem, self.options["workspace_bytes"],
                                  self.options["symmetric_bytes"],
                                  self.options["pipeline_depth"])
+            + epi
         )
 
     # -- calls ------------------------------------------------------------------

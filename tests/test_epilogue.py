@@ -62,6 +62,8 @@ def test_epilogue_needs_a_floating_dtype():
 def test_explain_prints_the_epilogue():
     text = mixcc.compile(LAYER, Mesh({"dp": 2, "tp": 2}), backend="reference").explain()
     assert "add(residual); store(residual); rmsnorm(weight, eps=1e-05)" in text
+    assert "  store(residual)  @ line 1, column 31" in text  # in the AST section
+    assert "epilogue: add(residual)" in text and "not fused" in text
 
 
 @pytest.fixture
