@@ -289,9 +289,7 @@ class Collective:
                                  f"{tuple(t.shape)}")
             if entry.writes:
                 for other, what in ((x, "x"), (out, "out")):
-                    if other is not None and _overlaps(t, other) and not (
-                            t.data_ptr() == other.data_ptr() and t.numel() == other.numel()
-                            and t.dtype == other.dtype):
+                    if other is not None and _overlaps_partly(t, other):
                         raise ValueError(f"{e.name} (written by {e}) overlaps {what} "
                                          f"partially: pass {what} itself or a separate tensor")
 
@@ -324,11 +322,16 @@ def _current_device() -> int:
 
 def _check_overlap(x: torch.Tensor, out: torch.Tensor) -> None:
     """In place only on the same storage range: out is x itself or does not overlap it."""
-    x0, o0 = x.data_ptr(), out.data_ptr()
-    if x0 == o0 and out.numel() == x.numel():
-        return
-    if _overlaps(x, out):
+    if _overlaps_partly(x, out):
         raise ValueError("out must be x itself (in place) or not overlap x")
+
+
+def _overlaps_partly(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b share memory without being the same tensor range (same start,
+    element count and dtype)."""
+    if a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype:
+        return False
+    return _overlaps(a, b)
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

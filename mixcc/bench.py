@@ -532,8 +532,8 @@ def format_row(r: Row) -> str:
 
 def pivot(rows: list[Row], mode: str = "oop") -> str:
     """A compact table of `mode` rows: one line per (program, world, mesh, size), time in
-    us per backend, and each backend's ratio to NCCL (the reference backend, on GPUs) or
-    to the best baseline. The last thing `mixcc bench` prints."""
+    us per backend, and, where the reference backend ran (NCCL on GPUs), each other
+    backend's time over its. The last thing `mixcc bench` prints."""
     keys: dict[tuple, dict[str, Row]] = {}
     backends: list[str] = []
     for r in rows:

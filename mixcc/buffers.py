@@ -38,8 +38,7 @@ def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype | 
                                                         DEFAULT_WORKSPACE_BYTES, 5.0)
     if rt.pool is None:
         rt.open_pool(DEFAULT_POOL_BYTES if pool_bytes is None else int(pool_bytes))
-    elif pool_bytes is not None and -(-int(pool_bytes) // rt.pool.ALIGN) * rt.pool.ALIGN \
-            != rt.pool.nbytes:
+    elif pool_bytes is not None and rt.pool.rounded(int(pool_bytes)) != rt.pool.nbytes:
         raise ValueError(f"pool_bytes={pool_bytes}: the group's registered pool already "
                          f"exists with {rt.pool.nbytes} bytes")
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

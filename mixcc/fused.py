@@ -35,9 +35,9 @@ from .codegen.render import CTYPES, render_stage
 from .codegen.spec import BuildSpec, nvshmem_spec
 
 # auto's built-in choice without a tuning table (docs/DESIGN.md, "Intra-node algorithms";
-# measurements in docs/PERF.md, 2026-11-29, two H200s, 128 blocks): the pull one-shot ran
-# at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.69-1.21x) and
-# of push (0.54-1.41x: its remote stores and its local reduce are two phases of a block
+# docs/perf/2026-11-29_h200x2_ar_algorithms.csv, two H200s, 128 blocks): the pull one-shot
+# ran at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.47-1.21x)
+# and of push (0.54-1.42x: its remote stores and its local reduce are two phases of a block
 # that do not overlap). Where a rank reads from more than one peer the one-shot reads
 # (peers) x its input, against 2(n-1)/n for the two-shot; past ONE_SHOT_MAX_BYTES_WIDE per
 # rank such stages take the two-shot (NVSwitch machines with more than two GPUs have not
@@ -152,7 +152,7 @@ class FusedRunner:
 
     def __init__(self, plan: Plan, mesh, group: dist.ProcessGroup | None, options: dict,
                  dtype: torch.dtype, program: str = ""):
-        from .runtime import abort_enabled, get_runtime, native
+        from .runtime import _POOLS, abort_enabled, get_runtime, native
 
         self.plan, self.mesh, self.dtype, self.program = plan, mesh, dtype, program
         self.elem = torch.empty((), dtype=dtype).element_size()
@@ -198,6 +198,7 @@ class FusedRunner:
         self._push_width = [push_width(st) if isinstance(st, IntraStage) else 0
                             for st, _ in self.stages]
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
+        self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
         dname = str(dtype).removeprefix("torch.")
@@ -337,6 +338,8 @@ class FusedRunner:
         """(pool_peers, in_off) of a launch: the peers' pool bases where the group has a
         registered pool (the one-shot kernel then runs the registered-input protocol),
         else 0; and the input's registered-input word (one-shot intra stages only)."""
+        if self.rt.pool is None and not self._pools:
+            return 0, 0  # no registered pool anywhere: the hot path's common case
         peers = self.rt.pool_peers.data_ptr() if self.rt.pool is not None else 0
         if not isinstance(self.stages[i][0], IntraStage):
             return peers, 0

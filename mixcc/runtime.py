@@ -121,7 +121,7 @@ class Pool:
     def __init__(self, device: int, nbytes: int):
         if not 0 < nbytes <= layout.MAX_POOL_BYTES:
             raise ValueError(f"pool_bytes must be in 1..{layout.MAX_POOL_BYTES}, got {nbytes}")
-        self.device, self.nbytes = device, -(-nbytes // self.ALIGN) * self.ALIGN
+        self.device, self.nbytes = device, self.rounded(nbytes)
         ptr = ctypes.c_void_p()
         cuda_check(native().mixcc_rt_alloc(device, self.nbytes, ctypes.byref(ptr)),
                    "cudaMalloc of the registered pool")
@@ -132,6 +132,11 @@ class Pool:
         self._closed = self._kept = False
         self._lock = threading.Lock()
         _POOLS[self.base] = self
+
+    @classmethod
+    def rounded(cls, nbytes: int) -> int:
+        """`nbytes` rounded up to whole ALIGN-byte steps (at least one)."""
+        return max(cls.ALIGN, -(-nbytes // cls.ALIGN) * cls.ALIGN)
 
     def contains(self, ptr: int, nbytes: int) -> str | None:
         """'in' if [ptr, ptr + nbytes) lies inside the pool, 'partly' if it overlaps its
@@ -171,7 +176,7 @@ class Pool:
         self._free = merged
 
     def allocate(self, nbytes: int) -> _Block:
-        need = max(self.ALIGN, -(-nbytes // self.ALIGN) * self.ALIGN)
+        need = self.rounded(nbytes)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the registered pool's runtime is closed")

@@ -76,9 +76,14 @@ class Schedule:
 
 def format_terms(terms: tuple[Term, ...], redop: str) -> str:
     """'r0.u0 + 2*r1.u0' for sums, 'max(r0.u0, r1.u0)' for max and min."""
+    return join_terms([(f"r{s}.u{u}", c) for s, u, c in terms], redop)
+
+
+def join_terms(named: list[tuple[str, int]], redop: str) -> str:
+    """'a + 2*b' for sums of (name, coefficient) pairs, 'max(a, b)' for max and min."""
     if redop != "sum":
-        return f"{redop}({', '.join(f'r{s}.u{u}' for s, u, _ in terms)})"
-    return " + ".join((f"{c}*" if c != 1 else "") + f"r{s}.u{u}" for s, u, c in terms)
+        return f"{redop}({', '.join(n for n, _ in named)})"
+    return " + ".join((f"{c}*" if c != 1 else "") + n for n, c in named)
 
 
 def _neighbors(world: int, reads: list[set[int]]) -> list[tuple[int, ...]]:
@@ -170,13 +175,9 @@ class PushSchedule:
         for dst, unit, area, slot in pr.sends:
             lines.append(f"  r{dst}.area{area}.slot{slot} <- in[{unit}]")
         for j, terms in pr.reduce:
-            names = tuple((f"in[{a}]" if kind == TERM_INPUT else f"area{a}.slot{b}", c)
-                          for kind, a, b, c in terms)
-            if self.redop != "sum":
-                body = f"{self.redop}({', '.join(n for n, _ in names)})"
-            else:
-                body = " + ".join((f"{c}*" if c != 1 else "") + n for n, c in names)
-            lines.append(f"  out[{j}] = {body}")
+            named = [(f"in[{a}]" if kind == TERM_INPUT else f"area{a}.slot{b}", c)
+                     for kind, a, b, c in terms]
+            lines.append(f"  out[{j}] = {join_terms(named, self.redop)}")
         return "\n".join(lines)
 
 
