@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One device call on nvidia-h200-x2 (issue 14), one process per GPU on NCCL:
-#   check   the correctness ladder at world 2 with every intra algorithm (push included),
-#           graph replay, in place, the NCCL reference (scripts/gpu_check.py --pg nccl)
+# One device call on nvidia-h200-x2 (issues 14 and 16), one process per GPU on NCCL:
+#   check   the pytest GPU suite's correctness ladder on the two GPUs: every intra
+#           algorithm, in place, graph replay, the NCCL reference, the two GPUs as two
+#           nodes (tests/gpu/test_ladder_gpu.py -k "2gpu and not mps")
 #   ar      allreduce 8 KiB..256 MiB per rank: auto, each fused algorithm, NCCL, torch
 #           symmetric memory two-shot (with and without its copy) and one-shot
 #   coll    allgather, reducescatter and both presets on dp=2,tp=1 and dp=1,tp=2
 #   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
 #   tune    mixcc tune for allreduce on NCCL (NCCL a candidate), then the ar sweep with
 #           that table (auto against the fixed algorithms and NCCL)
-#   gpu     the pytest GPU tests (python -m pytest tests/gpu)
-#   mps     GPU 0 alone, 4 processes under MPS: the ladder at world 4 and its --mutate control
+#   gpu     the whole pytest GPU suite (python -m pytest tests/gpu; MIXCC_* counts from
+#           the environment, README "GPU checks")
+#   mps     GPU 0 alone: the suite's tests whose ranks share a GPU under MPS (the fixture
+#           starts and stops the daemon), the mutate control and the block cap among them
 # Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl", ".mxcache"].
+# Prebuild the suite's kernels on the CPU machine first (nvcc, no GPU needed):
+#   MIXCC_CACHE_DIR=.mxcache python3 scripts/prebuild_gpu_tests.py --arch sm_90a
 set -u
 source "$(dirname "$0")/device_env.sh"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
@@ -22,13 +27,16 @@ bench() {  # name, then mixcc bench arguments; the pivot table (printed last) to
     --repeats 5 --min-bytes 8K --max-bytes "$MAX" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   sed -n '/^# oop time/,$p' "$OUT/$name.log" | grep -v "^wrote\|^note"
 }
+suite() {  # name, then pytest arguments: the log to $OUT/pytest_NAME.log, its tail here
+  local name=$1; shift
+  timeout "${SUITE_TIMEOUT:-560}" python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 \
+    | grep -v "Warning\|warnings.warn" | tee "$OUT/pytest_$name.log" | tail -n 25
+}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(check ar)
 for step in "${steps[@]}"; do
   case $step in
-    check)
-      timeout 300 python3 scripts/gpu_check.py --pg nccl --worlds 2 --fuzz 2 2>&1 \
-        | tee "$OUT/gpu_check.log" | grep -v "Warning\|warnings.warn" | tail -n 12 ;;
+    check) suite check -k "2gpu and not mps" tests/gpu/test_ladder_gpu.py ;;
     ar)
       bench ar --mesh dp=1,tp=2 --program allreduce --backend "${AR_BACKENDS:-\
 auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
@@ -41,9 +49,7 @@ auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
     nodes)
       bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
         --program "allgather(dp)" --backend auto,fused,reference ;;
-    gpu)
-      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 \
-        | grep -v "Warning\|warnings.warn" | tee "$OUT/pytest_gpu.log" | tail -n 15 ;;
+    gpu) suite gpu tests/gpu ;;
     tune)
       export MIXCC_TUNE_TABLE=$OUT/tune_table.json
       python3 -m mixcc tune --world-size 2 --mesh dp=1,tp=2 --program allreduce \
@@ -51,12 +57,7 @@ auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
         --iters 10 --repeats 3 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/tune.log"
       bench ar_tuned --mesh dp=1,tp=2 --program allreduce --backend \
         auto,fused:one_shot,fused:push,fused:two_shot,reference ;;
-    mps)
-      (start_mps
-       CUDA_VISIBLE_DEVICES=0 timeout 200 python3 scripts/gpu_check.py --worlds 4 --fuzz 2 \
-         2>&1 | tee "$OUT/gpu_check_mps.log" | grep "TOTAL\|FAIL" | head -n 5
-       CUDA_VISIBLE_DEVICES=0 timeout 120 python3 scripts/gpu_check.py --worlds 4 --fuzz 1 \
-         --mutate 2>&1 | tee "$OUT/gpu_check_mutate.log" | grep "TOTAL") ;;
+    mps) CUDA_VISIBLE_DEVICES=0 suite mps -k "mps or block_cap" tests/gpu ;;
   esac
   (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz .)
 done

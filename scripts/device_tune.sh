@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# One device call (nvidia-h100-x1 / nvidia-h200), issue 8 items 3 and 5: the block cap
-# with 8 ranks on one GPU (scripts/block_cap_check.py), then `mixcc tune` for the programs
-# and worlds of scripts/device_bench_mps.sh (bf16, hidden 1024, 16 KiB..64 MiB per rank):
+# One device call (nvidia-h100-x1 / nvidia-h200), issue 8 item 3: `mixcc tune` for the
+# programs and worlds of scripts/device_bench_mps.sh (bf16, hidden 1024, 16 KiB..64 MiB per rank):
 # allreduce(world) at worlds 2, 4, 8; the combined presets and their statements (what the
 # `separate` baseline runs) at worlds 4 and 8. The table goes to $OUT/tune_table.json
 # (MIXCC_TUNE_TABLE); commit it and point MIXCC_TUNE_TABLE at it for the bench.
@@ -28,7 +27,6 @@ for tp in 1 2 4; do
 done
 wait
 echo "prebuild: ${SECONDS} s"
-timeout 120 python3 scripts/block_cap_check.py 2>&1 | filter | tee "$OUT/block_cap.log"
 for w in $AR_WORLDS; do
   timeout 300 python3 -m mixcc tune --world-size "$w" --program 'allreduce(world)' \
     --max-bytes "$MAX" "${TIMES[@]}" 2>&1 | filter | tee -a "$OUT/tune.log"

@@ -2,7 +2,8 @@
 
 Times, per call and without waiting for the GPU: a plain torch kernel launch, reading
 the current stream, the bare ctypes launch of the fused kernel, and the whole
-`coll(x, out=out)`. Run by scripts/device_one_gpu.sh.
+`coll(x, out=out)`.     python3 scripts/host_overhead.py   (under MPS: scripts/device_env.sh's
+start_mps, or `mixcc.mps.ensure`).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def mismatch(out: torch.Tensor, exp: torch.Tensor, mag: torch.Tensor, dtype: tor
     return None
 
 
-# NaN and infinities (tests/test_nan.py, scripts/nan_check.py): torch's semantics, i.e.
+# NaN and infinities (tests/test_nan.py, tests/gpu/test_nan_gpu.py): torch's semantics, i.e.
 # amax/amin give NaN where any term is NaN and sums follow IEEE (inf + -inf = NaN).
 SPECIALS = (float("nan"), float("inf"), float("-inf"))
 

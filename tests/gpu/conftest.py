@@ -1,33 +1,27 @@
-"""GPU tests: each spawns its ranks (one process per GPU, NCCL process group) through
-mixcc.launch.spawn and skips cleanly where the GPUs, or nvcc, are missing. Run them on a
-GPU machine with `python -m pytest tests/gpu` (a rank's failure fails the test with that
-rank's traceback; pytest-timeout bounds every test)."""
+"""GPU tests: each spawns its ranks through a fixture (gpu_helpers.ranks): world size,
+GPUs used (ranks beyond one per GPU share it under CUDA MPS, started and stopped here when
+no daemon runs), the process group (NCCL for CUDA tensors when each rank has its own GPU,
+else gloo), NVSHMEM for simulated nodes. A test skips, with the reason, where the GPUs,
+nvcc, NVSHMEM or MPS it needs are missing; a rank's failure fails the test with that
+rank's traceback; every spawn is joined with a deadline. Run them on a GPU machine with
+`python -m pytest tests/gpu` (environment variables for the long runs: README, "GPU
+checks")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-import torch
-
-
-def need_gpus(n: int) -> None:
-    """Skip the calling test unless `n` GPUs and nvcc are here."""
-    from mixcc.codegen.build import find_nvcc
-
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if have < n:
-        pytest.skip(f"needs {n} GPUs, this machine has {have}")
-    if find_nvcc() is None:
-        pytest.skip("needs nvcc to build the fused kernels")
+from gpu_helpers import ranks
 
 
 @pytest.fixture
-def spawn_ranks():
-    """spawn_ranks(fn, world, *args): fn(rank, world, *args) on `world` ranks, one per GPU,
-    on an NCCL process group; skips without `world` GPUs."""
-    from mixcc import launch
+def spawn_ranks() -> Callable[..., None]:
+    """spawn_ranks(fn, world, *args, gpus=world, backend=None, nvshmem=False): run
+    fn(rank, world, *args) on `world` ranks over `gpus` GPUs (see gpu_helpers.ranks)."""
 
-    def run(fn, world: int, *args) -> None:
-        need_gpus(world)
-        launch.spawn(fn, world, *args, backend="nccl")
+    def run(fn: Callable, world: int, *args, gpus: int | None = None,
+            backend: str | None = None, nvshmem: bool = False) -> None:
+        ranks.spawn(fn, ranks.Placement(world, gpus or world, backend), *args, nvshmem=nvshmem)
 
     return run

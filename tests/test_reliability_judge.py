@@ -1,35 +1,35 @@
-"""scripts/reliability_check.py: its parent-side judging, on fake reports (no GPU, no
-child processes), and its command line."""
+"""The reliability runs of the GPU suite (tests/gpu/gpu_helpers): their pure judges on
+fake reports (no GPU, no child processes), and the orchestration end to end on CPU with
+the stand-in collective (`Options(fake=True)`)."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reliability_check.py"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+
+from gpu_helpers import judge as rc  # noqa: E402
+from gpu_helpers import reliability  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def rc():
-    spec = importlib.util.spec_from_file_location("reliability_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reliability_check"] = mod
-    spec.loader.exec_module(mod)
-    assert "torch" not in vars(mod), "the script must not import torch at import time"
-    return mod
+def test_the_judges_need_no_torch():
+    import subprocess
 
-
-def test_help_lists_the_checks():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                       timeout=60)
+    code = ("import sys; sys.path.insert(0, 'tests/gpu'); import gpu_helpers.judge, "
+            "gpu_helpers.reliability; assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr
-    for word in ("kill", "watchdog", "mismatch", "leaks", "all", "--fake", "--deadline-s"):
-        assert word in r.stdout
+
+
+def test_stage_names_match_the_runtime():
+    from mixcc.runtime import STAGE_NAMES
+
+    assert rc.STAGES == STAGE_NAMES
 
 
 def _survivor(rank, peer, t_raise, **kw):
@@ -39,7 +39,7 @@ def _survivor(rank, peer, t_raise, **kw):
     return rep
 
 
-def test_kill_trial_passes_and_reports_latency(rc):
+def test_kill_trial_passes_and_reports_latency():
     reports = {0: _survivor(0, 2, 102.1), 1: _survivor(1, 2, 102.9), 3: _survivor(3, 2, 102.5)}
     codes = {0: 0, 1: 0, 2: -signal.SIGKILL, 3: 0}
     problems, lat = rc.judge_kill_trial(4, 2, 100.0, reports, codes, {}, timeout_s=2.0)
@@ -47,7 +47,7 @@ def test_kill_trial_passes_and_reports_latency(rc):
     assert lat == pytest.approx({0: 2.1, 1: 2.9, 3: 2.5})
 
 
-def test_kill_trial_failures_are_named(rc):
+def test_kill_trial_failures_are_named():
     reports = {0: _survivor(0, 1, 103.5),                      # wrong peer, too late
                1: _survivor(1, 2, 102.0, closed=False, close_error="RuntimeError: x"),
                3: {"calls": 99}}                              # raised nothing
@@ -69,7 +69,7 @@ def _log(t, rank, peer, thread="mixcc-watchdog", level="ERROR"):
             f"waited more than 2 s for rank {peer} at stage 'input' (block 0, epoch 3)")
 
 
-def test_watchdog_log_and_abort(rc):
+def test_watchdog_log_and_abort():
     reports = {r: {"watchdog_thread": True, "t_call": 50.0} for r in range(4)}
     reports[3]["t_call"] = None
     logs = {r: "noise\n" + _log(52.05, r, 3) + "\n" for r in range(3)}
@@ -89,7 +89,7 @@ def test_watchdog_log_and_abort(rc):
     assert sum("no ERROR line" in p for p in problems) == 2
 
 
-def test_failure_message_matching(rc):
+def test_failure_message_matching():
     assert rc.names_failure("rank=1 peer=3 stage=result", 1, 3)
     assert not rc.names_failure("rank 1 waited for rank 3", 1, 3)  # no stage
     assert not rc.names_failure("rank 11 waited for rank 3 at stage 'input'", 1, 3)
@@ -104,7 +104,7 @@ def _mismatch(rank, peer, mine, theirs, seconds=0.2, where="check after synchron
                          "seconds": seconds, "where": where}}
 
 
-def test_mismatch_collective_and_shape(rc):
+def test_mismatch_collective_and_shape():
     ar, ag = "'allreduce(tp)', bfloat16, shape (24, 64)", "'allgather(tp)', bfloat16, same"
     reports = {0: _mismatch(0, 1, ar, ag), 1: _mismatch(1, 0, ag, ar),
                2: _mismatch(2, 1, ar, ag), 3: _mismatch(3, 1, ar, ag)}
@@ -126,7 +126,7 @@ def test_mismatch_collective_and_shape(rc):
     assert "does not show its 40 rows" in text and "mine == theirs" in text
 
 
-def test_good_calls(rc):
+def test_good_calls():
     reports = {0: {"good": [{"debug": False, "program": "p", "round": 0, "err": None}]},
                1: {"good": [{"debug": True, "program": "p", "round": 1, "err": "NaN"}]}}
     problems, n = rc.judge_good_calls(2, reports)
@@ -134,7 +134,7 @@ def test_good_calls(rc):
     assert rc.judge_good_calls(2, {})[0] == ["no correct call was checked"]
 
 
-def test_leaks(rc):
+def test_leaks():
     mib = rc.MIB
     start = {"gpu_used": 1000 * mib, "reserved": 20 * mib, "fds": 12, "threads": 3, "tasks": 9,
              "maps": 400}
@@ -150,9 +150,26 @@ def test_leaks(rc):
     assert "no calls start/end" in rc.judge_leaks({0: {}}, "calls", tol)[0]
 
 
-def test_exit_desc_and_scan(rc):
+def test_exit_desc_and_scan():
     assert rc.exit_desc(-6) == "killed by SIGABRT (-6)"
     assert rc.exit_desc(None).startswith("hung")
     assert rc.scan_log("all fine\nwarning: foo\n") == []
     found = rc.scan_log("x\nTraceback (most recent call last):\n  File ...\n")
     assert found and "Traceback" in found[0]
+
+
+def test_fake_runs_end_to_end(tmp_path):
+    """Subprocess ranks, store, reports, limits and judges on CPU: a kill trial and the
+    leak phases pass with the stand-in collective, and say what they measured."""
+    opts = reliability.Options(world=2, fake=True, logdir=str(tmp_path), calls=200, cycles=2,
+                               warm_cycles=1, min_call=5, max_call=20)
+    P = reliability.Parent(opts)
+    checks = [reliability.check_kill(P, "ipc", 1, 1)] + reliability.check_leaks(P)
+    text = reliability.report(checks)
+    assert [c.name for c in checks] == ["kill-ipc", "leak-calls", "leak-cycles"], text
+    assert all(c.ok for c in checks), text
+    lat = checks[0].data["max_latency_s"]
+    assert opts.timeout_s - 0.1 < lat < opts.timeout_s + opts.slack_s, text
+    victim = checks[0].data["trials"][0]["victim"]
+    assert checks[0].data["trials"][0]["peers"] == {1 - victim: victim}, text
+    assert "fds" in checks[1].summary and "200 eager calls" in checks[1].summary

@@ -1,58 +1,41 @@
-"""Issue 10, items 1-4, on a GPU: what happens when ranks die, stall, disagree or run long.
+"""The reliability runs of issue 10 on GPUs, one subprocess per rank: what happens when
+ranks die (kill), stall (watchdog), disagree (mismatch) or run long (leaks).
 
-    python3 scripts/reliability_check.py all            # or: kill, watchdog, mismatch, leaks
+Every run starts its ranks as fresh processes (`python gpu_helpers/reliability.py _rank
+CONFIG RANK`, rank r on GPU r % visible GPUs, a gloo process group rendezvousing on a
+TCPStore that the parent hosts, so the store outlives any rank), collects each rank's JSON
+report, exit code and log, and judges them with the pure functions of
+gpu_helpers.judge. Every run is bounded: ranks not ready within `startup_s`, or still
+running `after_ready_s` later, are killed and the run fails.
 
-Every check runs its ranks as fresh processes (subprocess, one per rank, all on the one
-GPU under MPS, a gloo process group rendezvousing on a TCPStore that this parent hosts on
-a free port, so the store outlives any rank), collects each rank's JSON report, exit code
-and log, and judges them here (the judge_* functions are pure: tests feed them fake data).
+  kill      Per trial, a random victim SIGKILLs itself after a random number of calls
+            while the others call `coll(x, out=out)` in a loop without synchronising.
+            Every survivor must raise mixcc.CollectiveTimeout naming the victim within
+            timeout_s + slack_s of the kill, close_all() with the peer gone and exit 0
+            with a clean log. IPC: allreduce(tp) on one node; NVSHMEM: allreduce(world)
+            on 2 simulated nodes (ranks_per_node = world / 2). bf16, timeout_s=2.
+  watchdog  The last rank skips a call; the others make their call and then no other.
+            Each must log, from the "mixcc-watchdog" thread, an ERROR naming itself, the
+            skipper and a stage within timeout_s + 2 s and exit 0; again with
+            MIXCC_ABORT_ON_ERROR=1 / compile(abort_on_error=True): log, then SIGABRT.
+  mismatch  Debug mode: correct results (float64 oracle) with debug off and on; then
+            rank 1 calls allgather while the others call allreduce (and, with
+            MIXCC_DEBUG=1, rank 1 calls with 40 rows, the others 24): every rank raises
+            mixcc.CollectiveMismatch in under mismatch_limit_s, naming both sides.
+  leaks     `calls` eager calls, then `cycles` cycles of init_process_group / compile /
+            call / close_all / destroy_process_group: GPU memory, torch's reserved
+            memory, fds, threads, tasks and /proc/self/maps lines equal at the end.
 
-  kill      A peer dies. Per trial, world 4: a random victim SIGKILLs itself after a
-            random number of calls while the others call `coll(x, out=out)` in a loop
-            without synchronising (calls queue). Every survivor must raise
-            mixcc.CollectiveTimeout with .peer == victim (and .rank == itself) within
-            timeout_s + 1 s of the kill, call mixcc.runtime.close_all() with the peer
-            gone, destroy its process group and exit 0 with no "CUDA error", "illegal",
-            traceback or crash in its log, before the parent's hard limit. IPC:
-            allreduce(tp) on Mesh(dp=1, tp=4), one node, 20 trials (4 at a time);
-            NVSHMEM: allreduce(world) on 4 ranks as 2 simulated nodes of 2, 5 trials
-            (one at a time). bf16, backend="fused", timeout_s=2. Trials that failed only
-            because a survivor named a live rank it waited on (which waited on the dead
-            one) are counted apart in the summary line; they still fail.
-  watchdog  One rank skips a call and sleeps; the others make their one call and sleep
-            timeout_s + 2 s making no call. Each of them must log, from the
-            "mixcc-watchdog" thread, an ERROR line of logger "mixcc" naming its rank, the
-            skipper and a stage, within that time, and exit 0. Then again with
-            MIXCC_ABORT_ON_ERROR=1 (ranks 0 and 1) or compile(abort_on_error=True)
-            (rank 2): those must log the line and die of SIGABRT (exit code -6).
-  mismatch  Debug mode. World 4, allreduce(tp) and allgather(tp) compiled on every rank;
-            correct results (float64 oracle) with debug off and on; then rank 1 calls
-            allgather while the others call allreduce: every rank must raise
-            mixcc.CollectiveMismatch (at that call, at check() after a synchronize, or at
-            the next call) in under 5 s (timeout_s=10), ranks 0 and 1 naming both
-            programs. Then, in a second run with MIXCC_DEBUG=1 in the environment
-            instead of the option, rank 1 calls allreduce with 40 rows, the others 24.
-  leaks     100,000 eager calls (bf16 allreduce(tp), 4 x 512, world 4, a synchronize
-            every 1000), then 100 cycles of init_process_group / compile / call /
-            close_all / destroy_process_group, measuring GPU memory (used on the device,
-            torch's reserved), open fds, threads (Python's and the kernel's tasks) and
-            lines of /proc/self/maps after warming up and at the end.
-
-Prints one PASS/FAIL line per check, then "reliability_check: N passed, M failed"; exits
-1 on any failure; writes $OUT/reliability.json when OUT is set; keeps every rank's log
-and report under --logdir (default $OUT/reliability_logs, else a temporary directory).
-`--fake` dry-runs all of it on CPU (a stand-in collective that meets its peers through
-the store with the same timeout/mismatch/watchdog semantics) to test the orchestration.
-Device: scripts/device_reliability.sh.
+`Options(fake=True)` runs all of it on CPU with a stand-in collective that meets its
+peers through the store with the same timeout / mismatch / watchdog semantics: it tests
+the orchestration, not mixcc (tests/test_reliability_judge.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -63,287 +46,60 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+if __name__ == "__main__":  # a rank: `judge` is a sibling module
+    sys.path.insert(0, os.path.dirname(HERE))
 
+from gpu_helpers.judge import (  # noqa: E402
+    LEAK_TOL,
+    LOG_FORMAT,
+    MIB,
+    MIS_HIDDEN,
+    MIS_ROWS,
+    MIS_ROWS_BAD,
+    PEER_PROBLEM,
+    exit_desc,
+    find_failure_log,
+    judge_good_calls,
+    judge_kill_trial,
+    judge_leaks,
+    judge_mismatch,
+    judge_watchdog,
+    scan_log,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
+TESTS = os.path.join(ROOT, "tests")
 # Every process of ours keeps NVLink multicast off (as mixcc.launch.NO_MULTICAST_ENV;
-# repeated here so that the parent need not import torch to build a child's environment).
+# repeated so that the parent need not import torch to build a child's environment).
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                     "NVSHMEM_DISABLE_NVLS": "1"}
-# Simulated nodes on one host (as scripts/device_nvshmem.sh): P2P only, bootstrap on lo.
+# Simulated nodes on one host: P2P only, bootstrap on loopback.
 NVSHMEM_ENV = {"NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
-# Stage names of the device error record (mixcc.runtime.STAGE_NAMES).
-STAGES = ("input", "result", "inter-node data", "inter-node credit")
-# What must never appear in a rank's log (stderr and stdout together).
-BAD_LOG = (("CUDA error", re.compile(r"CUDA error")),
-           ("illegal", re.compile(r"illegal", re.I)),
-           ("Traceback", re.compile(r"Traceback \(most recent call last\)")),
-           ("segfault", re.compile(r"Segmentation fault|SIGSEGV")),
-           ("core dumped", re.compile(r"core dumped", re.I)))
-LOG_FORMAT = "%(created).3f %(levelname)s %(name)s [%(threadName)s] %(message)s"
-_LOG_LINE = re.compile(r"^(\d+\.\d+) (\w+) (\S+) \[([^\]]*)\] (.*)$")
-MIB = 1 << 20
-# Leak tolerances, end minus warm start (a decrease is never a leak):
-#  gpu_used  device-wide used bytes (torch.cuda.mem_get_info; every rank of the run shares
-#            the GPU, so it moves with all of them): 2 MiB per rank, the granularity in
-#            which the driver backs allocations; a leaked workspace is 16 MiB per cycle.
-#  reserved  torch's caching allocator: one 2 MiB segment (its smallest).
-#  maps      4 lines: glibc malloc and Python's allocator map and unmap arenas on their
-#            own schedule; a leak of one mapping per cycle (or per 1000 calls) is >= 100.
-#  fds, threads, tasks: none.
-LEAK_TOL = {"gpu_used": 2 * MIB, "reserved": 2 * MIB, "fds": 0, "threads": 0, "tasks": 0,
-            "maps": 4}
-MIS_ROWS, MIS_ROWS_BAD, MIS_HIDDEN = 24, 40, 64  # shapes of the mismatch check
-PEER_PROBLEM = "CollectiveTimeout names peer"
-GRACE_S = 45  # with --deadline-s D: no run starts after D s, every run is killed at D + this
 
 
-# ---------------------------------------------------------------------------------------
-# Pure judging (parent side; tests/test_reliability_script.py feeds these fake data)
-# ---------------------------------------------------------------------------------------
+@dataclass
+class Options:
+    """What the runs do; tests fill it from the environment (gpu_helpers.ranks.env_int)."""
 
-def exit_problems(r: int, code: int | None, rep: dict) -> list[str]:
-    """Rank r's exit code other than 0 and the failure its report records, as problems."""
-    out = [f"rank {r}: {exit_desc(code)}"] if code != 0 else []
-    if rep.get("failure"):
-        out.append(f"rank {r}: {rep['failure'][:300]}")
-    return out
-
-
-def exit_desc(code: int | None) -> str:
-    if code is None:
-        return "hung (killed by the parent)"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name} ({code})"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def scan_log(text: str) -> list[str]:
-    """The forbidden patterns that occur in a rank's log, each with its first line."""
-    found = []
-    for name, pat in BAD_LOG:
-        m = pat.search(text)
-        if m:
-            line = text[text.rfind("\n", 0, m.start()) + 1:].split("\n", 1)[0]
-            found.append(f"{name!r} in its log: {line.strip()[:160]}")
-    return found
-
-
-def names_failure(msg: str, rank: int, peer: int, stages=STAGES) -> bool:
-    """Whether a log message names `rank`, `peer` and one of the stages."""
-    def has(word: str, r: int) -> bool:
-        return re.search(rf"\b{word}\s*[=:#]?\s*{r}\b", msg) is not None
-
-    return (has("rank", rank) and (has("rank", peer) or has("peer", peer))
-            and any(s in msg for s in stages))
-
-
-def parse_log_lines(text: str) -> list[dict]:
-    """Records written in LOG_FORMAT: time, level, logger, thread, message (with the
-    lines that follow a record's first line, up to the next record or a blank line)."""
-    out: list[dict] = []
-    cont = False
-    for line in text.splitlines():
-        m = _LOG_LINE.match(line.strip())
-        if m:
-            out.append({"t": float(m.group(1)), "level": m.group(2), "logger": m.group(3),
-                        "thread": m.group(4), "msg": m.group(5)})
-            cont = True
-        elif cont and line.strip() and not line.startswith("["):
-            out[-1]["msg"] += "\n" + line
-        else:
-            cont = False
-    return out
-
-
-def find_failure_log(text: str, rank: int, peer: int, stages=STAGES) -> dict | None:
-    """The first ERROR line of logger mixcc (or a child of it) naming rank, peer, stage."""
-    for rec in parse_log_lines(text):
-        if (rec["level"] == "ERROR" and rec["logger"].split(".")[0] == "mixcc"
-                and names_failure(rec["msg"], rank, peer, stages)):
-            return rec
-    return None
-
-
-def judge_kill_trial(world: int, victim: int, t_kill: float | None, reports: dict,
-                     codes: dict, logs: dict, timeout_s: float, slack_s: float = 1.0
-                     ) -> tuple[list[str], dict[int, float]]:
-    """Problems of one kill trial (empty: passed) and each survivor's latency, the time
-    from the victim's kill to the survivor's CollectiveTimeout."""
-    problems: list[str] = []
-    lat: dict[int, float] = {}
-    if t_kill is None:
-        why = (reports.get(victim) or {}).get("failure") or exit_desc(codes.get(victim))
-        problems.append(f"victim {victim} never reached its kill ({why})")
-    elif codes.get(victim) != -signal.SIGKILL:
-        problems.append(f"victim {victim}: {exit_desc(codes.get(victim))}, expected SIGKILL")
-    limit = timeout_s + slack_s
-    for r in range(world):
-        if r == victim:
-            continue
-        rep = reports.get(r) or {}
-        problems += exit_problems(r, codes.get(r), rep)
-        err = rep.get("error")
-        if not err:
-            if not rep.get("failure"):
-                problems.append(f"rank {r}: raised nothing (calls made: {rep.get('calls')})")
-        else:
-            if err.get("type") != "CollectiveTimeout":
-                problems.append(f"rank {r}: raised {err.get('type')}: {err.get('msg', '')[:200]}")
-            else:
-                if err.get("peer") != victim:
-                    problems.append(f"rank {r}: {PEER_PROBLEM} {err.get('peer')}, not the dead "
-                                    f"rank {victim} (stage {err.get('stage')!r})")
-                if err.get("rank") != r:
-                    problems.append(f"rank {r}: CollectiveTimeout says rank {err.get('rank')}")
-            if t_kill is not None and rep.get("t_raise") is not None:
-                dt = rep["t_raise"] - t_kill
-                lat[r] = dt
-                if dt > limit:
-                    problems.append(f"rank {r}: raised {dt:.2f} s after the kill "
-                                    f"(limit {limit:.2f} s)")
-                elif dt < -0.05:
-                    problems.append(f"rank {r}: raised {-dt:.2f} s before the kill")
-            if not rep.get("closed"):
-                problems.append(f"rank {r}: close_all() did not complete: "
-                                f"{rep.get('close_error', 'no report')}")
-        problems += [f"rank {r}: {p}" for p in scan_log(logs.get(r, ""))]
-    return problems, lat
-
-
-def judge_watchdog(world: int, skipper: int, reports: dict, codes: dict, logs: dict,
-                   timeout_s: float, abort: bool, stages=STAGES) -> list[str]:
-    """Problems of one watchdog run: every rank but the skipper logs the failure from
-    the watchdog thread within timeout_s + 2 s of its call, then exits 0 (abort: dies of
-    SIGABRT after logging); the skipper logs nothing and exits 0."""
-    problems = []
-    for r in range(world):
-        rep, code, text = reports.get(r) or {}, codes.get(r), logs.get(r, "")
-        if rep.get("failure"):
-            problems.append(f"rank {r}: {rep['failure'][:300]}")
-        if not rep.get("watchdog_thread"):
-            problems.append(f"rank {r}: no thread named 'mixcc-watchdog' after the first call")
-        if r == skipper:
-            if code != 0:
-                problems.append(f"rank {r} (skipper): {exit_desc(code)}")
-            errs = [x for x in parse_log_lines(text) if x["level"] == "ERROR"]
-            if errs:
-                problems.append(f"rank {r} (skipper) logged an error: {errs[0]['msg'][:160]}")
-            continue
-        want = -signal.SIGABRT if abort else 0
-        if code != want:
-            problems.append(f"rank {r}: {exit_desc(code)}, expected "
-                            f"{'SIGABRT (-6)' if abort else 'exit code 0'}")
-        rec = find_failure_log(text, r, skipper, stages)
-        if rec is None:
-            problems.append(f"rank {r}: no ERROR line of logger 'mixcc' naming rank {r}, "
-                            f"peer {skipper} and a stage in its log")
-            continue
-        if rec["thread"] != "mixcc-watchdog":
-            problems.append(f"rank {r}: the line came from thread {rec['thread']!r}")
-        t_call = rep.get("t_call")
-        if t_call is None:
-            problems.append(f"rank {r}: no call time reported")
-        elif not timeout_s - 0.5 <= rec["t"] - t_call <= timeout_s + 2:
-            problems.append(f"rank {r}: logged {rec['t'] - t_call:.2f} s after its call "
-                            f"(expected {timeout_s:g} to {timeout_s + 2:g} s)")
-        problems += [f"rank {r}: {p}" for p in scan_log(text)
-                     if not (abort and "core dumped" in p)]
-    return problems
-
-
-def _words(text: str) -> str:
-    return text.replace("'", " ").replace('"', " ")
-
-
-def judge_mismatch(world: int, odd: int, reports: dict, codes: dict, logs: dict,
-                   kind: str, limit_s: float, programs=("allreduce(tp)", "allgather(tp)"),
-                   rows=(MIS_ROWS, MIS_ROWS_BAD)) -> list[str]:
-    """Problems of one mismatch run: every rank raised CollectiveMismatch within limit_s
-    of the mismatched call, the ranks naming rank `odd` (which names another); for kind
-    "collective" ranks 0 and `odd` name both programs, for "shape" each names its own
-    rows in `mine` and the two descriptions differ."""
-    problems = []
-    for r in range(world):
-        rep = reports.get(r) or {}
-        problems += exit_problems(r, codes.get(r), rep)
-        res = rep.get("mismatch")
-        if not res:
-            if not rep.get("failure"):
-                problems.append(f"rank {r}: no mismatch result reported")
-            continue
-        err = res.get("error")
-        if not err:
-            problems.append(f"rank {r}: nothing raised (call, synchronize + check, next call)")
-            continue
-        if err.get("type") != "CollectiveMismatch":
-            problems.append(f"rank {r}: raised {err.get('type')} at {res.get('where')}: "
-                            f"{err.get('msg', '')[:200]}")
-            continue
-        if res.get("seconds", 1e9) >= limit_s:
-            problems.append(f"rank {r}: raised {res['seconds']:.2f} s after the call "
-                            f"(limit {limit_s:g} s)")
-        if err.get("rank") != r:
-            problems.append(f"rank {r}: CollectiveMismatch says rank {err.get('rank')}")
-        peer = err.get("peer")
-        if (r != odd and peer != odd) or (r == odd and (peer == odd or peer not in range(world))):
-            problems.append(f"rank {r}: CollectiveMismatch names peer {peer}")
-        mine, theirs = str(err.get("mine", "")), str(err.get("theirs", ""))
-        if r not in (0, odd):
-            continue
-        if kind == "collective":
-            both = _words(mine + " " + theirs)
-            own = programs[1] if r == odd else programs[0]
-            missing = [p for p in programs if p not in both]
-            if missing:
-                problems.append(f"rank {r}: mine/theirs do not name {missing}: "
-                                f"mine={mine!r} theirs={theirs!r}")
-            elif own not in mine:
-                problems.append(f"rank {r}: mine={mine!r} does not name its own {own}")
-        else:
-            own_rows = rows[1] if r == odd else rows[0]
-            if not re.search(rf"\b{own_rows}\b", mine):
-                problems.append(f"rank {r}: mine={mine!r} does not show its {own_rows} rows")
-            if mine == theirs:
-                problems.append(f"rank {r}: mine == theirs ({mine!r})")
-    for r in range(world):
-        problems += [f"rank {r}: {p}" for p in scan_log(logs.get(r, ""))]
-    return problems
-
-
-def judge_good_calls(world: int, reports: dict) -> tuple[list[str], int]:
-    """Problems of the correct calls made before the mismatch, and how many were checked."""
-    problems, n = [], 0
-    for r in range(world):
-        for g in (reports.get(r) or {}).get("good", []):
-            n += 1
-            if g.get("err"):
-                problems.append(f"rank {r}: debug={g['debug']} {g['program']} round "
-                                f"{g['round']}: {g['err'][:200]}")
-    if n == 0:
-        problems.append("no correct call was checked")
-    return problems, n
-
-
-def judge_leaks(samples: dict[int, dict], phase: str, tol: dict) -> list[str]:
-    """Problems of one leak phase: per rank, end minus warm start of every metric within
-    `tol` (None values, as on CPU, are skipped)."""
-    problems = []
-    for r, s in sorted(samples.items()):
-        start, end = s.get(f"{phase}_start"), s.get(f"{phase}_end")
-        if not start or not end:
-            problems.append(f"rank {r}: no {phase} start/end measurement")
-            continue
-        for m, t in tol.items():
-            a, b = start.get(m), end.get(m)
-            if a is None or b is None:
-                continue
-            if b - a > t:
-                unit = " bytes" if m in ("gpu_used", "reserved") else ""
-                problems.append(f"rank {r}: {m} {a} -> {b}{unit} (+{b - a}, tolerance {t})")
-    return problems
+    world: int = 4                # ranks of kill / watchdog / mismatch / leaks
+    per_gpu: int = 1              # ranks sharing a GPU (MPS share of NVSHMEM PEs)
+    timeout_s: float = 2.0        # compile(timeout_s=) of kill and watchdog
+    slack_s: float = 1.0          # kill: a survivor raises within timeout_s + this
+    parallel: int = 1             # kill trials at once (each its own processes)
+    min_call: int = 10            # kill: earliest victim call
+    max_call: int = 500           # kill: latest victim call
+    max_hangs: int = 2            # kill: stop the series after this many hung trials
+    mismatch_timeout_s: float = 10.0
+    mismatch_limit_s: float = 5.0
+    calls: int = 100_000          # leaks: eager calls
+    cycles: int = 100             # leaks: measured cycles
+    warm_cycles: int = 3
+    leak_limit_s: float = 240.0
+    maps_tolerance: int = LEAK_TOL["maps"]
+    startup_s: float = 120.0      # limit for a run's ranks to be ready (builds included)
+    seed: int = 10
+    logdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="mixcc-rel-"))
+    fake: bool = False            # CPU dry run with a stand-in collective
 
 
 # ---------------------------------------------------------------------------------------
@@ -359,7 +115,6 @@ class RunResult:
     reports: dict[int, dict] = field(default_factory=dict)
     logs: dict[int, str] = field(default_factory=dict)
     hung: bool = False
-    cut: bool = False  # killed at --deadline-s + GRACE_S
     startup_failed: bool = False
     seconds: float = 0.0
 
@@ -382,19 +137,18 @@ class Check:
 
 
 class Parent:
-    def __init__(self, args):
+    """Hosts the store, runs the ranks of each run as subprocesses and collects them."""
+
+    def __init__(self, args: Options):
         from datetime import timedelta
 
         import torch.distributed as dist
 
         self.args = args
+        os.makedirs(args.logdir, exist_ok=True)
         self.store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=120),
                                    wait_for_workers=False)
         self.port = self.store.port
-        self.t_start = time.time()
-        # no check or trial starts after --deadline-s; every run ends GRACE_S after it
-        self.hard_end = self.t_start + args.deadline_s + GRACE_S if args.deadline_s \
-            else float("inf")
         self.print_lock = threading.Lock()
         self.procs: set[subprocess.Popen] = set()
         self.procs_lock = threading.Lock()
@@ -403,17 +157,14 @@ class Parent:
         with self.print_lock:
             print(text, flush=True)
 
-    def over_deadline(self) -> bool:
-        d = self.args.deadline_s
-        return bool(d) and time.time() - self.t_start > d
-
     def child_env(self, rank: int, world: int, extra: dict) -> dict:
         env = {k: v for k, v in os.environ.items()
                if k not in ("MIXCC_DEBUG", "MIXCC_ABORT_ON_ERROR")}
         env.update(NO_MULTICAST_ENV)
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, TESTS, env.get("PYTHONPATH"))
+                                            if p)
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(world))
         env.update(extra)
@@ -439,7 +190,7 @@ class Parent:
                 e = self.child_env(r, world, dict(env or {}, **((rank_env or {}).get(r, {}))))
                 logf = open(os.path.join(rundir, f"rank{r}.log"), "wb")
                 files.append(logf)
-                p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "_rank",
+                p = subprocess.Popen([sys.executable, os.path.join(HERE, "reliability.py"), "_rank",
                                       os.path.join(rundir, "config.json"), str(r)],
                                      stdout=logf, stderr=subprocess.STDOUT, env=e, cwd=ROOT,
                                      start_new_session=True)
@@ -465,9 +216,6 @@ class Parent:
                         break
                 elif now - ready_at > after_ready_s:
                     res.hung = True
-                    break
-                if now > self.hard_end:
-                    res.hung = res.cut = True
                     break
                 time.sleep(0.02)
         finally:
@@ -510,7 +258,7 @@ def run_problems(res: RunResult) -> list[str]:
     out = []
     if res.startup_failed:
         dead = [f"rank {r}: {exit_desc(c)}" for r, c in res.codes.items() if c not in (None,)]
-        why = "a rank died before all were ready" if dead else "not ready within --startup-s"
+        why = "a rank died before all were ready" if dead else "not ready within startup_s"
         out.append(f"{res.name}: {why} ({'; '.join(dead) or 'all hung'}); logs in {res.rundir}")
         for r, c in res.codes.items():
             if c not in (None, 0):
@@ -518,8 +266,7 @@ def run_problems(res: RunResult) -> list[str]:
                 out.append(f"rank {r} log tail: {' | '.join(tail)[:400]}")
     if res.hung:
         hung = [r for r, c in res.codes.items() if c is None]
-        why = f"--deadline-s + {GRACE_S} s" if res.cut else "the limit"
-        out.append(f"{res.name}: ranks {hung} still ran at {why} and were killed")
+        out.append(f"{res.name}: ranks {hung} still ran at the limit and were killed")
     return out
 
 
@@ -533,16 +280,17 @@ def kill_config(kind: str, world: int) -> dict:
     return {"program": "allreduce(world)", "axes": [["w", world]], "rpn": world // 2}
 
 
-def kill_env(kind: str, world: int) -> dict:
+def kill_env(kind: str, per_gpu: int) -> dict:
     if kind == "ipc":
         return {}
     env = {k: os.environ.get(k, v) for k, v in NVSHMEM_ENV.items()}
-    # NVSHMEM with several PEs on one GPU: MPS, active thread percentages summing to 100
-    env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
+    if per_gpu > 1:  # several NVSHMEM PEs on one GPU: MPS shares summing to at most 100
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // per_gpu)
     return env
 
 
 def check_kill(P: Parent, kind: str, trials: int, parallel: int) -> Check:
+    """`trials` kill trials over `kind` ("ipc" or "nvshmem"), `parallel` at a time."""
     a = P.args
     t0 = time.time()
     name = f"kill-{kind}"
@@ -556,15 +304,14 @@ def check_kill(P: Parent, kind: str, trials: int, parallel: int) -> Check:
     outcomes: dict[int, dict] = {}
 
     def trial(i: int, victim: int, call: int) -> None:
-        if hangs[0] >= a.max_hangs or P.over_deadline():
+        if hangs[0] >= a.max_hangs:
             outcomes[i] = {"ran": False, "victim": victim, "call": call,
-                           "problems": ["not run: " + ("too many hangs" if hangs[0] >= a.max_hangs
-                                                       else "past --deadline-s")]}
+                           "problems": ["not run: too many hangs"]}
             P.say(f"  trial {i + 1:2d}/{trials}: not run")
             return
         cfg = dict(kill_config(kind, world), victim=victim, kill_call=call,
                    timeout_s=a.timeout_s, loop_limit_s=a.timeout_s + 15)
-        res = P.run(f"{name}/trial{i:02d}", "kill", world, cfg, env=kill_env(kind, world),
+        res = P.run(f"{name}/trial{i:02d}", "kill", world, cfg, env=kill_env(kind, a.per_gpu),
                     after_ready_s=a.timeout_s + 30)
         vic = res.read_json("victim.json") or {}
         problems = run_problems(res)
@@ -715,7 +462,7 @@ def check_mismatch(P: Parent) -> list[Check]:
 def check_leaks(P: Parent) -> list[Check]:
     a = P.args
     t0 = time.time()
-    world = a.leak_world
+    world = a.world
     cfg = {"program": "allreduce(tp)", "axes": [["dp", 1], ["tp", world]], "rpn": world,
            "timeout_s": 5.0, "calls": a.calls, "cycles": a.cycles,
            "warm_cycles": a.warm_cycles, "warm_calls": 2000, "sync_every": 1000}
@@ -856,6 +603,15 @@ class Ctx:
 
             mixcc.runtime.close_all(**kw)
 
+    def close_reported(self) -> None:
+        """close_all(), its outcome and duration in the report."""
+        t = time.time()
+        try:
+            self.close_all()
+            self.rep.update(closed=True, close_s=round(time.time() - t, 3))
+        except Exception as e:
+            self.rep.update(closed=False, close_error=f"{type(e).__name__}: {e}")
+
     def store_barrier(self, key: str) -> None:
         from datetime import timedelta
 
@@ -865,7 +621,6 @@ class Ctx:
 
 
 def role_kill(ctx: Ctx) -> int:
-    import mixcc
 
     cfg, torch = ctx.cfg, ctx.torch
     victim, kill_call = cfg["victim"], cfg["kill_call"]
@@ -900,16 +655,9 @@ def role_kill(ctx: Ctx) -> int:
             if not calls & 255 and time.time() > deadline:
                 ctx.rep.update(calls=calls, phase="no-timeout")
                 break
-    except mixcc.CollectiveTimeout as e:
+    except Exception as e:  # CollectiveTimeout, or what the judge names
         ctx.rep.update(t_raise=time.time(), error=exc_info(e), calls=calls, phase="raised")
-    except Exception as e:
-        ctx.rep.update(t_raise=time.time(), error=exc_info(e), calls=calls, phase="raised")
-    t = time.time()
-    try:
-        ctx.close_all()
-        ctx.rep.update(closed=True, close_s=round(time.time() - t, 3))
-    except Exception as e:
-        ctx.rep.update(closed=False, close_error=f"{type(e).__name__}: {e}")
+    ctx.close_reported()
     try:
         ctx.teardown()
         ctx.rep.update(destroyed=True)
@@ -1030,12 +778,7 @@ def role_mismatch(ctx: Ctx) -> int:
         res = provoke(ctx, lambda: coll(x), lambda: coll(x), [coll])
     ctx.rep.update(mismatch=res)
     ctx.dist.barrier()  # every rank is out of its collectives before anyone closes
-    t = time.time()
-    try:
-        ctx.close_all()
-        ctx.rep.update(closed=True, close_s=round(time.time() - t, 3))
-    except Exception as e:
-        ctx.rep.update(closed=False, close_error=f"{type(e).__name__}: {e}")
+    ctx.close_reported()
     ctx.teardown()
     ctx.rep.update(phase="done")
     return 0
@@ -1318,120 +1061,29 @@ def _fake_close_all() -> None:
     _FAKE_RTS.clear()
 
 
+
+
 # ---------------------------------------------------------------------------------------
-# Main
+# For the tests
 # ---------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        description="Issue 10, items 1-4, on a GPU: dead peers (kill), the watchdog, "
-                    "mismatched calls in debug mode, leaks. One PASS/FAIL line per check.",
-        epilog="Checks: kill-ipc, kill-nvshmem, watchdog-log, watchdog-abort, "
-               "mismatch-collective, mismatch-shape, debug-results, leak-calls, leak-cycles.")
-    ap.add_argument("check", choices=("all", "kill", "watchdog", "mismatch", "leaks"))
-    ap.add_argument("--world", type=int, default=4, help="ranks of kill/watchdog/mismatch")
-    ap.add_argument("--timeout-s", type=float, default=2.0,
-                    help="compile(timeout_s=) of kill and watchdog")
-    ap.add_argument("--slack-s", type=float, default=1.0,
-                    help="kill: a survivor raises within timeout_s + this after the kill")
-    ap.add_argument("--ipc-trials", type=int, default=20)
-    ap.add_argument("--nvshmem-trials", type=int, default=5,
-                    help="0 skips the cross-node (NVSHMEM) kill trials")
-    ap.add_argument("--parallel", type=int, default=4,
-                    help="IPC kill trials run at once (each its own processes)")
-    ap.add_argument("--nvshmem-parallel", type=int, default=1)
-    ap.add_argument("--min-call", type=int, default=10, help="kill: earliest victim call")
-    ap.add_argument("--max-call", type=int, default=500, help="kill: latest victim call")
-    ap.add_argument("--max-hangs", type=int, default=2,
-                    help="kill: stop the series after this many hung trials")
-    ap.add_argument("--mismatch-timeout-s", type=float, default=10.0)
-    ap.add_argument("--mismatch-limit-s", type=float, default=5.0)
-    ap.add_argument("--calls", type=int, default=100_000, help="leaks: eager calls")
-    ap.add_argument("--cycles", type=int, default=100, help="leaks: measured cycles")
-    ap.add_argument("--warm-cycles", type=int, default=3)
-    ap.add_argument("--leak-world", type=int, default=4)
-    ap.add_argument("--leak-limit-s", type=float, default=240.0)
-    ap.add_argument("--maps-tolerance", type=int, default=LEAK_TOL["maps"],
-                    help="leaks: extra /proc/self/maps lines allowed (allocator arenas)")
-    ap.add_argument("--startup-s", type=float, default=120.0,
-                    help="limit for a run's ranks to be ready (kernel builds included)")
-    ap.add_argument("--deadline-s", type=float, default=0.0,
-                    help="skip (and fail) checks and trials not started after this many "
-                         f"seconds; kill (and fail) runs still going {GRACE_S} s later")
-    ap.add_argument("--seed", type=int, default=10)
-    ap.add_argument("--logdir", default=None,
-                    help="per-rank logs and reports (default $OUT/reliability_logs)")
-    ap.add_argument("--fake", action="store_true",
-                    help="CPU dry run of the orchestration with a stand-in collective")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_rank"]:
-        return child_main(argv[1], int(argv[2]))
-    args = build_parser().parse_args(argv)
-    out_dir = os.environ.get("OUT")
-    if args.logdir is None:
-        args.logdir = (os.path.join(out_dir, "reliability_logs") if out_dir
-                       else tempfile.mkdtemp(prefix="mixcc-reliability-"))
-    os.makedirs(args.logdir, exist_ok=True)
-    P = Parent(args)
-    print(f"reliability_check {args.check}: world {args.world}, logs in {args.logdir}"
-          f"{' (FAKE: CPU stand-in collective)' if args.fake else ''}", flush=True)
-    plan = {
-        "kill": [lambda: [check_kill(P, "ipc", args.ipc_trials, args.parallel)]]
-        + ([lambda: [check_kill(P, "nvshmem", args.nvshmem_trials, args.nvshmem_parallel)]]
-           if args.nvshmem_trials else []),
-        "watchdog": [lambda: check_watchdog(P)],
-        "mismatch": [lambda: check_mismatch(P)],
-        "leaks": [lambda: check_leaks(P)],
-    }
-    order = ["watchdog", "mismatch", "kill", "leaks"] if args.check == "all" else [args.check]
-    names = {"kill": ["kill-ipc", "kill-nvshmem"], "watchdog": ["watchdog-log", "watchdog-abort"],
-             "mismatch": ["mismatch-collective", "mismatch-shape", "debug-results"],
-             "leaks": ["leak-calls", "leak-cycles"]}
-    checks: list[Check] = []
-    try:
-        for group in order:
-            for i, step in enumerate(plan[group]):
-                if P.over_deadline():
-                    skipped = names[group][i:] if group == "kill" else names[group]
-                    checks += [Check(n, False, f"not run: past --deadline-s {args.deadline_s:g}")
-                               for n in skipped]
-                    break
-                try:
-                    checks += step()
-                except Exception as e:  # a bug here must not hide the other checks
-                    import traceback
-
-                    traceback.print_exc()
-                    checks.append(Check(f"{group}", False, f"crashed: {type(e).__name__}: {e}"))
-    except KeyboardInterrupt:
-        P.kill_everything()
-        raise
-    print("\n=== reliability_check results ===")
+def report(checks: list[Check]) -> str:
+    """One line per check (PASS/FAIL and its summary), then its first problems."""
+    lines = []
     for c in checks:
-        print(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<20} {c.summary}")
-        for p in c.problems[:12]:
-            print(f"        - {p}")
-        if len(c.problems) > 12:
-            print(f"        ... {len(c.problems) - 12} more (see reliability.json)")
-    n_ok = sum(c.ok for c in checks)
-    n_bad = len(checks) - n_ok
-    total = time.time() - P.t_start
-    print(f"reliability_check: {n_ok} passed, {n_bad} failed ({total:.0f} s)", flush=True)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "reliability.json"), "w") as f:
-            json.dump({"passed": n_ok, "failed": n_bad, "seconds": total,
-                       "args": vars(args),
-                       "checks": [{"name": c.name, "ok": c.ok, "summary": c.summary,
-                                   "problems": c.problems, "seconds": c.seconds,
-                                   "data": c.data} for c in checks]},
-                      f, indent=1, default=str)
-    return 1 if n_bad or not checks else 0
+        lines.append(f"{'PASS' if c.ok else 'FAIL'}  {c.name:<20} {c.summary}")
+        lines += [f"        - {p}" for p in c.problems[:12]]
+    return "\n".join(lines)
+
+
+def assert_passed(checks: list[Check]) -> None:
+    """Fail with the report unless every check passed (and there was one)."""
+    text = report(checks)
+    print(text)
+    assert checks and all(c.ok for c in checks), text
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] != ["_rank"]:
+        sys.exit("usage: reliability.py _rank CONFIG RANK (the tests start the ranks)")
+    sys.exit(child_main(sys.argv[2], int(sys.argv[3])))
