@@ -85,9 +85,16 @@ class Collective:
         )
         epi = ""
         if self.ir.epilogue:
+            why = fused.epilogue_refusal(self.plan, self.ir.epilogue)
+            how = (f"the fused backend runs it after the kernels as torch ops: {why}" if why
+                   else "the fused backend runs it inside the last stage's one-shot kernel "
+                   f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
+                   "elements in 16-byte packs whose workspace region holds a row, with "
+                   "16-byte aligned contiguous tensors of x's dtype; otherwise as torch ops "
+                   "after the kernels")
             epi = ("\nepilogue: " + "; ".join(str(e) for e in self.ir.epilogue)
-                   + " (row-wise in fp32 after the last stage, as torch ops on either "
-                   "backend: not fused into the kernels yet)")
+                   + f" (row-wise in fp32 after the last stage; the reference backend runs "
+                   f"it as torch ops; {how})")
         return (
             f"program: {self.program}\nmesh: {self.mesh}\n"
             f"AST:\n{ast}\n"
@@ -227,8 +234,9 @@ class Collective:
 
     def _call_epilogue(self, x: torch.Tensor, out: torch.Tensor | None,
                        tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A call of a program with epilogue statements: the collectives, then the
-        epilogue as torch ops in fp32 (mixcc/ops.py; not fused into the kernels yet)."""
+        """A call of a program with epilogue statements: on the fused backend inside the
+        last stage's kernel where FusedRunner.epilogue_hidden and epilogue_tensors allow
+        it, else the collectives and then the epilogue as torch ops in fp32 (mixcc/ops.py)."""
         if not self.ir.epilogue:
             raise TypeError(f"unexpected keyword tensor(s) {sorted(tensors)}: the program "
                             f"{self.program!r} has no epilogue statement")
@@ -238,9 +246,22 @@ class Collective:
         shape = self._check(x, out, backend)
         self._check_tensors(x, out, shape, tensors)
         backend = self._by_size(backend, x)
-        y = self._execute(x, None, backend, shape)
-        res = ops.run_epilogue(y, self.ir.epilogue, tensors,
-                               ops.output_dtype(self.ir.epilogue, x.dtype))
+        out_dtype = ops.output_dtype(self.ir.epilogue, x.dtype)
+        if backend == "fused":
+            runner = self._fused_runner(x)
+            hidden = runner.epilogue_hidden(shape)
+            if hidden:  # the last stage's grid keeps rows whole, on every rank
+                if out is None:
+                    out = torch.empty(shape, dtype=out_dtype, device=x.device)
+                epi = runner.epilogue_tensors(x, out, tensors)
+                if epi is not None:  # fused into the kernel on this rank
+                    return runner(x, out, shape, hidden, epi)
+                y = runner(x, None, shape, hidden)
+            else:
+                y = runner(x, None, shape)
+        else:
+            y = self._execute(x, None, backend, shape)
+        res = ops.run_epilogue(y, self.ir.epilogue, tensors, out_dtype)
         if out is None:
             return res
         out.copy_(res)
@@ -298,7 +319,8 @@ class Collective:
         if runner is None:
             check_fused(self.program, self.plan, self.mesh, self.options, x.dtype)
             runner = self._fused[x.dtype] = fused.FusedRunner(
-                self.plan, self.mesh, self.group, self.options, x.dtype, self.program)
+                self.plan, self.mesh, self.group, self.options, x.dtype, self.program,
+                self.ir.epilogue)
         return runner
 
     def check(self) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from . import debug, nvshmem, tune
+from . import debug, nvshmem, ops, tune
 from .codegen import abi, layout
 from .codegen.build import build, device_arch, find_nvcc
 from .codegen.plan import (
@@ -29,6 +29,7 @@ from .codegen.plan import (
     hier_cols,
     intra_cols,
     push_cols,
+    row_grid,
     share_cap,
 )
 from .codegen.render import CTYPES, render_stage
@@ -112,19 +113,39 @@ def shares_reduction(stage: IntraStage) -> bool:
                for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
 
 
-def stage_spec(stage: Stage, dtype: torch.dtype, arch: str) -> BuildSpec:
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' byte ranges overlap."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
+    """Why the fused backend runs this program's epilogue as torch ops after its kernels
+    instead of inside its last stage's kernel, whatever the call (None: it can fuse; each
+    call still needs a shape and tensors that allow it, see FusedRunner.epilogue_call)."""
+    if not plan.stages:
+        return "the program has no stage (its output is a copy of its input)"
+    if isinstance(plan.stages[-1], HierStage):
+        return "its last stage crosses nodes (the hierarchical kernel has no epilogue yet)"
+    if len(ops.epilogue_slots(epilogue)) > ops.EPI_SLOTS:
+        return f"it names more than {ops.EPI_SLOTS} tensors"
+    return None
+
+
+def stage_spec(stage: Stage, dtype: torch.dtype, arch: str, epilogue: tuple = ()
+               ) -> BuildSpec:
     """The build spec of one stage's module: hierarchical stages link NVSHMEM."""
-    source = render_stage(stage, dtype)
+    source = render_stage(stage, dtype, epilogue)
     if isinstance(stage, HierStage):
         return nvshmem_spec("hier", source, arch)
     return BuildSpec("stage", source, arch)
 
 
-def load_stage(stage: Stage, dtype: torch.dtype, arch: str
+def load_stage(stage: Stage, dtype: torch.dtype, arch: str, epilogue: tuple = ()
                ) -> tuple[ctypes.CDLL, float, str]:
     """Render, build (or find in the cache) and load the module of one stage; returns it
     with its build seconds and its source hash (the tuning table's key)."""
-    spec = stage_spec(stage, dtype, arch)
+    spec = stage_spec(stage, dtype, arch, epilogue)
     built = build(spec)
     return abi.bind(ctypes.CDLL(str(built.path))), built.seconds, tune.source_hash(spec.source)
 
@@ -151,7 +172,7 @@ class FusedRunner:
     (and to NVSHMEM when a stage crosses nodes)."""
 
     def __init__(self, plan: Plan, mesh, group: dist.ProcessGroup | None, options: dict,
-                 dtype: torch.dtype, program: str = ""):
+                 dtype: torch.dtype, program: str = "", epilogue: tuple = ()):
         from .runtime import _POOLS, abort_enabled, get_runtime, native
 
         self.plan, self.mesh, self.dtype, self.program = plan, mesh, dtype, program
@@ -177,8 +198,12 @@ class FusedRunner:
         self.build_seconds = 0.0
         hashes = []
         occupancy = layout.MAX_BLOCKS
-        for stage in plan.stages:
-            lib, secs, src_hash = load_stage(stage, dtype, arch)
+        # the epilogue fused into the last stage's kernel where the plan allows it
+        self.epilogue = epilogue if epilogue and epilogue_refusal(plan, epilogue) is None else ()
+        self._epi_slots = ops.epilogue_slots(self.epilogue)
+        for i, stage in enumerate(plan.stages):
+            epi = self.epilogue if i == len(plan.stages) - 1 else ()
+            lib, secs, src_hash = load_stage(stage, dtype, arch, epi)
             if isinstance(stage, HierStage):
                 self.nv.bind_module(lib)
             self.build_seconds += secs
@@ -231,11 +256,18 @@ class FusedRunner:
             return choice.algorithm == "nccl"
         return not self.plan.one_node and nbytes >= HIER_NCCL_MIN_BYTES
 
-    def _params(self, i: int, unit_elems: int, nbytes: int) -> tuple[int, int, int, int]:
+    def _params(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
+                ) -> tuple[int, int, int, int]:
         """(algorithm code, columns per block, chunks, blocks) for intra stage i; the same on
         every rank for the same shape, as the barriers require. A tuning-table entry
-        decides when there is one; else default_algorithm."""
+        decides when there is one; else default_algorithm. With `hidden` (a fused
+        epilogue's row width, the last stage only) the one-shot on whole rows."""
         stage = self.stages[i][0]
+        if hidden:
+            cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
+            nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
+                                               self.max_blocks)
+            return 0, cols, n_chunks, nblocks
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
             algo = self.algorithm
@@ -271,9 +303,10 @@ class FusedRunner:
         nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks)
         return ALGORITHMS.index(algo), cols, n_chunks, nblocks
 
-    def _make_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+    def _make_args(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
+                   ) -> abi.LaunchArgs:
         """The launch arguments of stage i for this shape (pointers and stream are set
-        per call)."""
+        per call); `hidden`: see _params."""
         stage = self.stages[i][0]
         a = abi.LaunchArgs()
         a.unit_elems, a.rank, a.timeout_ns = unit_elems, self.rt.rank, self.timeout_ns
@@ -281,7 +314,7 @@ class FusedRunner:
         a.data_off, a.region_bytes, a.err = layout.DATA_OFFSET, self.rt.region_bytes, \
             self.rt.err_dev
         if isinstance(stage, IntraStage):
-            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes)
+            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes, hidden)
             return a
         cols = hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
         if cols < self.vec:
@@ -299,14 +332,15 @@ class FusedRunner:
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
         return a
 
-    def _cached_args(self, i: int, unit_elems: int, nbytes: int) -> abi.LaunchArgs:
+    def _cached_args(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
+                     ) -> abi.LaunchArgs:
         """The launch arguments of stage i for this shape, made once and kept."""
-        key = (i, unit_elems)
+        key = (i, unit_elems, hidden)
         a = self._args.get(key)
         if a is None:
             if len(self._args) >= 4096:  # many shapes: start over rather than grow
                 self._args.clear()
-            a = self._args[key] = self._make_args(i, unit_elems, nbytes)
+            a = self._args[key] = self._make_args(i, unit_elems, nbytes, hidden)
         return a
 
     def reg_word(self, x_ptr: int, nbytes: int, out_ptr: int) -> int:
@@ -346,14 +380,20 @@ class FusedRunner:
         word = self.reg_word(x_ptr, nbytes, out_ptr)  # refuses foreign and partial inputs
         return peers, word if a.algo == 0 else 0
 
-    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int) -> None:
+    def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int,
+                hidden: int = 0, epi: list[torch.Tensor] | None = None) -> None:
+        """Launch stage i from x into dst; `hidden` as in _params, `epi` the fused
+        epilogue's tensors by slot (None: the plain kernel, on the same grid)."""
         unit_elems = x.shape[0] // self.stages[i][0].lmap.in_units * inner
         if unit_elems == 0:
             return
         in_ptr, out_ptr = x.data_ptr(), dst.data_ptr()
         nbytes = x.numel() * self.elem
-        a = self._cached_args(i, unit_elems, nbytes)
+        a = self._cached_args(i, unit_elems, nbytes, hidden)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
+        a.epi_h = hidden if epi is not None else 0
+        for j, t in enumerate(epi or ()):
+            setattr(a, f"epi{j}", t.data_ptr())
         a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
         a.stream = _current_stream(self.device)
@@ -404,9 +444,10 @@ class FusedRunner:
 
         return call
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size
-                 ) -> torch.Tensor:
-        """Run on validated input; `shape` is the output shape."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None, shape: torch.Size,
+                 hidden: int = 0, epi: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Run on validated input; `shape` is the output shape; `hidden` and `epi` as in
+        _launch, for the last stage."""
         rt = self.rt
         if rt._err is None or rt._err.status:  # closed, or failed: raise why
             rt.check()
@@ -433,9 +474,51 @@ class FusedRunner:
                 dst = torch.empty((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
             fp = debug.fingerprint(self.program, i, x.dtype, tuple(x.shape), count) \
                 if self.debug else 0
-            self._launch(i, cur, dst, inner, fp)
+            if i == last:
+                self._launch(i, cur, dst, inner, fp, hidden, epi)
+            else:
+                self._launch(i, cur, dst, inner, fp)
             cur = dst
         return out
+
+    def epilogue_hidden(self, shape: torch.Size) -> int:
+        """The row width with which the last stage runs this program's epilogue for an
+        output of `shape`, or 0 (then the epilogue runs as torch ops after the kernels).
+        It depends on the shape alone, so every rank agrees on the grid it implies."""
+        if not self.epilogue or len(shape) < 2:
+            return 0
+        hidden = shape[-1]
+        stage = self.stages[-1][0]
+        rows = shape[0] // len(stage.lmap.out_units[0])  # a unit's rows
+        cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
+        inner = 1
+        for d in shape[1:]:
+            inner *= d
+        if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden \
+                or rows * inner % hidden:
+            return 0
+        return hidden
+
+    def epilogue_tensors(self, x: torch.Tensor, out: torch.Tensor,
+                         tensors: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """The epilogue's tensors by slot when this rank can run it inside the kernel for
+        this call, else None: 16-byte aligned contiguous tensors of x's dtype (the scale:
+        one float32), and nothing the epilogue writes overlapping x or another named
+        tensor (the kernel loads named tensors ahead of the statements)."""
+        if (x.data_ptr() | out.data_ptr()) & 15:
+            return None
+        writes = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].writes}
+        scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
+        slots = [tensors[n] for n in self._epi_slots]
+        for name, t in zip(self._epi_slots, slots, strict=True):
+            if name in scales:
+                continue  # one float32 (checked by the caller)
+            if t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() & 15:
+                return None
+            if name in writes and any(_shares(t, o) for o in (x, *(
+                    u for n, u in zip(self._epi_slots, slots, strict=True) if n != name))):
+                return None
+        return slots
 
 
 def prebuild(plans: list[tuple[str, Plan]], dtypes: list[torch.dtype], arch: str | None = None

@@ -34,6 +34,12 @@ class EpilogueOp:
     needs_float32: bool = False  # the named tensor must be float32 (quant's scale)
     last_only: bool = False  # must be the program's last statement
     writes: bool = False  # writes its named tensor in place
+    # The fused form (templates/mixcc_epilogue.cuh): `cuda_load` reads what the op needs
+    # of its tensor into {p} (the kernel hoists it above the reduction unless an earlier
+    # store wrote that tensor), `cuda` applies the op; {t} is the tensor's pointer, {eps}
+    # the statement's eps as a C float.
+    cuda: str = ""
+    cuda_load: str = ""
 
 
 def _same(out_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,14 +72,50 @@ def _quant(v: torch.Tensor, t: torch.Tensor, _: object) -> torch.Tensor:
 
 
 EPILOGUES: dict[str, EpilogueOp] = {op.name: op for op in (
-    EpilogueOp("add", "v = v + NAME (NAME: the output's shape)", _same, _add),
+    EpilogueOp("add", "v = v + NAME (NAME: the output's shape)", _same, _add,
+               cuda="mixcc::epi_add(row, {p});",
+               cuda_load="mixcc::Pack<T, VEC_WIDE> {p}[EPI_PACKS]; "
+                         "mixcc::epi_load<true>(row, {t}, {p});"),
     EpilogueOp("store", "NAME[...] = v (in place, rounded to NAME's dtype)", _same, _store,
-               writes=True),
+               writes=True, cuda="mixcc::epi_store(row, {t});"),
     EpilogueOp("rmsnorm", "v = v * rsqrt(mean(v^2) + eps) * NAME (NAME: [hidden])", _row,
-               _rmsnorm),
+               _rmsnorm, cuda="mixcc::epi_rmsnorm<THREADS>(row, {p}, {eps}, red);",
+               cuda_load="mixcc::Pack<T, VEC_WIDE> {p}[EPI_PACKS]; "
+                         "mixcc::epi_load<false>(row, {t}, {p});"),
     EpilogueOp("quant", "out = saturate(v / NAME) as float8_e4m3fn (NAME: float32 scale, "
-               "one element)", lambda _: (1,), _quant, needs_float32=True, last_only=True),
+               "one element)", lambda _: (1,), _quant, needs_float32=True, last_only=True,
+               cuda="mixcc::epi_quant(row, {p});",
+               cuda_load="const float {p} = *static_cast<const float*>({t});"),
 )}
+
+# Fusion into the kernels (docs/DESIGN.md, "Epilogues"): a row of up to this many elements
+# lives in the registers of one block (32 fp32 values per thread at 512 threads), and a
+# statement names at most EPI_SLOTS distinct tensors (the launch ABI's epi0..epi5).
+EPI_MAX_HIDDEN = 16384
+EPI_SLOTS = 6
+
+
+def epilogue_slots(epilogue: tuple) -> tuple[str, ...]:
+    """The distinct tensor names of an epilogue, in order of first use (slot i: epi{i})."""
+    return tuple(dict.fromkeys(e.name for e in epilogue))
+
+
+def epilogue_cuda(epilogue: tuple) -> tuple[list[str], list[str]]:
+    """The fused epilogue as CUDA: (loads hoisted above the reduction, the statements in
+    program order). A statement's load stays in place, just before it, when an earlier
+    store wrote its tensor (it must see the stored value)."""
+    slots = epilogue_slots(epilogue)
+    hoisted, body, stored = [], [], set()
+    for i, e in enumerate(epilogue):
+        op = EPILOGUES[e.op]
+        eps = DEFAULT_EPS if getattr(e, "eps", None) is None else e.eps
+        args = {"t": f"a.epi{slots.index(e.name)}", "p": f"pre{i}", "eps": f"{float(eps)!r}f"}
+        if op.cuda_load:
+            (body if e.name in stored else hoisted).append(op.cuda_load.format(**args))
+        body.append(op.cuda.format(**args))
+        if op.writes:
+            stored.add(e.name)
+    return hoisted, body
 
 
 def output_dtype(epilogue: tuple, dtype: torch.dtype) -> torch.dtype:
@@ -93,5 +135,5 @@ def run_epilogue(y: torch.Tensor, epilogue: tuple, tensors: dict[str, torch.Tens
     return v.to(out_dtype)
 
 
-__all__ = ["DEFAULT_EPS", "EPILOGUES", "QUANT_FORMATS", "EpilogueOp", "output_dtype",
-           "run_epilogue"]
+__all__ = ["DEFAULT_EPS", "EPILOGUES", "EPI_MAX_HIDDEN", "EPI_SLOTS", "QUANT_FORMATS",
+           "EpilogueOp", "epilogue_cuda", "epilogue_slots", "output_dtype", "run_epilogue"]

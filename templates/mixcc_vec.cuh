@@ -56,9 +56,25 @@ __device__ __forceinline__ Pack<T, N> load_cg(const T* p) {
   return r;
 }
 
+// One access of the pack's bytes (16, 8 or 4 bytes as one word: an element-wise copy
+// of 16-bit class types would be split into 2-byte stores).
 template <typename T, int N>
 __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
-  *reinterpret_cast<Pack<T, N>*>(p) = v;
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    uint4 w;
+    memcpy(&w, &v, 16);
+    *reinterpret_cast<uint4*>(p) = w;
+  } else if constexpr (sizeof(Pack<T, N>) == 8) {
+    uint2 w;
+    memcpy(&w, &v, 8);
+    *reinterpret_cast<uint2*>(p) = w;
+  } else if constexpr (sizeof(Pack<T, N>) == 4) {
+    unsigned w;
+    memcpy(&w, &v, 4);
+    *reinterpret_cast<unsigned*>(p) = w;
+  } else {
+    *reinterpret_cast<Pack<T, N>*>(p) = v;
+  }
 }
 
 enum class Op { kSum, kMax, kMin };

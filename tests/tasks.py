@@ -62,14 +62,51 @@ def check_exact(rank: int, world: int, group, program: str, axes: list, rpn: int
 
 
 def check_epilogue(rank: int, world: int, group, program: str, axes: list, rpn: int,
-                   rows: int, hidden: int, dtype_name: str, seed: int) -> str:
-    """A program with an epilogue on the reference backend against the float64 oracle:
-    the output and every stored tensor, rounding-level tolerances of the dtype."""
-    from oracle import EPS, epilogue_expected, split_epilogue
-
+                   rows: int, hidden: int, dtype_name: str, seed: int,
+                   backend: str = "reference", graph: bool = False) -> str:
+    """A program with an epilogue against the float64 oracle: the output and every stored
+    tensor, rounding-level tolerances of the dtype. On a CUDA backend the tensors live on
+    the current device, and with `graph` the call is also captured in a CUDA graph and
+    replayed on new data (inputs and named tensors refilled in place)."""
     dtype = DTYPES[dtype_name]
     mesh = mixcc.Mesh(axes, ranks_per_node=rpn)
-    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend="reference")
+    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend=backend)
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend != "reference" \
+        else torch.device("cpu")
+    msgs = []
+    x = tensors = None
+    for step, s in enumerate((seed, seed + 1) if graph else (seed,)):
+        data = _epilogue_case(program, axes, world, rank, rows, hidden, dtype, s)
+        if step == 0:
+            x = data[0].to(dev)
+            tensors = {k: v.to(dev) for k, v in data[1].items()}
+            if graph:
+                coll(x, **tensors)  # builds the kernels before capture
+                for k, v in data[1].items():
+                    tensors[k].copy_(v)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    got = coll(x, **tensors)
+                g.replay()
+            else:
+                got = coll(x, **tensors)
+        else:  # new data into the captured tensors, then replay
+            x.copy_(data[0])
+            for k, v in data[1].items():
+                tensors[k].copy_(v)
+            g.replay()
+        m = _judge_epilogue(got, tensors, *data[2:], dtype)
+        if m:
+            msgs.append(f"{'replay' if step else 'call'}: {m}")
+    return "; ".join(msgs)
+
+
+def _epilogue_case(program: str, axes: list, world: int, rank: int, rows: int, hidden: int,
+                   dtype: torch.dtype, seed: int) -> tuple:
+    """(x, named tensors, their values before the call, expected output, stored values,
+    error bound, whether it ends in fp8) for one rank, on the CPU."""
+    from oracle import EPS, epilogue_expected, split_epilogue
+
     colls, chain = split_epilogue(program)
     inputs = [make_input(seed, r, rows, hidden, dtype) for r in range(world)]
     exp, mag, terms = expected(colls, axes, inputs)
@@ -91,9 +128,14 @@ def check_epilogue(rank: int, world: int, group, program: str, axes: list, rpn: 
     eps = EPS[dtype] * 4
     err0 = EPS[dtype] * mag[rank] * (terms + 2) + 1e-30
     want, stored, err = epilogue_expected(exp[rank], chain, before, err0, eps)
-    x = inputs[rank].clone()
-    got = coll(x, **tensors)
     fp8 = any(op == "quant" for op, _, _ in chain)
+    return inputs[rank].clone(), tensors, before, want, stored, err, fp8
+
+
+def _judge_epilogue(got: torch.Tensor, tensors: dict, before: dict, want: torch.Tensor,
+                    stored: dict, err: torch.Tensor, fp8: bool, dtype: torch.dtype) -> str:
+    """What is wrong with an epilogue call's output and named tensors ('' if nothing)."""
+    got = got.cpu()
     # fp8 e4m3: 3 mantissa bits (relative step 2^-3), subnormal step 2^-9 below 2^-6
     tol = 2 * err + (want.abs() * 2.0**-3 + 2.0**-9 if fp8 else 0)
     bad = (got.double() - want).abs() > tol
@@ -103,9 +145,9 @@ def check_epilogue(rank: int, world: int, group, program: str, axes: list, rpn: 
     if bad.any() or torch.isnan(got.double()).any():
         msgs.append(f"output: {int(bad.sum())} of {bad.numel()} elements off")
     for name, (val, val_err) in stored.items():  # within the bound of what it stored
-        if ((tensors[name].double() - val).abs() > 2 * val_err).any():
+        if ((tensors[name].cpu().double() - val).abs() > 2 * val_err).any():
             msgs.append(f"stored {name} differs")
     for name, val in before.items():
-        if name not in stored and not torch.equal(tensors[name], val):
+        if name not in stored and not torch.equal(tensors[name].cpu(), val):
             msgs.append(f"{name} was modified but nothing stores into it")
     return "; ".join(msgs)

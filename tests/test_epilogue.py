@@ -13,7 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mixcc
-from mixcc import CompileError, Mesh, ParseError
+from mixcc import CompileError, Mesh, ParseError, fused, ops
+from mixcc.codegen.build import build_module, find_nvcc
+from mixcc.codegen.plan import row_grid
+from mixcc.codegen.render import render_stage
 from mixcc.ops import EPILOGUES
 
 from strategies import one_node_programs
@@ -63,7 +66,73 @@ def test_explain_prints_the_epilogue():
     text = mixcc.compile(LAYER, Mesh({"dp": 2, "tp": 2}), backend="reference").explain()
     assert "add(residual); store(residual); rmsnorm(weight, eps=1e-05)" in text
     assert "  store(residual)  @ line 1, column 31" in text  # in the AST section
-    assert "epilogue: add(residual)" in text and "not fused" in text
+    assert "epilogue: add(residual)" in text
+    assert "inside the last stage's one-shot kernel" in text
+    nodes = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 4}, ranks_per_node=2),
+                          backend="reference").explain()
+    assert "runs it after the kernels as torch ops: its last stage crosses nodes" in nodes
+
+
+def test_fusion_refusals():
+    one = mixcc.compile(LAYER, Mesh({"dp": 2, "tp": 2}), backend="reference")
+    assert fused.epilogue_refusal(one.plan, one.ir.epilogue) is None
+    ident = mixcc.compile(LAYER, ONE, backend="reference")
+    assert "no stage" in fused.epilogue_refusal(ident.plan, ident.ir.epilogue)
+    many = "allreduce(tp); " + "; ".join(f"add(t{i})" for i in range(7))
+    coll = mixcc.compile(many, Mesh({"dp": 1, "tp": 2}), backend="reference")
+    assert "more than 6 tensors" in fused.epilogue_refusal(coll.plan, coll.ir.epilogue)
+
+
+def test_epilogue_cuda_names_slots_in_first_use_order():
+    coll = mixcc.compile("allreduce(tp); add(r); store(r); rmsnorm(w, eps=1e-3); add(q); "
+                         "quant(fp8_e4m3, s)", Mesh({"dp": 1, "tp": 2}), backend="reference")
+    assert ops.epilogue_slots(coll.ir.epilogue) == ("r", "w", "q", "s")
+    hoisted, body = ops.epilogue_cuda(coll.ir.epilogue)
+    # r is read before the store: its load is hoisted; q and s are never stored
+    assert hoisted == [
+        "mixcc::Pack<T, VEC_WIDE> pre0[EPI_PACKS]; mixcc::epi_load<true>(row, a.epi0, pre0);",
+        "mixcc::Pack<T, VEC_WIDE> pre2[EPI_PACKS]; mixcc::epi_load<false>(row, a.epi1, pre2);",
+        "mixcc::Pack<T, VEC_WIDE> pre3[EPI_PACKS]; mixcc::epi_load<true>(row, a.epi2, pre3);",
+        "const float pre4 = *static_cast<const float*>(a.epi3);"]
+    assert body == ["mixcc::epi_add(row, pre0);", "mixcc::epi_store(row, a.epi0);",
+                    "mixcc::epi_rmsnorm<THREADS>(row, pre2, 0.001f, red);",
+                    "mixcc::epi_add(row, pre3);", "mixcc::epi_quant(row, pre4);"]
+    # a read after a store of the same tensor loads in place, after the store
+    again = mixcc.compile("allreduce(tp); store(r); add(r)", Mesh({"dp": 1, "tp": 2}),
+                          backend="reference")
+    hoisted, body = ops.epilogue_cuda(again.ir.epilogue)
+    assert hoisted == [] and body[0] == "mixcc::epi_store(row, a.epi0);"
+    assert "epi_load<true>(row, a.epi0, pre1)" in body[1] and body[2] == \
+        "mixcc::epi_add(row, pre1);"
+    default = mixcc.compile("allreduce(tp); rmsnorm(w)", Mesh({"dp": 1, "tp": 2}),
+                            backend="reference")
+    assert "1e-06f" in ops.epilogue_cuda(default.ir.epilogue)[1][0]
+
+
+@given(rows=st.integers(1, 5000), hidden=st.sampled_from([8, 128, 4096, 7168, 16384, 4104]),
+       region_rows=st.integers(1, 8), blocks=st.integers(1, 128))
+def test_row_grid_keeps_rows_whole(rows, hidden, region_rows, blocks):
+    cols_cap = region_rows * hidden + 8  # a region that holds region_rows whole rows
+    nblocks, chunks, cols = row_grid(rows * hidden, cols_cap, hidden, 2, blocks)
+    assert cols % hidden == 0 and hidden <= cols <= cols_cap
+    assert 1 <= nblocks <= blocks
+    assert nblocks * chunks * cols >= rows * hidden  # every row is some block's
+    assert (chunks - 1) * nblocks * cols < rows * hidden  # no chunk left empty everywhere
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_fused_epilogue_kernels_compile(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    for program, axes in ((LAYER + "; quant(fp8_e4m3, s)", {"dp": 1, "tp": 2}),
+                          ("allreduce(tp); allgather(dp); add(r); rmsnorm(w)",
+                           {"dp": 2, "tp": 2})):
+        coll = mixcc.compile(program, Mesh(axes), backend="reference")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            src = render_stage(coll.plan.stages[-1], dtype, coll.ir.epilogue)
+            assert "epilogue_pass<MAX_TERMS, EPI>" in src and "mixcc::epi_rmsnorm" in src
+            assert build_module(src, "stage", "sm_90").path.exists()
+    plain = mixcc.compile("allreduce(tp)", Mesh({"dp": 1, "tp": 2}), backend="reference")
+    assert "epilogue_pass" not in render_stage(plain.plan.stages[0], torch.float32)
 
 
 @pytest.fixture

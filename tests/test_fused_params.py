@@ -163,3 +163,56 @@ def test_block_cap_fits_every_rank_on_the_gpu():
     assert block_cap(1, 132 // 8) == 16
     assert block_cap(16, 132 // 8) == layout.MAX_BLOCKS
     assert block_cap(1, 0) == 1
+
+
+def epi_runner(program, axes, dtype, workspace=layout.DEFAULT_WORKSPACE_BYTES):
+    """runner() with the program's epilogue fused into its last stage where the plan
+    allows it, as FusedRunner.__init__ decides."""
+    from mixcc import fused, ops
+
+    r = runner(program, axes, dtype, workspace=workspace)
+    ir = mixcc.compile(program, mixcc.Mesh(axes), backend="reference").ir
+    r.epilogue = ir.epilogue if fused.epilogue_refusal(r.plan, ir.epilogue) is None else ()
+    r._epi_slots = ops.epilogue_slots(r.epilogue)
+    return r
+
+
+LAYER = "allreduce(tp); add(res); store(res); rmsnorm(w)"
+
+
+@pytest.mark.parametrize("dtype,hidden,fused", [
+    (torch.bfloat16, 4096, True), (torch.bfloat16, 16384, True), (torch.float32, 16384, True),
+    (torch.bfloat16, 16392, False), (torch.bfloat16, 4100, False), (torch.float32, 4100, True),
+    (torch.float16, 12, False)])
+def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
+    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype)
+    assert bool(r.epilogue_hidden(torch.Size((5, hidden)))) == fused
+    if fused:  # the last stage runs the one-shot on whole rows whatever auto would pick
+        algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
+        assert algo == 0 and cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden
+    small = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype, workspace=layout.MIN_WORKSPACE_BYTES)
+    assert not small.epilogue_hidden(torch.Size((5, 4096)))  # a region below one row
+
+
+def test_epilogue_tensors_fall_back_per_rank():
+    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, torch.bfloat16)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    res, w = torch.randn(4, 64).to(torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
+    assert r.epilogue_tensors(x, out, {"res": res, "w": w}) == [res, w]
+    assert r.epilogue_tensors(x, out, {"res": res, "w": w.float()}) is None  # dtype
+    assert r.epilogue_tensors(x, out, {"res": res.t().contiguous().t(), "w": w}) is None
+    assert r.epilogue_tensors(x, out, {"res": x, "w": w}) is None  # stores into x
+    both = torch.randn(4 * 64 + 64).to(torch.bfloat16)
+    res2, w2 = both[:256].view(4, 64), both[192:]  # the stored tensor overlaps the weight
+    assert r.epilogue_tensors(x, out, {"res": res2, "w": w2}) is None
+    odd = torch.empty(4 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 64)  # 2 bytes off
+    assert r.epilogue_tensors(odd, out, {"res": res, "w": w}) is None
+
+
+def test_epilogue_is_not_fused_into_a_cross_node_stage():
+    coll = mixcc.compile(LAYER, mixcc.Mesh({"dp": 1, "tp": 4}, ranks_per_node=2),
+                         backend="reference")
+    from mixcc import fused
+
+    assert "crosses nodes" in fused.epilogue_refusal(coll.plan, coll.ir.epilogue)

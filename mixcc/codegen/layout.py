@@ -50,10 +50,6 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
 
 from __future__ import annotations
 
-# Default per-rank IPC workspace. 64 MiB gives 64 KiB regions per block in each of the
-# pull and push areas at 128 blocks: 8 MiB per chunk over the grid, so a message of a few
-# MB per rank fits in one chunk, and a chunk's flags cost little against its transfer.
-DEFAULT_WORKSPACE_BYTES = 64 << 20
 # Default per-rank NVSHMEM symmetric workspace (regions of about 64 KiB at 128 blocks).
 DEFAULT_SYMMETRIC_BYTES = 32 << 20
 # Blocks per kernel; also the number of workspace regions per set. 32 blocks (one SM
@@ -74,6 +70,12 @@ SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 DATA_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
+# Default per-rank IPC workspace: the flags, then 64 MiB of data, 64 KiB regions per block
+# in each of the pull and push areas at 128 blocks: 8 MiB per chunk over the grid, so a
+# message of a few MB per rank fits in one chunk, and a chunk's flags cost little against
+# its transfer; a whole row of 16384 fp32 elements fits a region (a fused epilogue keeps
+# rows whole per block, docs/DESIGN.md "Epilogues").
+DEFAULT_WORKSPACE_BYTES = DATA_OFFSET + 2 * NSETS * MAX_BLOCKS * (64 << 10)
 # The registered pool's offsets travel as 16-byte units in 32 bits.
 MAX_POOL_BYTES = (1 << 32) * 16 - 16
 SIG_BYTES = MAX_BLOCKS * NSETS * MAX_RANKS * 8

@@ -136,6 +136,19 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int) -> tuple[int, i
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
+def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int
+             ) -> tuple[int, int, int]:
+    """grid() for a fused epilogue: the same, but every chunk holds whole rows of `hidden`
+    columns (hidden divides unit_elems and cols >= hidden), so a block owns each of its
+    rows entirely (docs/DESIGN.md, "Epilogues")."""
+    vec = max(1, 16 // elem)
+    rows = unit_elems // hidden
+    per_chunk = cols // hidden
+    nblocks = max(1, min(max_blocks, rows, math.ceil(unit_elems / (layout.THREADS * vec))))
+    chunks = math.ceil(rows / (nblocks * per_chunk))
+    return nblocks, chunks, math.ceil(rows / (nblocks * chunks)) * hidden
+
+
 @dataclass(frozen=True)
 class Plan:
     stages: tuple[Stage, ...]  # fused view: one kernel each

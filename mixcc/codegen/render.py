@@ -11,6 +11,7 @@ import functools
 import jinja2
 import torch
 
+from .. import ops
 from ..paths import templates_dir
 from . import abi, layout
 from .hier import hier_table
@@ -100,9 +101,13 @@ def _common(stage: Stage, dtype: torch.dtype) -> dict:
     )
 
 
-def render_stage(stage: Stage, dtype: torch.dtype) -> str:
-    """CUDA source of one fused stage for `dtype` (deterministic text)."""
+def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
+    """CUDA source of one fused stage for `dtype` (deterministic text); an intra stage
+    given the program's `epilogue` statements can run them after its one-shot reduction
+    (docs/DESIGN.md, "Epilogues")."""
     if isinstance(stage, HierStage):
+        if epilogue:
+            raise ValueError("epilogues are not fused into hierarchical stages")
         return render_hier(stage, dtype)
     if not isinstance(stage, IntraStage):
         raise TypeError(f"not a fused stage: {stage!r}")
@@ -117,7 +122,11 @@ def render_stage(stage: Stage, dtype: torch.dtype) -> str:
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
         schedules=scheds, push_flag_offset=layout.PUSH_FLAG_OFFSET,
-        sent_offset=layout.SENT_OFFSET, reg_offset=layout.REG_OFFSET, **ctx)
+        sent_offset=layout.SENT_OFFSET, reg_offset=layout.REG_OFFSET,
+        epilogue_loads=ops.epilogue_cuda(epilogue)[0], epilogue=ops.epilogue_cuda(epilogue)[1],
+        epilogue_text="; ".join(str(e) for e in epilogue),
+        epi_fp8=bool(epilogue) and epilogue[-1].op == "quant",
+        epi_max_hidden=ops.EPI_MAX_HIDDEN, **ctx)
 
 
 def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
