@@ -235,8 +235,8 @@ class Collective:
     def _call_epilogue(self, x: torch.Tensor, out: torch.Tensor | None,
                        tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """A call of a program with epilogue statements: on the fused backend inside the
-        last stage's kernel where FusedRunner.epilogue_hidden and epilogue_tensors allow
-        it, else the collectives and then the epilogue as torch ops in fp32 (mixcc/ops.py)."""
+        last stage's kernel where FusedRunner.epilogue_hidden and epilogue_call allow it,
+        else the collectives and then the epilogue as torch ops in fp32 (mixcc/ops.py)."""
         if not self.ir.epilogue:
             raise TypeError(f"unexpected keyword tensor(s) {sorted(tensors)}: the program "
                             f"{self.program!r} has no epilogue statement")
@@ -249,14 +249,14 @@ class Collective:
         out_dtype = ops.output_dtype(self.ir.epilogue, x.dtype)
         if backend == "fused":
             runner = self._fused_runner(x)
-            hidden = runner.epilogue_hidden(shape)
+            hidden = runner.epilogue_hidden(shape, tensors)
             if hidden:  # the last stage's grid keeps rows whole, on every rank
                 if out is None:
                     out = torch.empty(shape, dtype=out_dtype, device=x.device)
-                epi = runner.epilogue_tensors(x, out, tensors)
-                if epi is not None:  # fused into the kernel on this rank
-                    return runner(x, out, shape, hidden, epi)
-                y = runner(x, None, shape, hidden)
+                res = runner.epilogue_call(x, out, shape, hidden, tensors)
+                if res is not None:  # fused into the kernel
+                    return res
+                y = runner(x, None, shape, hidden)  # aliasing: the same grid, torch ops
             else:
                 y = runner(x, None, shape)
         else:

@@ -335,7 +335,8 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
         raise UsageError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     from .api import compile as mixcc_compile
 
-    plans = [(p, mixcc_compile(p, mesh, backend="reference").plan) for p in progs]
+    colls = [(p, mixcc_compile(p, mesh, backend="reference")) for p in progs]
+    plans = [(p, c.plan, c.ir.epilogue) for p, c in colls]
     for line in fused.prebuild(plans, dtypes, arch=args.arch):
         print(line, flush=True)
     return 0

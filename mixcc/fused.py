@@ -481,66 +481,93 @@ class FusedRunner:
             cur = dst
         return out
 
-    def epilogue_hidden(self, shape: torch.Size) -> int:
+    def epilogue_hidden(self, shape: torch.Size, tensors: dict[str, torch.Tensor]) -> int:
         """The row width with which the last stage runs this program's epilogue for an
-        output of `shape`, or 0 (then the epilogue runs as torch ops after the kernels).
-        It depends on the shape alone, so every rank agrees on the grid it implies."""
+        output of `shape`, or 0 (then the epilogue runs as torch ops after the kernels):
+        rows of at most EPI_MAX_HIDDEN elements in whole 16-byte packs that fit a block's
+        region, and named tensors of x's dtype (the scale: one float32). It depends on the
+        shape and dtypes alone, the same on every rank, so every rank launches the same
+        grid and every replica computes the same values."""
         if not self.epilogue or len(shape) < 2:
             return 0
         hidden = shape[-1]
-        stage = self.stages[-1][0]
-        rows = shape[0] // len(stage.lmap.out_units[0])  # a unit's rows
-        cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
-        inner = 1
-        for d in shape[1:]:
-            inner *= d
-        if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden \
-                or rows * inner % hidden:
+        cols = intra_cols(self.stages[-1][0], False, self.elem, self.rt.region_bytes)
+        if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden:
+            return 0
+        scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
+        if any(tensors[n].dtype != self.dtype for n in self._epi_slots if n not in scales):
             return 0
         return hidden
 
-    def epilogue_tensors(self, x: torch.Tensor, out: torch.Tensor,
-                         tensors: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
-        """The epilogue's tensors by slot when this rank can run it inside the kernel for
-        this call, else None: 16-byte aligned contiguous tensors of x's dtype (the scale:
-        one float32), and nothing the epilogue writes overlapping x or another named
-        tensor (the kernel loads named tensors ahead of the statements)."""
-        if (x.data_ptr() | out.data_ptr()) & 15:
-            return None
+    def epilogue_call(self, x: torch.Tensor, out: torch.Tensor, shape: torch.Size,
+                      hidden: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Run the program with its epilogue inside the last stage's kernel (after
+        epilogue_hidden gave `hidden`); returns out, or None where the tensors alias in a
+        way the kernel cannot honour: a stored tensor overlapping x or another named
+        tensor (the kernel loads named tensors ahead of the statements; a peer may still
+        read a registered x), or a named tensor partly overlapping out (other blocks
+        write out while this one reads). A tensor that is not contiguous or not 16-byte
+        aligned goes through an aligned copy (and back, where the kernel writes it)."""
         writes = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].writes}
         scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
-        slots = [tensors[n] for n in self._epi_slots]
-        for name, t in zip(self._epi_slots, slots, strict=True):
-            if name in scales:
-                continue  # one float32 (checked by the caller)
-            if t.dtype != x.dtype or not t.is_contiguous() or t.data_ptr() & 15:
+        named = [(n, tensors[n]) for n in self._epi_slots]
+        for n, t in named:
+            if n in writes and (_shares(t, x) or any(_shares(t, u) for m, u in named if m != n)):
                 return None
-            if name in writes and any(_shares(t, o) for o in (x, *(
-                    u for n, u in zip(self._epi_slots, slots, strict=True) if n != name))):
+            if _shares(t, out) and not _same(t, out):
                 return None
-        return slots
+        back: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def aligned(t: torch.Tensor, written: bool) -> torch.Tensor:
+            if t.is_contiguous() and not t.data_ptr() & 15:
+                return t
+            c = t.clone(memory_format=torch.contiguous_format)  # the allocator aligns it
+            if written:
+                back.append((c, t))
+            return c
+
+        xa = aligned(x, False)
+        oa = xa if _same(out, x) else aligned(out, True)
+        if oa is xa and xa is not x:
+            back.append((xa, x))  # in place through the copy
+        slots = [t if n in scales else (oa if _same(t, out) else aligned(t, n in writes))
+                 for n, t in named]
+        self(xa, oa, shape, hidden, slots)
+        for c, t in back:
+            t.copy_(c)
+        return out
 
 
-def prebuild(plans: list[tuple[str, Plan]], dtypes: list[torch.dtype], arch: str | None = None
-             ) -> Iterator[str]:
-    """Compile the runtime libraries and every fused stage of `plans` ahead of time."""
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements (start, count and dtype)."""
+    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+
+
+def prebuild(plans: list[tuple[str, Plan] | tuple[str, Plan, tuple]], dtypes: list[torch.dtype],
+             arch: str | None = None) -> Iterator[str]:
+    """Compile the runtime libraries and every fused stage of `plans` ahead of time: (program,
+    plan) or (program, plan, epilogue), the last stage with the epilogue where it is fused
+    (as FusedRunner loads it)."""
     from .runtime import build_native
 
     arch = arch or device_arch()
     b = build_native(arch)
     yield f"runtime  {'cached' if b.cached else f'built in {b.seconds:.1f} s'}  {b.path}"
-    if any(not p.one_node for _, p in plans):
+    if any(not entry[1].one_node for entry in plans):
         if nvshmem.available():
             yield f"cross-node stages skipped: {nvshmem.available()}"
         else:
             b = nvshmem.build_library(arch)
             yield (f"nvshmem runtime  {'cached' if b.cached else f'built in {b.seconds:.1f} s'}"
                    f"  {b.path}")
-    for program, plan in plans:
+    for program, plan, *rest in plans:
+        epi = rest[0] if rest else ()
+        epi = epi if epi and epilogue_refusal(plan, epi) is None else ()
         for dtype in dtypes:
-            for stage in plan.stages:
+            for i, stage in enumerate(plan.stages):
                 if isinstance(stage, HierStage) and nvshmem.available():
                     continue
-                b = build(stage_spec(stage, dtype, arch))
+                b = build(stage_spec(stage, dtype, arch,
+                                     epi if i == len(plan.stages) - 1 else ()))
                 how = "cached" if b.cached else f"built in {b.seconds:.1f} s"
                 yield f"{program} [{str(dtype).removeprefix('torch.')}]  {how}  {b.path}"

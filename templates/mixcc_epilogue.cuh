@@ -47,6 +47,36 @@ __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
 }
 
+// The VEC fp32 values as one 16-byte store of T: an explicit st.global.v4 (nvcc split both
+// a float4 assignment and a pack of 16-bit class types into 4- or 2-byte stores here).
+__device__ __forceinline__ void st_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
+__device__ __forceinline__ unsigned bits(__nv_bfloat162 h) { return *reinterpret_cast<unsigned*>(&h); }
+__device__ __forceinline__ unsigned bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
+__device__ __forceinline__ __nv_bfloat162 pair(float a, float b, __nv_bfloat16*) {
+  return __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ __half2 pair(float a, float b, __half*) { return __floats2half2_rn(a, b); }
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_f32(T* p, const float (&v)[VEC]) {
+  if constexpr (sizeof(T) == 4 && VEC == 4) {
+    st_v4(p, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+          __float_as_uint(v[3]));
+  } else if constexpr (sizeof(T) == 2 && VEC == 8) {
+    st_v4(p, bits(pair(v[0], v[1], p)), bits(pair(v[2], v[3], p)), bits(pair(v[4], v[5], p)),
+          bits(pair(v[6], v[7], p)));
+  } else {
+    Pack<T, VEC> x;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) x.v[e] = from_f32<T>(v[e]);
+    store<T, VEC>(p, x);
+  }
+}
+
 // add(T): v = v + T
 template <typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_add(Row<T, VEC, PACKS>& r, const Pack<T, VEC> (&p)[PACKS]) {
@@ -63,12 +93,7 @@ __device__ __forceinline__ void epi_store(Row<T, VEC, PACKS>& r, const void* t) 
   T* p = static_cast<T*>(const_cast<void*>(t)) + r.off;
 #pragma unroll
   for (int k = 0; k < PACKS; ++k)
-    if (r.has(k)) {
-      Pack<T, VEC> x;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) x.v[e] = from_f32<T>(r.v[k][e]);
-      store<T, VEC>(p + r.col(k), x);
-    }
+    if (r.has(k)) store_f32<T, VEC>(p + r.col(k), r.v[k]);
 }
 
 // rmsnorm(W, eps): v = v * rsqrt(mean(v^2 over the row) + eps) * W
@@ -116,10 +141,7 @@ __device__ __forceinline__ void epi_output(const Row<T, VEC, PACKS>& r, void* ou
       store<__nv_fp8x2_storage_t, VEC / 2>(reinterpret_cast<__nv_fp8x2_storage_t*>(
           static_cast<unsigned char*>(out) + r.off + r.col(k)), q);
     } else {
-      Pack<T, VEC> x;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) x.v[e] = from_f32<T>(r.v[k][e]);
-      store<T, VEC>(static_cast<T*>(out) + r.off + r.col(k), x);
+      store_f32<T, VEC>(static_cast<T*>(out) + r.off + r.col(k), r.v[k]);
     }
   }
 }

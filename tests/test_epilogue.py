@@ -57,6 +57,13 @@ def test_epilogue_presets():
     assert coll.epilogue_names() == (("residual",), ("weight",))
 
 
+@pytest.mark.parametrize("eps", ["1e400", "1e999"])
+def test_eps_must_be_finite_and_not_negative(eps):
+    with pytest.raises(CompileError, match="eps must be a finite number"):
+        mixcc.compile(f"allreduce(tp); rmsnorm(w, eps={eps})", Mesh({"dp": 1, "tp": 2}),
+                      backend="reference")
+
+
 def test_epilogue_needs_a_floating_dtype():
     with pytest.raises(CompileError, match="floating-point"):
         mixcc.compile("allreduce(tp, op=max); add(r)", ONE, dtype=torch.int32)
@@ -260,3 +267,16 @@ def test_reference_backend_against_the_oracle(rank_pool, case, seed, dtype, hidd
         rows = coll.ir.granularity
     res = rank_pool.run(world, check_epilogue, program, axes, world, rows, hidden, dtype, seed)
     assert res == {r: "" for r in range(world)}, (program, axes, dtype, res)
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
+def test_prebuild_builds_the_module_the_fused_epilogue_loads(tmp_path, monkeypatch):
+    from mixcc.codegen.build import build
+
+    monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
+    coll = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 2}), backend="reference")
+    lines = list(fused.prebuild([(LAYER, coll.plan, coll.ir.epilogue)], [torch.bfloat16],
+                                arch="sm_90"))
+    assert any("built" in ln for ln in lines[1:])
+    spec = fused.stage_spec(coll.plan.stages[-1], torch.bfloat16, "sm_90", coll.ir.epilogue)
+    assert build(spec).cached  # what FusedRunner renders for the last stage

@@ -167,10 +167,22 @@ def test_block_cap_fits_every_rank_on_the_gpu():
 
 def epi_runner(program, axes, dtype, workspace=layout.DEFAULT_WORKSPACE_BYTES):
     """runner() with the program's epilogue fused into its last stage where the plan
-    allows it, as FusedRunner.__init__ decides."""
+    allows it, as FusedRunner.__init__ decides; calling it records the launch and writes
+    known values where the kernel would (out: 7, a stored tensor: 5)."""
     from mixcc import fused, ops
 
+    class Recording(FusedRunner):
+        def __call__(self, x, out, shape, hidden=0, epi=None):
+            self.calls.append((x, out, hidden, epi))
+            out.fill_(7)
+            for n, t in zip(self._epi_slots, epi or (), strict=False):
+                if n == "res":
+                    t.fill_(5)
+            return out
+
     r = runner(program, axes, dtype, workspace=workspace)
+    r.__class__ = Recording
+    r.calls, r.dtype = [], dtype
     ir = mixcc.compile(program, mixcc.Mesh(axes), backend="reference").ir
     r.epilogue = ir.epilogue if fused.epilogue_refusal(r.plan, ir.epilogue) is None else ()
     r._epi_slots = ops.epilogue_slots(r.epilogue)
@@ -178,36 +190,62 @@ def epi_runner(program, axes, dtype, workspace=layout.DEFAULT_WORKSPACE_BYTES):
 
 
 LAYER = "allreduce(tp); add(res); store(res); rmsnorm(w)"
+BF = torch.bfloat16
+
+
+def kw(rows=4, hidden=64, dtype=BF):
+    return {"res": torch.randn(rows, hidden).to(dtype), "w": torch.ones(hidden, dtype=dtype)}
 
 
 @pytest.mark.parametrize("dtype,hidden,fused", [
-    (torch.bfloat16, 4096, True), (torch.bfloat16, 16384, True), (torch.float32, 16384, True),
-    (torch.bfloat16, 16392, False), (torch.bfloat16, 4100, False), (torch.float32, 4100, True),
+    (BF, 4096, True), (BF, 16384, True), (torch.float32, 16384, True),
+    (BF, 16392, False), (BF, 4100, False), (torch.float32, 4100, True),
     (torch.float16, 12, False)])
 def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
     r = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype)
-    assert bool(r.epilogue_hidden(torch.Size((5, hidden)))) == fused
+    assert bool(r.epilogue_hidden(torch.Size((5, hidden)), kw(5, hidden, dtype))) == fused
     if fused:  # the last stage runs the one-shot on whole rows whatever auto would pick
         algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
         assert algo == 0 and cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden
+        assert blocks <= 5 and cols <= layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
     small = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype, workspace=layout.MIN_WORKSPACE_BYTES)
-    assert not small.epilogue_hidden(torch.Size((5, 4096)))  # a region below one row
+    assert not small.epilogue_hidden(torch.Size((5, 4096)), kw(5, 4096, dtype))
+    other = {**kw(5, hidden, dtype), "w": torch.ones(hidden, dtype=torch.float64)}
+    assert not r.epilogue_hidden(torch.Size((5, hidden)), other)  # a named tensor's dtype
 
 
-def test_epilogue_tensors_fall_back_per_rank():
-    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, torch.bfloat16)
-    x = torch.randn(4, 64).to(torch.bfloat16)
-    out = torch.empty_like(x)
-    res, w = torch.randn(4, 64).to(torch.bfloat16), torch.ones(64, dtype=torch.bfloat16)
-    assert r.epilogue_tensors(x, out, {"res": res, "w": w}) == [res, w]
-    assert r.epilogue_tensors(x, out, {"res": res, "w": w.float()}) is None  # dtype
-    assert r.epilogue_tensors(x, out, {"res": res.t().contiguous().t(), "w": w}) is None
-    assert r.epilogue_tensors(x, out, {"res": x, "w": w}) is None  # stores into x
-    both = torch.randn(4 * 64 + 64).to(torch.bfloat16)
+def test_epilogue_call_stages_what_is_misaligned_and_refuses_aliasing():
+    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    shape = torch.Size((4, 64))
+    x, out, t = torch.randn(4, 64).to(BF), torch.empty(4, 64, dtype=BF), kw()
+    assert r.epilogue_call(x, out, shape, 64, t) is out
+    assert r.calls[-1][3] == [t["res"], t["w"]] and r.calls[-1][0] is x  # nothing staged
+    assert (out == 7).all() and (t["res"] == 5).all()
+    # a non-contiguous stored tensor and a misaligned x and out go through aligned copies,
+    # and what the kernel wrote comes back
+    t = kw()
+    t["res"] = torch.randn(64, 4).to(BF).t()
+    odd = torch.empty(4 * 64 + 1, dtype=BF)[1:].view(4, 64)
+    odd_out = torch.zeros(4 * 64 + 1, dtype=BF)[1:].view(4, 64)
+    assert r.epilogue_call(odd, odd_out, shape, 64, t) is odd_out
+    xs, os, _, epi = r.calls[-1]
+    assert xs is not odd and not xs.data_ptr() % 16 and not os.data_ptr() % 16
+    assert epi[0] is not t["res"] and (t["res"] == 5).all() and (odd_out == 7).all()
+    # in place through a copy: x gets the result
+    assert r.epilogue_call(odd, odd, shape, 64, kw()) is odd and (odd == 7).all()
+    # aliasing the kernel cannot honour: None, the caller runs torch ops
+    x = torch.randn(4, 64).to(BF)
+    assert r.epilogue_call(x, out, shape, 64, {"res": x, "w": t["w"]}) is None  # stores x
+    both = torch.randn(4 * 64 + 64).to(BF)
     res2, w2 = both[:256].view(4, 64), both[192:]  # the stored tensor overlaps the weight
-    assert r.epilogue_tensors(x, out, {"res": res2, "w": w2}) is None
-    odd = torch.empty(4 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 64)  # 2 bytes off
-    assert r.epilogue_tensors(odd, out, {"res": res, "w": w}) is None
+    assert r.epilogue_call(x, out, shape, 64, {"res": res2, "w": w2}) is None
+    big = torch.empty(5 * 64, dtype=BF)
+    part = big[64:].view(4, 64)  # res overlaps out partly
+    assert r.epilogue_call(x, big[:256].view(4, 64), shape, 64,
+                           {"res": part, "w": t["w"]}) is None
+    n = len(r.calls)  # res that is out itself is fine: each thread reads, then writes
+    assert r.epilogue_call(x, part, shape, 64, {"res": part, "w": t["w"]}) is part
+    assert len(r.calls) == n + 1 and r.calls[-1][3][0] is part
 
 
 def test_epilogue_is_not_fused_into_a_cross_node_stage():

@@ -126,7 +126,8 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
         epilogue_loads=ops.epilogue_cuda(epilogue)[0], epilogue=ops.epilogue_cuda(epilogue)[1],
         epilogue_text="; ".join(str(e) for e in epilogue),
         epi_fp8=bool(epilogue) and epilogue[-1].op == "quant",
-        epi_max_hidden=ops.EPI_MAX_HIDDEN, **ctx)
+        epi_max_hidden=ops.EPI_MAX_HIDDEN,
+        epi_max_packs=ops.EPI_MAX_HIDDEN // (ctx["vec"] * layout.THREADS), **ctx)
 
 
 def render_hier(stage: HierStage, dtype: torch.dtype) -> str:

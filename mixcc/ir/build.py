@@ -82,6 +82,9 @@ def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
             raise CompileError(f"epilogue statements need a floating-point dtype, not {dtype}",
                                text, e.pos.line, e.pos.column, e.pos.width)
     for e in program.epilogue:
+        if e.eps is not None and not (0.0 <= e.eps < float("inf")):
+            raise CompileError(f"{e.op}: eps must be a finite number >= 0, got {e.eps:g}",
+                               text, e.pos.line, e.pos.column, e.pos.width)
         if e.op == "quant" and QUANT_FORMATS.get(e.fmt) is None:
             raise CompileError(f"quant({e.fmt}, ...) needs a torch with {e.fmt} tensors",
                                text, e.pos.line, e.pos.column, e.pos.width)

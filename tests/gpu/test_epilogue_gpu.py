@@ -58,7 +58,9 @@ def epilogue_task(rank: int, world: int, case_list: list[tuple]) -> None:
         x = torch.zeros(rows * probe.ir.granularity, hidden, dtype=DTYPES[dtype_name],
                         device="cuda")
         runner = probe._fused_runner(x)
-        took = bool(runner.epilogue_hidden(probe.output_shape(x.shape)))
+        kinds = {n: torch.empty(0, dtype=torch.float32 if n == "scale" else x.dtype)
+                 for n in ("residual", "weight", "scale")}
+        took = bool(runner.epilogue_hidden(probe.output_shape(x.shape), kinds))
         if took != fused_expected(probe, hidden, DTYPES[dtype_name]):
             bad.append(f"{program} {dtype_name} hidden {hidden}: fused={took}")
         msg = check_epilogue(rank, world, dist.group.WORLD, program, axes, rpn or world,
