@@ -254,3 +254,35 @@ def test_epilogue_is_not_fused_into_a_cross_node_stage():
     from mixcc import fused
 
     assert "crosses nodes" in fused.epilogue_refusal(coll.plan, coll.ir.epilogue)
+
+
+def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
+    """The launch arguments are cached per (stage, unit_elems, hidden): a rank that falls
+    back after a fused call launches the same grid with epi_h = 0."""
+    from mixcc import fused
+
+    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    seen = []
+
+    class Lib:
+        class mixcc_launch:  # noqa: N801 - stands in for the ctypes function
+            def __new__(cls, ref):
+                a = ref._obj
+                seen.append((a.epi_h, a.epi0, a.algo, a.cols, a.n_chunks, a.nblocks, a.wide))
+                return 0
+
+    r.stages = [(r.stages[0][0], Lib)]
+    z = torch.zeros(1)
+    r.rt = SimpleNamespace(region_bytes=layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES),
+                           rank=0, peers=z, epochs=z, err_dev=0, pool=None)
+    r._pools, r.timeout_ns, r.device, r._args = [], 1, 0, {}
+    monkeypatch.setattr(fused, "_current_stream", lambda device: 0)
+    x, res, w = torch.randn(8, 4096).to(BF), torch.randn(8, 4096).to(BF), torch.ones(4096)
+    out = torch.empty_like(x)
+    r._launch(0, x, out, 4096, 0, 4096, [res, w.to(BF)])
+    r._launch(0, x, out, 4096, 0, 4096)  # the fallback: same key, no epilogue
+    r._launch(0, x, out, 4096, 0)  # no epilogue at all: auto's own grid
+    (h1, p1, *grid1), (h2, p2, *grid2), (h3, _, *grid3) = seen
+    assert h1 == 4096 and p1 == res.data_ptr() and h2 == 0 and h3 == 0
+    assert grid1 == grid2 and grid1[0] == 0 and grid1[1] % 4096 == 0
+    assert grid3[1] % 8 == 0  # the plain grid need not keep rows whole
