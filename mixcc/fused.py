@@ -141,13 +141,20 @@ def stage_spec(stage: Stage, dtype: torch.dtype, arch: str, epilogue: tuple = ()
     return BuildSpec("stage", source, arch)
 
 
+def tuning_key(stage: Stage, dtype: torch.dtype) -> str:
+    """The tuning table's key of a stage: the hash of its source without an epilogue (an
+    epilogue changes the module, not the launch choices measured for the collective)."""
+    return tune.source_hash(render_stage(stage, dtype))
+
+
 def load_stage(stage: Stage, dtype: torch.dtype, arch: str, epilogue: tuple = ()
                ) -> tuple[ctypes.CDLL, float, str]:
     """Render, build (or find in the cache) and load the module of one stage; returns it
-    with its build seconds and its source hash (the tuning table's key)."""
+    with its build seconds and its tuning key."""
     spec = stage_spec(stage, dtype, arch, epilogue)
     built = build(spec)
-    return abi.bind(ctypes.CDLL(str(built.path))), built.seconds, tune.source_hash(spec.source)
+    key = tuning_key(stage, dtype) if epilogue else tune.source_hash(spec.source)
+    return abi.bind(ctypes.CDLL(str(built.path))), built.seconds, key
 
 
 def blocks_per_sm(lib: ctypes.CDLL) -> int:

@@ -286,3 +286,15 @@ def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
     assert h1 == 4096 and p1 == res.data_ptr() and h2 == 0 and h3 == 0
     assert grid1 == grid2 and grid1[0] == 0 and grid1[1] % 4096 == 0
     assert grid3[1] % 8 == 0  # the plain grid need not keep rows whole
+
+
+def test_an_epilogue_keeps_the_tuning_key_of_its_collective():
+    from mixcc import fused, tune
+    from mixcc.codegen.render import render_stage
+
+    mesh = mixcc.Mesh({"dp": 1, "tp": 2})
+    plain = mixcc.compile("allreduce(tp)", mesh, backend="reference").plan.stages[0]
+    coll = mixcc.compile(LAYER, mesh, backend="reference")
+    last = coll.plan.stages[-1]
+    assert fused.tuning_key(last, BF) == tune.source_hash(render_stage(plain, BF))
+    assert render_stage(last, BF, coll.ir.epilogue) != render_stage(plain, BF)
