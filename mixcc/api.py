@@ -18,6 +18,7 @@ from .ir.nodes import IR
 from .ir.parser import parse
 from .ir.passes import optimize
 from .mesh import Mesh
+from .overlap import overlaps_partly
 from .presets import resolve
 from .reference import ReferenceRunner
 
@@ -310,7 +311,7 @@ class Collective:
                                  f"{tuple(t.shape)}")
             if entry.writes:
                 for other, what in ((x, "x"), (out, "out")):
-                    if other is not None and _overlaps_partly(t, other):
+                    if other is not None and overlaps_partly(t, other):
                         raise ValueError(f"{e.name} (written by {e}) overlaps {what} "
                                          f"partially: pass {what} itself or a separate tensor")
 
@@ -344,25 +345,8 @@ def _current_device() -> int:
 
 def _check_overlap(x: torch.Tensor, out: torch.Tensor) -> None:
     """In place only on the same storage range: out is x itself or does not overlap it."""
-    if _overlaps_partly(x, out):
+    if overlaps_partly(x, out):
         raise ValueError("out must be x itself (in place) or not overlap x")
-
-
-def _overlaps_partly(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b share memory without being the same tensor range (same start,
-    element count and dtype)."""
-    if a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype:
-        return False
-    return _overlaps(a, b)
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device != b.device:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + a.numel() * a.element_size()
-    b1 = b0 + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
 
 
 def compile(  # noqa: A001 - the public name the contract asks for

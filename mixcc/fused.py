@@ -34,6 +34,7 @@ from .codegen.plan import (
 )
 from .codegen.render import CTYPES, render_stage
 from .codegen.spec import BuildSpec, nvshmem_spec
+from .overlap import overlaps, overlaps_partly, same_elements
 
 # auto's built-in choice without a tuning table (docs/DESIGN.md, "Intra-node algorithms";
 # docs/perf/2026-11-29_h200x2_ar_algorithms.csv, two H200s, 128 blocks): the pull one-shot
@@ -111,12 +112,6 @@ def shares_reduction(stage: IntraStage) -> bool:
     (allgather) two-shot only doubles the remote traffic, so auto never picks it."""
     return any(len(t.terms) > 1 and t.owners > 1
                for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
-
-
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' byte ranges overlap."""
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
@@ -519,9 +514,9 @@ class FusedRunner:
         scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
         named = [(n, tensors[n]) for n in self._epi_slots]
         for n, t in named:
-            if n in writes and (_shares(t, x) or any(_shares(t, u) for m, u in named if m != n)):
+            if n in writes and (overlaps(t, x) or any(overlaps(t, u) for m, u in named if m != n)):
                 return None
-            if _shares(t, out) and not _same(t, out):
+            if overlaps_partly(t, out):
                 return None
         back: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -534,20 +529,15 @@ class FusedRunner:
             return c
 
         xa = aligned(x, False)
-        oa = xa if _same(out, x) else aligned(out, True)
+        oa = xa if same_elements(out, x) else aligned(out, True)
         if oa is xa and xa is not x:
             back.append((xa, x))  # in place through the copy
-        slots = [t if n in scales else (oa if _same(t, out) else aligned(t, n in writes))
+        slots = [t if n in scales else (oa if same_elements(t, out) else aligned(t, n in writes))
                  for n, t in named]
         self(xa, oa, shape, hidden, slots)
         for c, t in back:
             t.copy_(c)
         return out
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are the same elements (start, count and dtype)."""
-    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
 
 
 def prebuild(plans: list[tuple[str, Plan] | tuple[str, Plan, tuple]], dtypes: list[torch.dtype],
