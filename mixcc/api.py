@@ -91,8 +91,9 @@ class Collective:
                    else "the fused backend runs it inside the last stage's one-shot kernel "
                    f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
                    "elements in 16-byte packs whose workspace region holds a row, with "
-                   "16-byte aligned contiguous tensors of x's dtype; otherwise as torch ops "
-                   "after the kernels")
+                   "named tensors of x's dtype (misaligned ones through aligned copies); "
+                   "otherwise, or where a stored tensor aliases x or another named tensor, "
+                   "as torch ops after the kernels")
             epi = ("\nepilogue: " + "; ".join(str(e) for e in self.ir.epilogue)
                    + f" (row-wise in fp32 after the last stage; the reference backend runs "
                    f"it as torch ops; {how})")

@@ -200,9 +200,7 @@ class FusedRunner:
         self.build_seconds = 0.0
         hashes = []
         occupancy = layout.MAX_BLOCKS
-        # the epilogue fused into the last stage's kernel where the plan allows it
-        self.epilogue = epilogue if epilogue and epilogue_refusal(plan, epilogue) is None else ()
-        self._epi_slots = ops.epilogue_slots(self.epilogue)
+        self._set_epilogue(plan, epilogue)
         for i, stage in enumerate(plan.stages):
             epi = self.epilogue if i == len(plan.stages) - 1 else ()
             lib, secs, src_hash = load_stage(stage, dtype, arch, epi)
@@ -233,6 +231,14 @@ class FusedRunner:
         self.tuned = (tune.shared(group, self._prefixes)
                       if self.algorithm == "auto" and options["max_blocks"] is None else {})
         self._args: dict[tuple[int, int], abi.LaunchArgs] = {}
+
+    def _set_epilogue(self, plan: Plan, epilogue: tuple) -> None:
+        """The epilogue fused into the last stage's kernel where the plan allows it (else
+        none), its tensors by slot, and the names it stores into or reads as a scale."""
+        self.epilogue = epilogue if epilogue and epilogue_refusal(plan, epilogue) is None else ()
+        self._epi_slots = ops.epilogue_slots(self.epilogue)
+        self._epi_writes = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].writes}
+        self._epi_scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
 
     def _tuned(self, i: int, nbytes: int) -> tune.Choice | None:
         return self.tuned.get((i, tune.bucket(nbytes))) if self.tuned else None
@@ -496,8 +502,8 @@ class FusedRunner:
         cols = intra_cols(self.stages[-1][0], False, self.elem, self.rt.region_bytes)
         if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden:
             return 0
-        scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
-        if any(tensors[n].dtype != self.dtype for n in self._epi_slots if n not in scales):
+        if any(tensors[n].dtype != self.dtype for n in self._epi_slots
+               if n not in self._epi_scales):
             return 0
         return hidden
 
@@ -510,8 +516,7 @@ class FusedRunner:
         read a registered x), or a named tensor partly overlapping out (other blocks
         write out while this one reads). A tensor that is not contiguous or not 16-byte
         aligned goes through an aligned copy (and back, where the kernel writes it)."""
-        writes = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].writes}
-        scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
+        writes, scales = self._epi_writes, self._epi_scales
         named = [(n, tensors[n]) for n in self._epi_slots]
         for n, t in named:
             if n in writes and (overlaps(t, x) or any(overlaps(t, u) for m, u in named if m != n)):

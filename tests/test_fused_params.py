@@ -169,8 +169,6 @@ def epi_runner(program, axes, dtype, workspace=layout.DEFAULT_WORKSPACE_BYTES):
     """runner() with the program's epilogue fused into its last stage where the plan
     allows it, as FusedRunner.__init__ decides; calling it records the launch and writes
     known values where the kernel would (out: 7, a stored tensor: 5)."""
-    from mixcc import fused, ops
-
     class Recording(FusedRunner):
         def __call__(self, x, out, shape, hidden=0, epi=None):
             self.calls.append((x, out, hidden, epi))
@@ -184,8 +182,7 @@ def epi_runner(program, axes, dtype, workspace=layout.DEFAULT_WORKSPACE_BYTES):
     r.__class__ = Recording
     r.calls, r.dtype = [], dtype
     ir = mixcc.compile(program, mixcc.Mesh(axes), backend="reference").ir
-    r.epilogue = ir.epilogue if fused.epilogue_refusal(r.plan, ir.epilogue) is None else ()
-    r._epi_slots = ops.epilogue_slots(r.epilogue)
+    r._set_epilogue(r.plan, ir.epilogue)
     return r
 
 
