@@ -56,8 +56,9 @@ __device__ __forceinline__ Pack<T, N> load_cg(const T* p) {
   return r;
 }
 
-// One access of the pack's bytes (16, 8 or 4 bytes as one word: an element-wise copy
-// of 16-bit class types would be split into 2-byte stores).
+// The pack's bytes moved as whole words (an element-wise copy of 16-bit class types is
+// split into 2-byte stores). nvcc still splits some of these, e.g. in push_kernel's copies
+// (4-byte stores); the fused epilogue uses an explicit st.global.v4 (mixcc_epilogue.cuh).
 template <typename T, int N>
 __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
   if constexpr (sizeof(Pack<T, N>) == 16) {
