@@ -40,7 +40,10 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # docs/perf/2026-11-29_h200x2_ar_algorithms.csv, two H200s, 128 blocks): the pull one-shot
 # ran at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.47-1.21x)
 # and of push (0.54-1.42x: its remote stores and its local reduce are two phases of a block
-# that do not overlap). Where a rank reads from more than one peer the one-shot reads
+# that do not overlap). Push with sender and receiver warps and whole 16-byte stores
+# (2026-11-30, docs/perf/2026-11-30b_h200x2_*) still took 1.04-1.15x the one-shot's time
+# from 8 MiB to 256 MiB for allreduce, allgather and reducescatter: the one-shot stays
+# auto's choice at every size. Where a rank reads from more than one peer the one-shot reads
 # (peers) x its input, against 2(n-1)/n for the two-shot; past ONE_SHOT_MAX_BYTES_WIDE per
 # rank such stages take the two-shot (NVSwitch machines with more than two GPUs have not
 # been measured: `mixcc tune` decides there).

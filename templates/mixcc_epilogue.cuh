@@ -47,13 +47,7 @@ __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
 }
 
-// The VEC fp32 values as one 16-byte store of T: an explicit st.global.v4 (nvcc split both
-// a float4 assignment and a pack of 16-bit class types into 4- or 2-byte stores here).
-__device__ __forceinline__ void st_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),
-               "r"(d)
-               : "memory");
-}
+// The VEC fp32 values as one 16-byte store of T (st_v4: mixcc_vec.cuh).
 __device__ __forceinline__ unsigned bits(__nv_bfloat162 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ unsigned bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ __nv_bfloat162 pair(float a, float b, __nv_bfloat16*) {

@@ -56,23 +56,31 @@ __device__ __forceinline__ Pack<T, N> load_cg(const T* p) {
   return r;
 }
 
-// The pack's bytes moved as whole words (an element-wise copy of 16-bit class types is
-// split into 2-byte stores). nvcc still splits some of these, e.g. in push_kernel's copies
-// (4-byte stores); the fused epilogue uses an explicit st.global.v4 (mixcc_epilogue.cuh).
+// 16, 8 or 4 bytes as one global store of whole words (st.global.v4 / v2 / b32). Written
+// as PTX: nvcc split a plain uint4 (or float4, or 16-bit class type) assignment into 4-byte
+// stores in push_kernel's copies and the reduce's output, and into 2-byte stores in the
+// epilogue. Split stores cost the remote ones most: push ran at 0.6x the link on two H200s
+// until its sender's stores were whole (docs/PERF.md, 2026-11-30 evening). Every pointer
+// passed here is global memory (workspaces, peers' IPC mappings, tensors).
+__device__ __forceinline__ void st_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),
+               "r"(d)
+               : "memory");
+}
 template <typename T, int N>
 __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
   if constexpr (sizeof(Pack<T, N>) == 16) {
     uint4 w;
     memcpy(&w, &v, 16);
-    *reinterpret_cast<uint4*>(p) = w;
+    st_v4(p, w.x, w.y, w.z, w.w);
   } else if constexpr (sizeof(Pack<T, N>) == 8) {
     uint2 w;
     memcpy(&w, &v, 8);
-    *reinterpret_cast<uint2*>(p) = w;
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
   } else if constexpr (sizeof(Pack<T, N>) == 4) {
     unsigned w;
     memcpy(&w, &v, 4);
-    *reinterpret_cast<unsigned*>(p) = w;
+    asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(w) : "memory");
   } else {
     *reinterpret_cast<Pack<T, N>*>(p) = v;
   }

@@ -3,6 +3,8 @@ of fuzzed programs render and compile with nvcc for sm_90; skipped without nvcc.
 
 from __future__ import annotations
 
+import re
+import subprocess
 import threading
 
 import pytest
@@ -187,3 +189,49 @@ def test_nvshmem_runtime_library_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
     exports = _exports(nvshmem.build_library("sm_90").path)
     assert {"mixcc_nv_uniqueid", "mixcc_module_init", "mixcc_nv_malloc"} <= exports
+
+
+# A data store nvcc split into 2- or 4-byte pieces: a 16- or 32-bit store at an offset
+# that is not a multiple of 16 from its base register (whole packs start at one).
+_SPLIT_STORE = re.compile(r"\bst(?:\.global)?\.(?:u32|b32|u16|b16)\s+\[%rd\d+\+(\d+)\]")
+
+
+def _ptx(source: str, tmp_path, include: tuple[str, ...] = ()) -> str:
+    from mixcc.paths import templates_dir
+
+    src, ptx = tmp_path / "k.cu", tmp_path / "k.ptx"
+    src.write_text(source)
+    flags = [f"-I{templates_dir()}", *(f"-I{d}" for d in include)]
+    subprocess.run([find_nvcc(), "-arch=sm_90a", "-O3", "-std=c++17", "-ptx", *flags,
+                    "-o", str(ptx), str(src)], check=True, capture_output=True)
+    return ptx.read_text()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("program,axes", [("allreduce(tp)", {"tp": 2}),
+                                          ("allreduce_allgather", {"dp": 2, "tp": 2}),
+                                          ("allreduce(tp); add(r); store(r); rmsnorm(w)",
+                                           {"tp": 2})])
+def test_kernels_store_whole_16_byte_packs(tmp_path, dtype, program, axes):
+    """Every copy and reduce writes a 16-byte pack with one st.global.v4: nvcc split a plain
+    uint4 assignment into four 4-byte stores in push's copies, which cost push 0.6x of the
+    link on two H200s (docs/PERF.md, 2026-11-30 evening)."""
+    coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=dtype, backend="reference")
+    st0 = coll.plan.stages[-1]
+    ptx = _ptx(render_stage(st0, dtype, coll.ir.epilogue), tmp_path)
+    assert "st.global.v4.b32" in ptx
+    split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
+    assert not split, split[:8]
+
+
+@needs_nvcc
+@pytest.mark.skipif(__import__("mixcc.codegen.spec", fromlist=["x"]).find_nvshmem() is None,
+                    reason="nvidia-nvshmem wheel not installed")
+def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
+    from mixcc.codegen.spec import find_nvshmem
+
+    (st0,) = stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)
+    ptx = _ptx(render_stage(st0, torch.bfloat16), tmp_path, (find_nvshmem().include,))
+    split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
+    assert not split, split[:8]
