@@ -53,6 +53,14 @@ ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
 # as two nodes the IPC + NVSHMEM kernel took 1.08x NCCL's time at 4 MiB and 1.3-1.6x from
 # 8 MiB on (allreduce(dp); allgather(dp) 1.0x at 4 MiB, 1.14-1.33x above; docs/PERF.md).
 HIER_NCCL_MIN_BYTES = 4 << 20
+# The one-shot reads a registered input in place (and runs the registered-input protocol:
+# a word to each neighbour before the first barrier, one more barrier at the end) only
+# from this many bytes per rank; below it the input is staged like any other and the
+# kernel skips the protocol, as in a group without a pool. On two H200s (2026-11-30,
+# docs/PERF.md second session) reading in place lost 0.5-2 us to a staged call from 8 KiB
+# to 8 MiB and won from 16 MiB (62.9 against 66.1 us); a group without a pool ran 8 KiB in
+# 6.7 us against 8.5 with the protocol. Decided by the size alone: the same on every rank.
+REG_MIN_BYTES = 16 << 20
 ALGORITHMS = ("one_shot", "two_shot", "push")  # the intra kernels' `algo` codes, in order
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
@@ -381,15 +389,17 @@ class FusedRunner:
     def _pool_args(self, a: abi.LaunchArgs, i: int, x_ptr: int, nbytes: int, out_ptr: int
                    ) -> tuple[int, int]:
         """(pool_peers, in_off) of a launch: the peers' pool bases where the group has a
-        registered pool (the one-shot kernel then runs the registered-input protocol),
-        else 0; and the input's registered-input word (one-shot intra stages only)."""
+        registered pool and the call has at least REG_MIN_BYTES (the one-shot kernel then
+        runs the registered-input protocol), else 0; and the input's registered-input word
+        (one-shot intra stages only). Inputs in a pool are checked at every size."""
         if self.rt.pool is None and not self._pools:
             return 0, 0  # no registered pool anywhere: the hot path's common case
-        peers = self.rt.pool_peers.data_ptr() if self.rt.pool is not None else 0
         if not isinstance(self.stages[i][0], IntraStage):
-            return peers, 0
+            return 0, 0
         word = self.reg_word(x_ptr, nbytes, out_ptr)  # refuses foreign and partial inputs
-        return peers, word if a.algo == 0 else 0
+        if self.rt.pool is None or nbytes < REG_MIN_BYTES or a.algo != 0:
+            return 0, 0
+        return self.rt.pool_peers.data_ptr(), word
 
     def _launch(self, i: int, x: torch.Tensor, dst: torch.Tensor, inner: int, fp: int,
                 hidden: int = 0, epi: list[torch.Tensor] | None = None) -> None:

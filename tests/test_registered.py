@@ -131,3 +131,28 @@ def test_inputs_of_other_pools_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="partly inside"):  # also with no pool of its own
         runner_with(None).reg_word(other.base - 16, 64, 0)
     assert runner_with(None).reg_word(1 << 20, 64, 0) == 0
+
+
+def test_registered_protocol_runs_from_reg_min_bytes(monkeypatch):
+    """Below REG_MIN_BYTES a registered input is staged and the kernel skips the protocol
+    (pool_peers 0), as in a group without a pool; from it the one-shot reads the input in
+    place. Inputs are checked at every size; other algorithms never run the protocol."""
+    import mixcc
+    from mixcc.fused import REG_MIN_BYTES
+
+    pool = fake_pool(1 << 35, 1 << 30, monkeypatch)
+    r = runner_with(pool)
+    peers = SimpleNamespace(data_ptr=lambda: 0xABC0)
+    r.rt.pool_peers, r._pools = peers, [pool]
+    r.stages = [(mixcc.compile("allreduce(tp)", mixcc.Mesh({"tp": 2}),
+                               backend="reference").plan.stages[0], None)]
+    one_shot, push = SimpleNamespace(algo=0), SimpleNamespace(algo=2)
+    x = pool.base + 4096
+    assert r._pool_args(one_shot, 0, x, REG_MIN_BYTES, 0) == (0xABC0, 4096 // 16 + 1)
+    assert r._pool_args(one_shot, 0, x, REG_MIN_BYTES - 16, 0) == (0, 0)
+    assert r._pool_args(push, 0, x, REG_MIN_BYTES, 0) == (0, 0)
+    assert r._pool_args(one_shot, 0, 1 << 20, REG_MIN_BYTES, 0) == (0xABC0, 0)  # staged
+    with pytest.raises(ValueError, match="partly inside"):
+        r._pool_args(one_shot, 0, pool.base - 64, 128, 0)
+    r.rt.pool = None  # another group's pool exists in the process, not this one's
+    assert r._pool_args(one_shot, 0, 1 << 20, REG_MIN_BYTES, 0) == (0, 0)

@@ -190,7 +190,8 @@ class Plan:
                              "ordinary tensors, read and written in place (no copy of the "
                              "message is allocated); an input from mixcc.empty (the group's "
                              "registered pool, 1 GiB per rank by default, made by its first "
-                             "mixcc.empty) is read by peers in place by the one-shot")
+                             "mixcc.empty) is read by peers in place by the one-shot from "
+                             "fused.REG_MIN_BYTES per rank, staged below")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:

@@ -1,7 +1,8 @@
 """Registered buffers on two GPUs (issue 14, item 3): an input from mixcc.empty is read in
-place by the one-shot (no staging copy) and gives the same bits as the staged path, with
-different offsets on the two ranks, several chunks, graph replay with new data, inputs
-rewritten right after each call, in place; a closed runtime's buffer is refused."""
+place by the one-shot (no staging copy) from REG_MIN_BYTES per rank, staged below it, and
+gives the same bits as an ordinary input, with different offsets on the two ranks,
+several chunks, graph replay with new data, inputs rewritten right after each call, in
+place; a closed runtime's buffer is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def registered_task(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     import mixcc
+    from mixcc.fused import REG_MIN_BYTES
     from mixcc.runtime import _POOLS
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -31,7 +33,8 @@ def registered_task(rank: int, world: int) -> None:
             acc = acc + p.float()
         return acc.to(torch.bfloat16)  # fp32 accumulation in rank order, as the kernel
 
-    for rows in (1, 8, 5000):  # 5000 x 1024 bf16 = 10 MiB: two chunks of 128 blocks
+    big = REG_MIN_BYTES // 2048 + 1000  # rows of 1024 bf16: read in place, three chunks
+    for rows in (1, 8, big):  # 1 and 8 rows: staged (below REG_MIN_BYTES)
         x = mixcc.empty((rows, 1024), torch.bfloat16)
         x.copy_(fresh(rows))
         staged = coll(x.clone())
@@ -43,10 +46,10 @@ def registered_task(rank: int, world: int) -> None:
         x.copy_(y)
 
     # rewritten right after each call: the last barrier keeps peers from reading new data
-    x = mixcc.empty((5000, 1024), torch.bfloat16)
+    x = mixcc.empty((big, 1024), torch.bfloat16)
     outs, ins = [], []
     for _ in range(6):
-        x.copy_(fresh(5000))
+        x.copy_(fresh(big))
         ins.append(x.clone())
         outs.append(coll(x))
     for i, o in zip(ins, outs, strict=True):
@@ -62,7 +65,7 @@ def registered_task(rank: int, world: int) -> None:
         coll(x, out=out)
     torch.cuda.current_stream().wait_stream(s)
     for _ in range(3):
-        x.copy_(fresh(5000))
+        x.copy_(fresh(big))
         g.replay()
         assert torch.equal(out, exact(x)), (rank, "graph replay")
     torch.cuda.synchronize()
