@@ -41,7 +41,7 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # ran at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.47-1.21x)
 # and of push (0.54-1.42x: its remote stores and its local reduce are two phases of a block
 # that do not overlap). Push with sender and receiver warps and whole 16-byte stores
-# (2026-11-30, docs/perf/2026-11-30b_h200x2_*) still took 1.04-1.15x the one-shot's time
+# (2026-11-30, docs/perf/2026-11-30b_h200x2_*) still took 1.01-1.15x the one-shot's time
 # from 8 MiB to 256 MiB for allreduce, allgather and reducescatter: the one-shot stays
 # auto's choice at every size. Where a rank reads from more than one peer the one-shot reads
 # (peers) x its input, against 2(n-1)/n for the two-shot; past ONE_SHOT_MAX_BYTES_WIDE per
@@ -57,9 +57,10 @@ HIER_NCCL_MIN_BYTES = 4 << 20
 # a word to each neighbour before the first barrier, one more barrier at the end) only
 # from this many bytes per rank; below it the input is staged like any other and the
 # kernel skips the protocol, as in a group without a pool. On two H200s (2026-11-30,
-# docs/PERF.md second session) reading in place lost 0.5-2 us to a staged call from 8 KiB
-# to 8 MiB and won from 16 MiB (62.9 against 66.1 us); a group without a pool ran 8 KiB in
-# 6.7 us against 8.5 with the protocol. Decided by the size alone: the same on every rank.
+# docs/PERF.md second session) reading in place lost 0.5-2.2 us to a staged call from 8
+# KiB to 8 MiB and won from 16 MiB (62.9 against 66.1 us); at 8 KiB a group without a pool
+# ran the one-shot in 6.7 us, with the protocol 7.4 (staged) and 8.5 (read in place).
+# Decided by the size alone: the same on every rank.
 REG_MIN_BYTES = 16 << 20
 ALGORITHMS = ("one_shot", "two_shot", "push")  # the intra kernels' `algo` codes, in order
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")

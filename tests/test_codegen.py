@@ -212,7 +212,9 @@ def _ptx(source: str, tmp_path, include: tuple[str, ...] = ()) -> str:
 @pytest.mark.parametrize("program,axes", [("allreduce(tp)", {"tp": 2}),
                                           ("allreduce_allgather", {"dp": 2, "tp": 2}),
                                           ("allreduce(tp); add(r); store(r); rmsnorm(w)",
-                                           {"tp": 2})])
+                                           {"tp": 2}),
+                                          ("allreduce(tp); add(r); rmsnorm(w); "
+                                           "quant(fp8_e4m3, s)", {"tp": 2})])
 def test_kernels_store_whole_16_byte_packs(tmp_path, dtype, program, axes):
     """Every copy and reduce writes a 16-byte pack with one st.global.v4: nvcc split a plain
     uint4 assignment into four 4-byte stores in push's copies, which cost push 0.6x of the

@@ -6,6 +6,8 @@ place; a closed runtime's buffer is refused."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 
@@ -37,6 +39,10 @@ def registered_task(rank: int, world: int) -> None:
     for rows in (1, 8, big):  # 1 and 8 rows: staged (below REG_MIN_BYTES)
         x = mixcc.empty((rows, 1024), torch.bfloat16)
         x.copy_(fresh(rows))
+        # the launch reads x in place (the pool's bases and x's word) only from the threshold
+        peers, word = coll._fused_runner(x)._pool_args(SimpleNamespace(algo=0), 0,
+                                                         x.data_ptr(), x.numel() * 2, 0)
+        assert (peers != 0 and word != 0) == (rows == big), (rank, rows, peers, word)
         staged = coll(x.clone())
         got = coll(x)
         assert torch.equal(got, staged), (rank, rows, "registered != staged")
