@@ -9,7 +9,13 @@ to compare push and the one-shot with docs/perf/2026-11-30b_ar_probe.cu.
 Variants: base (as rendered); nocheck (spins without the periodic error-record and blame
 reads); notimer (nor the timeout's timer); contig (each block takes contiguous chunks
 instead of chunk c at (c x grid + block)). The first run had base/nocheck/notimer at 16
-and 128 MiB, the second (after the store fix) base/contig at 32 and 128 MiB."""
+and 128 MiB, the second (after the store fix) base/contig at 32 and 128 MiB.
+
+Added after those runs, not run yet (`run next`): noread (push's receivers do not wait
+for the local senders to have read the chunk's input: out of place only); barsync (push's
+role barriers are bar.sync, not bar.red.or); send3 (three quarters of the threads send);
+fp32 (the module and data in fp32); and the one-shot with 128 and 256 KiB regions (a
+larger workspace: fewer chunks, so fewer barriers)."""
 
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from mixcc.runtime import _ErrorRecord, native
 MESH = mixcc.Mesh([("dp", 1), ("tp", 2)])
 STAGE = mixcc.compile("allreduce(tp)", MESH, backend="reference").plan.stages[0]
 DT = torch.bfloat16
+NEXT = len(sys.argv) > 2 and sys.argv[2] == "next"
 INTERLEAVED = "col0 = ((long long)c * gridDim.x + block) * S;"
 CONTIGUOUS = "col0 = ((long long)block * a.n_chunks + c) * S;"
 
@@ -47,9 +54,21 @@ def variants() -> dict[str, str]:
     base = render_stage(STAGE, DT)
     no_check = ("if ((++n & 1023) == 0) {", "if (false) {")
     no_timer = ("if (globaltimer_ns() - start > timeout_ns) {", "if (false) {")
-    return {"base": base, "nocheck": with_sync(base, no_check),
-            "notimer": with_sync(base, no_check, no_timer),
-            "contig": base.replace(INTERLEAVED, CONTIGUOUS)}
+    out = {"base": base, "nocheck": with_sync(base, no_check),
+           "notimer": with_sync(base, no_check, no_timer),
+           "contig": base.replace(INTERLEAVED, CONTIGUOUS)}
+    if NEXT:
+        out["noread"] = base.replace("while (chunks_read <= c && !failed) {", "while (false) {")
+        out["barsync"] = base.replace("if (bar_any(BAR_SEND, SEND_THREADS, failed)) return;",
+                                      "bar_sync(BAR_SEND, SEND_THREADS);").replace(
+            "if (bar_any(BAR_RECV, RECV_THREADS, failed)) return;",
+            "bar_sync(BAR_RECV, RECV_THREADS);")
+        out["send3"] = base.replace("SEND_THREADS = THREADS / 2,",
+                                    "SEND_THREADS = THREADS / 4 * 3,")
+        out["fp32"] = render_stage(STAGE, torch.float32)
+        for k in ("noread", "barsync", "send3", "fp32"):
+            assert out[k] != base, k
+    return out
 
 
 def specs() -> dict[str, BuildSpec]:
@@ -59,13 +78,13 @@ def specs() -> dict[str, BuildSpec]:
 class TwoGpus:
     """Workspaces, peer tables, epochs and error records of ranks 0 and 1 in one process."""
 
-    def __init__(self) -> None:
+    def __init__(self, ws_bytes: int = layout.DEFAULT_WORKSPACE_BYTES) -> None:
         cudart = ctypes.CDLL("libcudart.so.13")
         for d in range(2):
             torch.cuda.set_device(d)
             rc = cudart.cudaDeviceEnablePeerAccess(1 - d, 0)
             assert rc in (0, 704), rc  # 704: already enabled
-        self.ws_bytes = layout.DEFAULT_WORKSPACE_BYTES
+        self.ws_bytes = ws_bytes
         self.region = layout.region_bytes(self.ws_bytes)
         ws = [torch.zeros(self.ws_bytes, dtype=torch.uint8, device=d) for d in range(2)]
         self.ws, self.peers, self.epochs, self.errs = ws, [], [], []
@@ -82,15 +101,16 @@ class TwoGpus:
             self.errs.append(dev.value)
 
     def time(self, lib, algo: int, nbytes: int, cols: int | None = None, iters: int = 20,
-             reps: int = 5) -> tuple[float, bool, tuple]:
+             reps: int = 5, dt: torch.dtype = DT) -> tuple[float, bool, tuple]:
         """Median us per call (max over the two GPUs), whether the result is exact, grid."""
-        n = nbytes // 2
-        xs = [torch.randn(n, device=d).to(DT) for d in range(2)]
+        es = torch.empty((), dtype=dt).element_size()
+        n = nbytes // es
+        xs = [torch.randn(n, device=d).to(dt) for d in range(2)]
         outs = [torch.empty_like(x) for x in xs]
         if cols is None:
-            cols = (push_cols(STAGE, 2, self.region) if algo == 2
-                    else intra_cols(STAGE, algo == 1, 2, self.region))
-        nb, nch, cols = grid(n, cols, 2, layout.MAX_BLOCKS)
+            cols = (push_cols(STAGE, es, self.region) if algo == 2
+                    else intra_cols(STAGE, algo == 1, es, self.region))
+        nb, nch, cols = grid(n, cols, es, layout.MAX_BLOCKS)
         args = []
         for d in range(2):
             a = abi.LaunchArgs()
@@ -110,7 +130,7 @@ class TwoGpus:
         once()
         for d in range(2):
             torch.cuda.synchronize(d)
-        ref = (xs[0].float() + xs[1].to(0).float()).to(DT)
+        ref = (xs[0].float() + xs[1].to(0).float()).to(dt)
         ok = torch.equal(outs[0], ref) and torch.equal(outs[1].to(0), ref)
         ts = []
         for _ in range(reps):
@@ -137,6 +157,23 @@ def main() -> None:
         return
     libs = {k: abi.bind(ctypes.CDLL(str(build(sp).path))) for k, sp in specs().items()}
     gpus = TwoGpus()
+    if NEXT:
+        for size in (32 << 20, 128 << 20):
+            for name in ("base", "noread", "barsync", "send3", "fp32"):
+                dt = torch.float32 if name == "fp32" else DT
+                t, ok, g = gpus.time(libs[name], 2, size, dt=dt)
+                print(f"{size >> 20:4d} MiB {name:8s} push {t:8.1f} us ok={ok} grid={g}",
+                      flush=True)
+        del gpus
+        for region_kib in (128, 256):
+            big = TwoGpus(layout.DATA_OFFSET + 2 * layout.NSETS * layout.MAX_BLOCKS
+                          * (region_kib << 10))
+            for size in (32 << 20, 128 << 20):
+                t, ok, g = big.time(libs["base"], 0, size)
+                print(f"{size >> 20:4d} MiB one-shot, {region_kib} KiB regions {t:8.1f} us "
+                      f"ok={ok} grid={g}", flush=True)
+            del big
+        return
     for size in (32 << 20, 128 << 20):
         for name, lib in libs.items():
             for algo, label in ((0, "one-shot"), (2, "push")):
