@@ -4,9 +4,10 @@ For every program and size (bytes of input per rank, powers of two), every rank 
 the program with each candidate (algorithm x blocks x chunk width, and on an NCCL group
 the reference backend, "nccl") forced on all its stages, timed by CUDA graphs (median of
 repeats, then the max over ranks: the same number on every rank), and the fastest
-candidate becomes the entry of each stage for that size bucket. The heuristic's own time
-is measured beside it. Rank 0 writes the table. Ranks sharing one GPU run under MPS
-(mixcc/mps.py starts it when needed); one process per GPU runs on NCCL.
+candidate becomes the entry of each stage for that size bucket (near ties are timed again
+in a final round: FINAL_WITHIN). The heuristic's own time is measured beside it. Rank 0
+writes the table. Ranks sharing one GPU run under MPS (mixcc/mps.py starts it when
+needed); one process per GPU runs on NCCL.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from .mesh import Mesh
 
 CHUNK_CANDIDATES = (0, 8192)  # columns per block and chunk: the widest that fits, or 8192
 BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
+# A final round re-times the candidates within FINAL_WITHIN of the first round's best (at
+# most FINAL_MAX of them) FINAL_ROUNDS more times, interleaved, and keeps the lowest median:
+# on two H200s a first round of 3 repeats of 10 calls picked 64 blocks at 1 MiB where 128
+# ran 1.13x faster in the sweep that followed (docs/PERF.md, 2026-11-29).
+FINAL_WITHIN, FINAL_MAX, FINAL_ROUNDS = 1.10, 4, 3
 
 
 def candidates(runner) -> list[tune.Choice]:
@@ -38,6 +44,24 @@ def candidates(runner) -> list[tune.Choice]:
     if runner._nccl:
         out.append(tune.Choice("nccl", 0))
     return out
+
+
+def finalists(results: list[tuple[float, tune.Choice]]) -> list[tune.Choice]:
+    """The candidates of a first round worth timing again: those within FINAL_WITHIN of
+    the fastest, fastest first, at most FINAL_MAX. `results` holds (seconds, choice), the
+    same on every rank (maxed over ranks), so every rank times the same list."""
+    ranked = sorted(results, key=lambda r: r[0])
+    best = ranked[0][0]
+    return [c for t, c in ranked if t <= best * FINAL_WITHIN][:FINAL_MAX]
+
+
+def final_choice(rounds: list[list[float]], choices: list[tune.Choice]
+                 ) -> tuple[float, tune.Choice]:
+    """(median seconds, choice) of the finalist with the lowest median over its rounds;
+    rounds[k][j]: round k's time of choices[j]. Ties keep the earlier (first-round faster)."""
+    meds = [statistics.median(r[j] for r in rounds) for j in range(len(choices))]
+    j = min(range(len(choices)), key=lambda i: (meds[i], i))
+    return meds[j], choices[j]
 
 
 def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
@@ -90,7 +114,11 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             base = _time_choice(coll, runner, x, out, per_stage, None, cfg)
             results = [(_time_choice(coll, runner, x, out, per_stage, c, cfg), c)
                        for c in candidates(runner)]
-            t, best = min(results, key=lambda r: r[0])
+            final = finalists(results)
+            rounds = [[_time_choice(coll, runner, x, out, per_stage, c, cfg) for c in final]
+                      for _ in range(FINAL_ROUNDS)] if len(final) > 1 else []
+            t, best = final_choice(rounds, final) if rounds else min(results,
+                                                                   key=lambda r: r[0])
             for p, b in zip(runner._prefixes, per_stage, strict=True):
                 entries[p + str(tune.bucket(b))] = tune.Choice(
                     best.algorithm, best.blocks, best.chunk_cols, round(t * 1e6, 2))

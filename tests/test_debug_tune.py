@@ -101,6 +101,21 @@ def test_tune_candidates_and_stage_bytes():
     assert max(c.blocks for c in cands) == 128
 
 
+def test_tune_final_round_times_near_ties_again():
+    from mixcc import tuning
+
+    c = [tune.Choice("one_shot", b) for b in (16, 32, 64, 128)] + [tune.Choice("nccl", 0)]
+    first = [(10.0e-6, c[0]), (9.6e-6, c[2]), (9.9e-6, c[3]), (30e-6, c[1]), (10.4e-6, c[4])]
+    final = tuning.finalists(first)  # within FINAL_WITHIN of 9.6, fastest first, capped
+    assert final == [c[2], c[3], c[0], c[4]][:tuning.FINAL_MAX]
+    assert c[1] not in final
+    assert tuning.finalists([(5e-6, c[1])]) == [c[1]]
+    # the lowest median over the rounds wins, not the first round's luck
+    rounds = [[9.9e-6, 9.4e-6, 10.1e-6], [9.8e-6, 9.5e-6, 10.0e-6], [12e-6, 9.3e-6, 9.9e-6]]
+    assert tuning.final_choice(rounds, final[:3]) == (9.4e-6, c[3])
+    assert tuning.final_choice([[1.0, 1.0]], [c[2], c[3]]) == (1.0, c[2])  # tie: earlier
+
+
 def test_tune_cli_without_gpu_is_one_line_error(capsys):
     from mixcc.cli import main
 
