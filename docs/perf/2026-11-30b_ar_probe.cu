@@ -1,5 +1,8 @@
 // Allreduce-shaped peer probe for two GPUs in one process (diagnostic only): where does a
 // 128 MiB-per-rank allreduce lose the link? fp32 data, out = in0 + in1 on both GPUs.
+// Build: nvcc -arch=sm_90a -O3 -std=c++17 -o ar_probe 2026-11-30b_ar_probe.cu; run:
+// ./ar_probe 128 (MiB per rank). The pull_pipe rows were added after the runs recorded in
+// docs/perf/2026-11-30b_ar_probe_*MiB.txt and have not run.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -93,6 +96,45 @@ __global__ void __launch_bounds__(T, 1) push_pipe(Pipe p) {
     }
   }
 }
+// Pipelined pull (added after the 2026-11-30 runs, not run yet): each rank stages chunk c
+// of its input into slot c % K of its own ring, then releases staged[ch] = base + c + 1
+// on the peer; the peer waits for it, loads the slot (out = in + the peer's slot) and
+// returns read[ch] = base + c + 1, after which the slot may be staged again. SPLIT 0: one
+// role does stage, wait, pull per chunk (mixcc's one-shot, with a ring); 1: stager and
+// puller warp halves, so staging runs up to K chunks ahead of the pulls.
+template <int SPLIT>
+__global__ void __launch_bounds__(T, 1) pull_pipe(Pipe p) {
+  const bool stager = SPLIT == 0 || threadIdx.x < T / 2;
+  const bool puller = SPLIT == 0 || threadIdx.x >= T / 2;
+  const int ch = blockIdx.x, nt = SPLIT == 0 ? T : T / 2;
+  const int tid = SPLIT == 0 ? threadIdx.x : threadIdx.x % (T / 2);
+  const long long per = p.n / p.nch, b0 = ch * per;
+  const int nchunks = (int)((per + p.C - 1) / p.C);
+  unsigned* staged = p.flags + 16384 + ch * 32;       // the peer staged its chunk (peer writes)
+  unsigned* read = p.flags + 16384 + 8192 + ch * 32;  // the peer read my chunk (peer writes)
+  auto bar = [&](int id) {
+    if (SPLIT == 0) __syncthreads();
+    else asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(T / 2) : "memory");
+  };
+  for (int c = 0; c < nchunks; ++c) {
+    const long long c0 = (long long)c * p.C, len = p.C < per - c0 ? p.C : per - c0;
+    const long long slot = ((long long)ch * p.K + c % p.K) * p.C;
+    if (stager) {
+      if (tid == 0 && c >= p.K) while (ld_acquire_sys(read) < p.base + c - p.K + 1) {}
+      bar(1);
+      copy_range<4>(p.ring + slot, p.in + b0 + c0, len, tid, nt);
+      bar(1);
+      if (tid == 0) st_release_sys(p.pflags + 16384 + ch * 32, p.base + c + 1);
+    }
+    if (puller) {
+      if (tid == 0) while (ld_acquire_sys(staged) < p.base + c + 1) {}
+      bar(2);
+      add_range<2>(p.out + b0 + c0, p.in + b0 + c0, p.pring + slot, len, tid, nt);
+      bar(2);
+      if (tid == 0) st_release_sys(p.pflags + 16384 + 8192 + ch * 32, p.base + c + 1);
+    }
+  }
+}
 __global__ void count_bad(const float4* out, long long n, float want, unsigned long long* bad) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     float4 v = out[i]; if (v.x != want || v.y != want || v.z != want || v.w != want) atomicAdd(bad, 1ull);
@@ -145,6 +187,17 @@ int main(int argc, char** argv) {
   }
   run("local reduce only grid 128", [&](int d) { reduce_all<<<128, T, 0, st[d]>>>(out[d], in[d], rec[d], n); }, false);
   run("push 64 then reduce 128 (two kernels)", [&](int d) { push_all<<<64, T, 0, st[d]>>>(rec[1 - d], in[d], n); reduce_all<<<128, T, 0, st[d]>>>(out[d], in[d], rec[d], n); }, false);
+  for (int split : {0, 1})
+    for (int nch : {64, 128})
+      for (int ckb : {64, 128}) {
+        const int C = ckb * 1024 / 16, K = 4;
+        if ((long long)nch * K * C * 16 > (long long)ring_bytes) continue;
+        char nm[96]; snprintf(nm, sizeof nm, "pull pipe %s nch %3d chunk %3d KiB K %d", split ? "warps " : "one   ", nch, ckb, K);
+        run(nm, [&](int d) {
+          Pipe p{out[d], in[d], ring[d], ring[1 - d], flags[d], flags[1 - d], n, nch, C, K, base};
+          if (split) pull_pipe<1><<<nch, T, 0, st[d]>>>(p); else pull_pipe<0><<<nch, T, 0, st[d]>>>(p);
+        }, true);
+      }
   for (int split : {0, 1})
     for (int nch : {16, 32, 48, 64, 128})
       for (int ckb : {64, 256}) {
