@@ -237,3 +237,19 @@ def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
     ptx = _ptx(render_stage(st0, torch.bfloat16), tmp_path, (find_nvshmem().include,))
     split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
     assert not split, split[:8]
+
+
+def test_ipc_layout_struct_matches_layout():
+    """The kernels address the IPC workspace (templates/transport_ipc.cuh) with the
+    constants of mixcc/codegen/layout.py, rendered once into every module."""
+    from mixcc.codegen import layout
+    from mixcc.codegen.render import ipc_layout_struct
+
+    text = ipc_layout_struct()
+    for name in ("MAX_RANKS", "MAX_BLOCKS", "NSETS", "PUSH_FLAG_OFFSET", "SENT_OFFSET",
+                 "REG_OFFSET"):
+        assert re.search(rf"\b{name} = {getattr(layout, name)};", text), name
+    for st0 in (stages("allreduce(tp)", {"tp": 2})[0],
+                stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)[0]):
+        src = render_stage(st0, torch.bfloat16)
+        assert text in src and '#include "transport_ipc.cuh"' in src

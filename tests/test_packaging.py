@@ -30,7 +30,8 @@ def test_wheel_contains_cuda_sources(wheel):
     for needed in ("mixcc/_templates/stage_kernel.cu.j2", "mixcc/_templates/mixcc_sync.cuh",
                    "mixcc/_templates/mixcc_vec.cuh", "mixcc/_templates/mixcc_check.cuh",
                    "mixcc/_templates/hier_kernel.cu.j2",
-                   "mixcc/_templates/transport_nvshmem.cuh",
+                   "mixcc/_templates/transport_nvshmem.cuh", "mixcc/_templates/transport_ipc.cuh",
+                   "mixcc/_templates/mixcc_epilogue.cuh",
                    "mixcc/_templates/nvshmem_init.cuh", "mixcc/_runtime/mixcc_nvshmem.cu",
                    "mixcc/_runtime/mixcc_runtime.cu", "mixcc/ir/grammar.lark"):
         assert needed in names, f"{needed} missing from {wheel.name}"

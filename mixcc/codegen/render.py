@@ -98,7 +98,20 @@ def _common(stage: Stage, dtype: torch.dtype) -> dict:
         nsets=layout.NSETS,
         abi_struct=abi.c_struct(),
         abi_version=abi.VERSION,
+        ipc_layout=ipc_layout_struct(),
     )
+
+
+def ipc_layout_struct() -> str:
+    """The IPC workspace's layout constants (mixcc/codegen/layout.py) as the C++ traits
+    struct that templates/transport_ipc.cuh addresses the workspace with."""
+    ints = {"MAX_RANKS": layout.MAX_RANKS, "MAX_BLOCKS": layout.MAX_BLOCKS,
+            "NSETS": layout.NSETS}
+    offsets = {"PUSH_FLAG_OFFSET": layout.PUSH_FLAG_OFFSET, "SENT_OFFSET": layout.SENT_OFFSET,
+               "REG_OFFSET": layout.REG_OFFSET}
+    body = [f"  static constexpr int {k} = {v};" for k, v in ints.items()]
+    body += [f"  static constexpr long long {k} = {v};" for k, v in offsets.items()]
+    return "struct IpcLayout {\n" + "\n".join(body) + "\n};"
 
 
 def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
@@ -121,9 +134,8 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     scheds.append({"name": "Push", "table": _ints(flat), "offsets": _ints(offsets),
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
-        schedules=scheds, push_flag_offset=layout.PUSH_FLAG_OFFSET,
-        sent_offset=layout.SENT_OFFSET, reg_offset=layout.REG_OFFSET,
-        epilogue_loads=ops.epilogue_cuda(epilogue)[0], epilogue=ops.epilogue_cuda(epilogue)[1],
+        schedules=scheds, epilogue_loads=ops.epilogue_cuda(epilogue)[0],
+        epilogue=ops.epilogue_cuda(epilogue)[1],
         epilogue_text="; ".join(str(e) for e in epilogue),
         epi_fp8=bool(epilogue) and epilogue[-1].op == "quant",
         epi_max_hidden=ops.EPI_MAX_HIDDEN,
