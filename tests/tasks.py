@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 import mixcc
 
@@ -151,3 +152,25 @@ def _judge_epilogue(got: torch.Tensor, tensors: dict, before: dict, want: torch.
         if name not in stored and not torch.equal(tensors[name].cpu(), val):
             msgs.append(f"{name} was modified but nothing stores into it")
     return "; ".join(msgs)
+
+
+def bench_registered_group(rank: int, world: int, group) -> str:
+    """The bench compiles auto:registered on a group of its own (the same ranks), auto on
+    the default group: a registered pool must not change the other rows' protocol."""
+    from mixcc import bench
+    from mixcc.mesh import Mesh
+
+    assert group is None, "run on the whole pool: the bench's default group is WORLD"
+    cfg = {"pairs": [("allreduce", "auto"), ("allreduce", "auto:registered"),
+                     ("allgather", "auto:registered")]}
+    out = bench._entries(cfg, Mesh({"dp": 1, "tp": world}), torch.float32, {}, [])
+    objs = [(be, obj) for prog in ("allreduce", "allgather") for be, obj, _ in out[prog]]
+    groups = {be: obj.group for be, obj in objs if be == "auto"}
+    reg = [obj.group for be, obj in objs if be == "auto:registered"]
+    if groups["auto"] is not None:
+        return "auto was compiled on a group of its own"
+    if reg[0] is None or reg[0] is not reg[1]:
+        return "auto:registered did not get one group of its own, shared by its programs"
+    if dist.get_world_size(reg[0]) != world:
+        return f"the registered group has {dist.get_world_size(reg[0])} ranks"
+    return ""

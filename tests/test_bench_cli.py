@@ -520,3 +520,10 @@ def test_count_wrong_counts_elements_off_the_exact_result(dtype, tol):
     special = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
     assert bench.count_wrong(special.to(dtype), special) == 0
     assert bench.count_wrong(special.flip(0).to(dtype), special) == 2
+
+
+def test_registered_rows_run_on_a_group_of_their_own(rank_pool):
+    from tasks import bench_registered_group
+
+    assert rank_pool.run(rank_pool.size, bench_registered_group) == \
+        {r: "" for r in range(rank_pool.size)}
