@@ -47,7 +47,10 @@ __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
 }
 
-// The VEC fp32 values as one 16-byte store of T (st_v4: mixcc_vec.cuh).
+// The VEC fp32 values as one 16-byte store of T (st_v4: mixcc_vec.cuh). 16-bit types
+// convert in pairs (one cvt.rn.bf16x2 / f16x2 per two values): rounding each value with
+// from_f32 and calling store() gives the same bits with twice the conversions and more
+// spills in the two-pack kernel (ptxas, 2026-11-30).
 __device__ __forceinline__ unsigned bits(__nv_bfloat162 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ unsigned bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ __nv_bfloat162 pair(float a, float b, __nv_bfloat16*) {
