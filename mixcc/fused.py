@@ -28,7 +28,10 @@ from .codegen.plan import (
     grid,
     hier_cols,
     intra_cols,
+    push_auto,
     push_cols,
+    push_safe,
+    push_width,
     row_grid,
     share_cap,
 )
@@ -42,12 +45,20 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # and of push (0.54-1.42x: its remote stores and its local reduce are two phases of a block
 # that do not overlap). Push with sender and receiver warps and whole 16-byte stores
 # (2026-11-30, docs/perf/2026-11-30b_h200x2_*) still took 1.01-1.15x the one-shot's time
-# from 8 MiB to 256 MiB for allreduce, allgather and reducescatter: the one-shot stays
-# auto's choice at every size. Where a rank reads from more than one peer the one-shot reads
-# (peers) x its input, against 2(n-1)/n for the two-shot; past ONE_SHOT_MAX_BYTES_WIDE per
-# rank such stages take the two-shot (NVSwitch machines with more than two GPUs have not
-# been measured: `mixcc tune` decides there).
+# from 8 MiB to 256 MiB for allreduce, allgather and reducescatter. Its receivers' reduce
+# bound it: with four packs per thread in flight in one- and two-term reduces
+# (stage_kernel.cu.j2, reduce_packs) push ran 128 MiB in 415 us against the one-shot's 433
+# (docs/perf/2026-11-30c_push_harness.txt), and in the bench of 2026-11-30 (third session,
+# docs/perf/2026-11-30c_h200x2_*) it tied the one-shot at 16 MiB and won from 32 MiB
+# (allgather 122 vs 127 us at 32 MiB, 830 vs 900 at 256 MiB; reducescatter 66 vs 71 at 32
+# MiB, 419 vs 500 at 256 MiB; allreduce 218 vs 221 at 64 MiB, 798 vs 844 at 256 MiB). So
+# auto takes push from PUSH_MIN_BYTES per rank where each rank pushes to one peer (the case
+# measured: two GPUs) and push can run in place; elsewhere the one-shot. Where a rank reads
+# from more than one peer the one-shot reads (peers) x its input, against 2(n-1)/n for the
+# two-shot; past ONE_SHOT_MAX_BYTES_WIDE per rank such stages take the two-shot (NVSwitch
+# machines with more than two GPUs have not been measured: `mixcc tune` decides there).
 ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
+PUSH_MIN_BYTES = 32 << 20
 # auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
 # reference backend from this many bytes per rank, where the group has NCCL: on two H200s
 # as two nodes the IPC + NVSHMEM kernel took 1.08x NCCL's time at 4 MiB and 1.3-1.6x from
@@ -105,18 +116,6 @@ def unavailable_reason(plan: Plan, mesh, options: dict, dtype: torch.dtype | Non
     if mesh.world_size > 1 and not dist.is_initialized():
         return "torch.distributed is not initialized"
     return None
-
-
-def push_safe(stage: IntraStage) -> bool:
-    """Whether the push kernel may run this stage in place on every rank (it reads its own
-    input units during the reduce, so no output unit may be written before a later task
-    reads it as input)."""
-    return all(r.inplace_safe for r in stage.push_schedule.ranks)
-
-
-def push_width(stage: IntraStage) -> int:
-    """The most peers one rank pushes to in this stage."""
-    return max(len(r.dsts) for r in stage.push_schedule.ranks)
 
 
 def shares_reduction(stage: IntraStage) -> bool:
@@ -234,6 +233,7 @@ class FusedRunner:
         self._push_safe = [isinstance(st, IntraStage) and push_safe(st) for st, _ in self.stages]
         self._push_width = [push_width(st) if isinstance(st, IntraStage) else 0
                             for st, _ in self.stages]
+        self._push_auto = [isinstance(st, IntraStage) and push_auto(st) for st, _ in self.stages]
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
         self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
@@ -257,8 +257,11 @@ class FusedRunner:
 
     def default_algorithm(self, i: int, nbytes: int) -> str:
         """auto's choice for intra stage i without a tuning-table entry (see
-        ONE_SHOT_MAX_BYTES_WIDE): the one-shot, or the two-shot where a rank reads from
-        several peers at a large size and the two-shot splits a reduction."""
+        ONE_SHOT_MAX_BYTES_WIDE): push from PUSH_MIN_BYTES where it was measured to win,
+        the two-shot where a rank reads from several peers at a large size and the two-shot
+        splits a reduction, else the one-shot."""
+        if self._push_auto[i] and nbytes >= PUSH_MIN_BYTES:
+            return "push"
         if self._push_width[i] > 1 and nbytes > ONE_SHOT_MAX_BYTES_WIDE \
                 and self._shares_reduction[i]:
             return "two_shot"

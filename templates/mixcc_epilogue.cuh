@@ -47,33 +47,6 @@ __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
 }
 
-// The VEC fp32 values as one 16-byte store of T (st_v4: mixcc_vec.cuh). 16-bit types
-// convert in pairs (one cvt.rn.bf16x2 / f16x2 per two values): rounding each value with
-// from_f32 and calling store() gives the same bits with twice the conversions and more
-// spills in the two-pack kernel (ptxas, 2026-11-30).
-__device__ __forceinline__ unsigned bits(__nv_bfloat162 h) { return *reinterpret_cast<unsigned*>(&h); }
-__device__ __forceinline__ unsigned bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }
-__device__ __forceinline__ __nv_bfloat162 pair(float a, float b, __nv_bfloat16*) {
-  return __floats2bfloat162_rn(a, b);
-}
-__device__ __forceinline__ __half2 pair(float a, float b, __half*) { return __floats2half2_rn(a, b); }
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_f32(T* p, const float (&v)[VEC]) {
-  if constexpr (sizeof(T) == 4 && VEC == 4) {
-    st_v4(p, __float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-          __float_as_uint(v[3]));
-  } else if constexpr (sizeof(T) == 2 && VEC == 8) {
-    st_v4(p, bits(pair(v[0], v[1], p)), bits(pair(v[2], v[3], p)), bits(pair(v[4], v[5], p)),
-          bits(pair(v[6], v[7], p)));
-  } else {
-    Pack<T, VEC> x;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) x.v[e] = from_f32<T>(v[e]);
-    store<T, VEC>(p, x);
-  }
-}
-
 // add(T): v = v + T
 template <typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_add(Row<T, VEC, PACKS>& r, const Pack<T, VEC> (&p)[PACKS]) {

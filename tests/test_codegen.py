@@ -239,6 +239,33 @@ def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
     assert not split, split[:8]
 
 
+@needs_nvcc
+def test_one_shot_kernels_keep_their_registers(tmp_path):
+    """The one-shot without an epilogue does not spill, and its fused-epilogue kernels (one
+    and two packs per row thread: hidden 4096 and 8192 in bf16) spill at most what they did
+    on 2026-11-30 (78 and 132 bytes): four packs in flight in the reduce of those kernels
+    (registers go to a kernel's widest path) took them to 386 and 820 bytes and the fused
+    epilogue to 1.1-1.5x its time on two H200s (docs/PERF.md, 2026-11-30 third session)."""
+    from mixcc.paths import templates_dir
+
+    coll = mixcc.compile("allreduce(tp); add(r); store(r); rmsnorm(w)", mixcc.Mesh({"tp": 2}),
+                         dtype=torch.bfloat16, backend="reference")
+    src = tmp_path / "k.cu"
+    src.write_text(render_stage(coll.plan.stages[-1], torch.bfloat16, coll.ir.epilogue))
+    out = subprocess.run([find_nvcc(), "-arch=sm_90a", "-O3", "-std=c++17", "-cubin",
+                          f"-I{templates_dir()}", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "k.cubin"), str(src)],
+                         check=True, capture_output=True, text=True).stderr
+    spills = {}  # EPI (packs per row thread; 0: no epilogue) -> bytes of spill stores
+    for part in out.split("Compiling entry function")[1:]:
+        name = re.match(r" '\S*stage_kernelILi8ELb0ELi(\d)E", part)
+        if name:
+            spills[name.group(1)] = re.search(r"(\d+) bytes spill stores", part).group(1)
+    assert set(spills) >= {"0", "1", "2"}, out[-2000:]
+    assert int(spills["0"]) == 0
+    assert int(spills["1"]) <= 160 and int(spills["2"]) <= 260, spills
+
+
 def test_ipc_layout_struct_matches_layout():
     """The kernels address the IPC workspace (templates/transport_ipc.cuh) with the
     constants of mixcc/codegen/layout.py, rendered once into every module."""

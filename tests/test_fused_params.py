@@ -1,8 +1,9 @@
 """Launch parameters of the fused backend, computed on CPU (no GPU needed): every
 column of every unit is covered, chunks fit the workspace regions, auto picks the
 one-shot (two-shot only for large messages with something to share and several peers
-per rank), push refuses in place what it cannot run in place, and the tuning table's NCCL
-entries send auto to the reference backend."""
+per rank, push for large messages where each rank pushes to one peer), push refuses in
+place what it cannot run in place, and the tuning table's NCCL entries send auto to the
+reference backend."""
 
 from types import SimpleNamespace
 
@@ -15,8 +16,10 @@ from mixcc.codegen import layout
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
     ONE_SHOT_MAX_BYTES_WIDE,
+    PUSH_MIN_BYTES,
     FusedRunner,
     block_cap,
+    push_auto,
     push_safe,
     push_width,
     shares_reduction,
@@ -38,6 +41,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r._shares_reduction = [shares_reduction(st) for st, _ in r.stages]
     r._push_safe = [push_safe(st) for st, _ in r.stages]
     r._push_width = [push_width(st) for st, _ in r.stages]
+    r._push_auto = [push_auto(st) for st, _ in r.stages]
     r._nccl = True
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
@@ -72,14 +76,26 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
     assert r._params(0, 7168, 14336)[0] == 0
     assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE)[0] == 0
     assert r._params(0, 7168 * 64, ONE_SHOT_MAX_BYTES_WIDE + 1)[0] == 1
-    # two ranks: each reads one peer, which moves the least bytes at any size
+    # two ranks: each reads one peer, which moves the least bytes at any size; from
+    # PUSH_MIN_BYTES push, whose remote stores overlap the receivers' reduce or copy
     two = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16)
-    assert two._params(0, 1 << 26, 1 << 27)[0] == 0
+    assert two._params(0, 1 << 23, PUSH_MIN_BYTES - 1)[0] == 0
+    assert two._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 2
+    assert two._params(0, 1 << 26, 1 << 27)[0] == 2
+    for prog in ("reducescatter(dp)", "allgather(dp)", "allreduce_allgather"):
+        r2 = runner(prog, {"dp": 2, "tp": 1}, torch.bfloat16)
+        assert r2._params(0, 1 << 24, PUSH_MIN_BYTES - 1)[0] == 0
+        assert r2._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 2
+    # four ranks: each pushes to three peers, not measured: the heuristic of before
+    four = runner("allreduce(tp)", {"tp": 4}, torch.bfloat16)
+    assert not push_auto(four.stages[0][0])
+    assert four._params(0, 1 << 25, PUSH_MIN_BYTES)[0] == 1
     forced = runner("allreduce_allgather", {"dp": 2, "tp": 4}, torch.bfloat16, "push")
     assert forced._params(0, 7168 * 64, 64 << 20)[0] == 2
     # a plain allgather reduces nothing: two-shot would only double the remote reads
     ag = runner("allgather(dp)", {"dp": 2, "tp": 4}, torch.bfloat16)
-    assert ag._params(0, 7168 * 64, 64 << 20)[0] == 0
+    assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES - 1)[0] == 0
+    assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES)[0] == 2  # one peer per rank: push
 
 
 def test_push_in_place_hazard_falls_back_or_raises():
@@ -125,9 +141,11 @@ def test_nccl_entry_sends_auto_to_the_reference_backend():
     assert not r.prefers_reference(nbytes)
     forced = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16, "push", tuned=entry)
     assert not forced.prefers_reference(nbytes)
-    # the fused launch itself ignores an NCCL entry (the stage still has a kernel)
-    assert runner("allreduce(tp)", {"tp": 2}, torch.bfloat16,
-                  tuned=entry)._params(0, nbytes // 2, nbytes)[0] == 0
+    # the fused launch itself ignores an NCCL entry (the stage still has a kernel): the
+    # heuristic's launch, as without a table
+    assert runner("allreduce(tp)", {"tp": 2}, torch.bfloat16, tuned=entry)._params(
+        0, nbytes // 2, nbytes) == runner("allreduce(tp)", {"tp": 2}, torch.bfloat16)._params(
+        0, nbytes // 2, nbytes)
 
 
 def test_max_blocks_is_respected():

@@ -79,6 +79,24 @@ class HierStage:
 Stage = IntraStage | HierStage
 
 
+def push_safe(stage: IntraStage) -> bool:
+    """Whether the push kernel may run this stage in place on every rank (it reads its own
+    input units during the reduce, so no output unit may be written before a later task
+    reads it as input)."""
+    return all(r.inplace_safe for r in stage.push_schedule.ranks)
+
+
+def push_width(stage: IntraStage) -> int:
+    """The most peers one rank pushes to in this stage."""
+    return max(len(r.dsts) for r in stage.push_schedule.ranks)
+
+
+def push_auto(stage: IntraStage) -> bool:
+    """Whether auto may take push for this stage from fused.PUSH_MIN_BYTES: each rank pushes to
+    one peer (the case measured) and it can run in place."""
+    return push_safe(stage) and push_width(stage) == 1
+
+
 def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int) -> int:
     """Columns of every unit one block handles per chunk (a multiple of 16 bytes), or 0 when
     the region is too small for one vector."""
@@ -172,8 +190,10 @@ class Plan:
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
             if isinstance(st, IntraStage):
                 lines.append("    algorithm: one_shot (auto's default; two_shot past 1 MiB where "
-                             "a rank reads several peers; push on request or from the tuning "
-                             "table; docs/DESIGN.md, \"Intra-node algorithms\")")
+                             "a rank reads several peers; push for large messages where each "
+                             "rank pushes to one peer, here "
+                             f"{'yes' if push_auto(st) else 'no'}; docs/DESIGN.md, "
+                             "\"Intra-node algorithms\")")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
