@@ -23,7 +23,7 @@ nvidia-smi -L
 MAX=${MAX:-256M}
 bench() {  # name, then mixcc bench arguments; the pivot table (printed last) to stdout
   local name=$1; shift
-  python3 -m mixcc bench --world-size 2 --dtype bfloat16 --hidden 4096 --iters 20 \
+  timeout "${BENCH_TIMEOUT:-590}" python3 -m mixcc bench --world-size 2 --dtype bfloat16 --hidden 4096 --iters 20 \
     --repeats 5 --min-bytes 8K --max-bytes "$MAX" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   sed -n '/^# oop time/,$p' "$OUT/$name.log" | grep -v "^wrote\|^note"
 }
@@ -39,13 +39,13 @@ for step in "${steps[@]}"; do
     check) suite check -k "2gpu and not mps" tests/gpu/test_ladder_gpu.py ;;
     ar)
       bench ar --mesh dp=1,tp=2 --program allreduce --backend "${AR_BACKENDS:-\
-auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
+auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
     coll)
       bench coll_dp2 --mesh dp=2,tp=1 --program allgather --program reducescatter \
         --program allreduce_allgather --program reducescatter_allreduce \
-        --backend auto,fused:push,reference,nccl1
+        --backend auto,fused:one_shot,fused:push,reference,nccl1
       bench coll_tp2 --mesh dp=1,tp=2 --program allreduce_allgather \
-        --program reducescatter_allreduce --backend auto,fused:push,reference ;;
+        --program reducescatter_allreduce --backend auto,fused:one_shot,fused:push,reference ;;
     nodes)
       bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
         --program "allgather(dp)" --backend auto,fused,reference ;;
@@ -59,6 +59,6 @@ auto,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_shot_nocopy}" ;;
         auto,fused:one_shot,fused:push,fused:two_shot,reference ;;
     mps) CUDA_VISIBLE_DEVICES=0 suite mps -k "mps or block_cap" tests/gpu ;;
   esac
-  (cd "$OUT" && tar czf /tmp/results.tgz --exclude=results.tgz . && mv /tmp/results.tgz .)
+  (cd "$OUT" && tar czf "/tmp/results-$step.tgz" --exclude="*.tgz" . && mv "/tmp/results-$step.tgz" .)
 done
-(cd "$OUT" && find . -type f ! -name results.tgz -delete)
+(cd "$OUT" && find . -type f ! -name "*.tgz" -delete)  # a few archives: the call returns few files

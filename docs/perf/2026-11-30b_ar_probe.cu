@@ -1,8 +1,10 @@
 // Allreduce-shaped peer probe for two GPUs in one process (diagnostic only): where does a
 // 128 MiB-per-rank allreduce lose the link? fp32 data, out = in0 + in1 on both GPUs.
 // Build: nvcc -arch=sm_90a -O3 -std=c++17 -o ar_probe 2026-11-30b_ar_probe.cu; run:
-// ./ar_probe 128 (MiB per rank). The pull_pipe rows were added after the runs recorded in
-// docs/perf/2026-11-30b_ar_probe_*MiB.txt and have not run.
+// ./ar_probe 128 [ITERS] (MiB per rank; ITERS launches back to back per timing, default 1,
+// the mode of the first runs). The pull_pipe rows and ITERS ran on 2026-11-30 (third
+// session): docs/perf/2026-11-30c_ar_probe_128MiB_x{1,20}.txt. Rows whose size does not
+// divide by the grid (grid 132, nch 48) leave a tail unreduced: WRONG there is expected.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +13,9 @@
 #define CK(x) do { cudaError_t e = (x); if (e) { printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
 
 constexpr int T = 512;
+// Flag values of consecutive launches are STEP apart (more than any launch's chunks; 2^32 /
+// STEP launches before the unsigned flags would wrap).
+constexpr unsigned STEP = 1u << 12;
 __device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 __device__ __forceinline__ void st_release_sys(unsigned* p, unsigned v) { asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
 __device__ __forceinline__ void st_relaxed_sys(unsigned* p, unsigned v) { asm volatile("st.relaxed.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
@@ -63,7 +68,9 @@ __global__ void __launch_bounds__(T, 1) reduce_all(float4* out, const float4* in
 // in + slot into out, and returns credit[ch] = base + c + 1 to the peer's sender.
 // SPLIT 0: sender and receiver are separate blocks (grid 2 x NCH); 1: warp halves of one block.
 // FLAG 0: st.release.sys; 1: __threadfence_system + st.relaxed.sys.
-struct Pipe { float4 *out; const float4 *in; float4 *ring, *pring; unsigned *flags, *pflags; long long n; int nch, C, K; unsigned base; };
+struct Pipe { float4 *out; const float4 *in; float4 *ring, *pring; unsigned *flags, *pflags; long long n; int nch, C, K; unsigned base; int chain; };
+// chain: a launch of the same shape ran just before on both GPUs with base - STEP (ITERS > 1):
+// the first K chunks wait until the peer has consumed all of it before reusing its slots.
 template <int SPLIT, int FLAG>
 __global__ void __launch_bounds__(T, 1) push_pipe(Pipe p) {
   const bool sender = SPLIT == 0 ? blockIdx.x < p.nch : threadIdx.x < T / 2;
@@ -80,6 +87,7 @@ __global__ void __launch_bounds__(T, 1) push_pipe(Pipe p) {
     float4* slot = (sender ? p.pring : p.ring) + ((long long)ch * p.K + c % p.K) * p.C;
     if (sender) {
       if (tid == 0 && c >= p.K) while (ld_acquire_sys(credit) < p.base + c - p.K + 1) {}
+      if (tid == 0 && c < p.K && p.chain) while (ld_acquire_sys(credit) < p.base - STEP + nchunks) {}
       bar();
       copy_range<4>(slot, p.in + b0 + c0, len, tid, nt);
       bar();
@@ -121,6 +129,7 @@ __global__ void __launch_bounds__(T, 1) pull_pipe(Pipe p) {
     const long long slot = ((long long)ch * p.K + c % p.K) * p.C;
     if (stager) {
       if (tid == 0 && c >= p.K) while (ld_acquire_sys(read) < p.base + c - p.K + 1) {}
+      if (tid == 0 && c < p.K && p.chain) while (ld_acquire_sys(read) < p.base - STEP + nchunks) {}
       bar(1);
       copy_range<4>(p.ring + slot, p.in + b0 + c0, len, tid, nt);
       bar(1);
@@ -145,7 +154,9 @@ __global__ void fill(float4* a, long long n, float v) {
 }
 
 int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);
   const size_t bytes = (argc > 1 ? atoll(argv[1]) : 128ll) << 20; const long long n = bytes / 16;
+  const int iters = argc > 2 ? atoi(argv[2]) : 1;  // launches back to back per timing
   const size_t ring_bytes = 64ull << 20;
   float4 *in[2], *out[2], *rec[2], *ring[2]; unsigned* flags[2]; unsigned long long* bad[2];
   for (int d = 0; d < 2; ++d) {
@@ -157,16 +168,22 @@ int main(int argc, char** argv) {
   cudaStream_t st[2]; cudaEvent_t e0[2], e1[2];
   for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaStreamCreateWithFlags(&st[d], cudaStreamNonBlocking)); CK(cudaEventCreate(&e0[d])); CK(cudaEventCreate(&e1[d])); }
   unsigned base = 0;
+  int chain = 0;
   auto run = [&](const char* name, auto launch, bool check) {
     std::vector<float> ts;
     for (int it = 0; it < 6; ++it) {
       for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaMemsetAsync(out[d], 0, bytes, st[d])); }
       for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaStreamSynchronize(st[d])); }
-      for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaEventRecord(e0[d], st[d])); launch(d); CK(cudaGetLastError()); CK(cudaEventRecord(e1[d], st[d])); }
+      for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaEventRecord(e0[d], st[d])); }
+      for (int i = 0; i < iters; ++i) {
+        chain = it > 0 || i > 0;
+        for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); launch(d); CK(cudaGetLastError()); }
+        base += STEP;
+      }
+      for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaEventRecord(e1[d], st[d])); }
       float worst = 0;
       for (int d = 0; d < 2; ++d) { CK(cudaSetDevice(d)); CK(cudaStreamSynchronize(st[d])); float ms; CK(cudaEventElapsedTime(&ms, e0[d], e1[d])); worst = std::max(worst, ms); }
-      if (it) ts.push_back(worst * 1e3f);
-      base += 1u << 20;
+      if (it) ts.push_back(worst * 1e3f / iters);
     }
     std::sort(ts.begin(), ts.end());
     unsigned long long nb[2] = {0, 0};
@@ -174,7 +191,7 @@ int main(int argc, char** argv) {
     printf("%-52s %8.1f us  %6.1f GB/s  %s\n", name, ts[ts.size() / 2], bytes / (ts[ts.size() / 2] * 1e-6) / 1e9,
            check ? (nb[0] + nb[1] ? "WRONG" : "ok") : "-");
   };
-  printf("bytes per rank %zu MiB\n", bytes >> 20);
+  printf("bytes per rank %zu MiB, %d launches per timing\n", bytes >> 20, iters);
   for (int g : {64, 128, 132}) {
     char nm[96]; snprintf(nm, sizeof nm, "pull in place unr2 grid %d", g);
     run(nm, [&](int d) { pull_ar<2><<<g, T, 0, st[d]>>>(out[d], in[d], in[1 - d], n); }, true);
@@ -194,7 +211,7 @@ int main(int argc, char** argv) {
         if ((long long)nch * K * C * 16 > (long long)ring_bytes) continue;
         char nm[96]; snprintf(nm, sizeof nm, "pull pipe %s nch %3d chunk %3d KiB K %d", split ? "warps " : "one   ", nch, ckb, K);
         run(nm, [&](int d) {
-          Pipe p{out[d], in[d], ring[d], ring[1 - d], flags[d], flags[1 - d], n, nch, C, K, base};
+          Pipe p{out[d], in[d], ring[d], ring[1 - d], flags[d], flags[1 - d], n, nch, C, K, base, chain};
           if (split) pull_pipe<1><<<nch, T, 0, st[d]>>>(p); else pull_pipe<0><<<nch, T, 0, st[d]>>>(p);
         }, true);
       }
@@ -209,7 +226,7 @@ int main(int argc, char** argv) {
             if (flag == 1 && (K != 4 || ckb != 64)) continue;
             char nm[96]; snprintf(nm, sizeof nm, "pipe %s nch %3d chunk %3d KiB K %d %s", split ? "warps " : "blocks", nch, ckb, K, flag ? "fence+relaxed" : "release");
             run(nm, [&](int d) {
-              Pipe p{out[d], in[d], ring[d], ring[1 - d], flags[d], flags[1 - d], n, nch, C, K, base};
+              Pipe p{out[d], in[d], ring[d], ring[1 - d], flags[d], flags[1 - d], n, nch, C, K, base, chain};
               const int grid = split ? nch : 2 * nch;
               if (split) { if (flag) push_pipe<1, 1><<<grid, T, 0, st[d]>>>(p); else push_pipe<1, 0><<<grid, T, 0, st[d]>>>(p); }
               else { if (flag) push_pipe<0, 1><<<grid, T, 0, st[d]>>>(p); else push_pipe<0, 0><<<grid, T, 0, st[d]>>>(p); }

@@ -15,7 +15,12 @@ Added after those runs, not run yet (`run next`): noread (push's receivers do no
 for the local senders to have read the chunk's input: out of place only); barsync (push's
 role barriers are bar.sync, not bar.red.or); send3 (three quarters of the threads send);
 fp32 (the module and data in fp32); and the one-shot with 128 and 256 KiB regions (a
-larger workspace: fewer chunks, so fewer barriers)."""
+larger workspace: fewer chunks, so fewer barriers). Their run (third session): only fp32
+moved push (498 -> 416 us at 128 MiB), and send3 slowed it (614): the receivers' reduce
+bounds it. `build c` / `run c` (after reductions store through mixcc::store_f32, paired
+conversions): base, perelem (the per-value conversions of before), unr4 (four packs per
+thread in flight in two-term reduces), recv58 (push: 5/8 of the threads receive) and
+fp32, for push and the one-shot."""
 
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ MESH = mixcc.Mesh([("dp", 1), ("tp", 2)])
 STAGE = mixcc.compile("allreduce(tp)", MESH, backend="reference").plan.stages[0]
 DT = torch.bfloat16
 NEXT = len(sys.argv) > 2 and sys.argv[2] == "next"
+THIRD = len(sys.argv) > 2 and sys.argv[2] == "c"
 INTERLEAVED = "col0 = ((long long)c * gridDim.x + block) * S;"
 CONTIGUOUS = "col0 = ((long long)block * a.n_chunks + c) * S;"
 
@@ -57,6 +63,20 @@ def variants() -> dict[str, str]:
     out = {"base": base, "nocheck": with_sync(base, no_check),
            "notimer": with_sync(base, no_check, no_timer),
            "contig": base.replace(INTERLEAVED, CONTIGUOUS)}
+    if THIRD:
+        out = {"base": base, "fp32": render_stage(STAGE, torch.float32),
+               "perelem": base.replace(
+                   "mixcc::store_f32<T, VEC>(dst + (long long)(v0 + u * NT) * VEC, acc[u]);",
+                   "mixcc::Pack<T, VEC> r;\n#pragma unroll\n for (int e = 0; e < VEC; ++e) "
+                   "r.v[e] = mixcc::from_f32<T>(acc[u][e]);\n mixcc::store<T, VEC>(dst + "
+                   "(long long)(v0 + u * NT) * VEC, r);"),
+               "unr4": base.replace("constexpr int UNR = B <= 2 ? 2 : 1;",
+                                    "constexpr int UNR = B <= 2 ? 4 : 1;"),
+               "recv58": base.replace("SEND_THREADS = THREADS / 2,",
+                                      "SEND_THREADS = THREADS / 8 * 3,")}
+        for k in ("perelem", "unr4", "recv58"):
+            assert out[k] != base, k
+        return out
     if NEXT:
         out["noread"] = base.replace("while (chunks_read <= c && !failed) {", "while (false) {")
         out["barsync"] = base.replace("if (bar_any(BAR_SEND, SEND_THREADS, failed)) return;",
@@ -84,6 +104,7 @@ class TwoGpus:
             torch.cuda.set_device(d)
             rc = cudart.cudaDeviceEnablePeerAccess(1 - d, 0)
             assert rc in (0, 704), rc  # 704: already enabled
+            cudart.cudaGetLastError()  # clear 704, which torch would otherwise raise next
         self.ws_bytes = ws_bytes
         self.region = layout.region_bytes(self.ws_bytes)
         ws = [torch.zeros(self.ws_bytes, dtype=torch.uint8, device=d) for d in range(2)]
@@ -157,6 +178,17 @@ def main() -> None:
         return
     libs = {k: abi.bind(ctypes.CDLL(str(build(sp).path))) for k, sp in specs().items()}
     gpus = TwoGpus()
+    if THIRD:
+        for size in (32 << 20, 128 << 20):
+            for name in libs:
+                dt = torch.float32 if name == "fp32" else DT
+                for algo, label in ((2, "push"), (0, "one-shot")):
+                    if name == "recv58" and algo == 0:
+                        continue
+                    t, ok, g = gpus.time(libs[name], algo, size, dt=dt)
+                    print(f"{size >> 20:4d} MiB {name:8s} {label:8s} {t:8.1f} us ok={ok} "
+                          f"grid={g}", flush=True)
+        return
     if NEXT:
         for size in (32 << 20, 128 << 20):
             for name in ("base", "noread", "barsync", "send3", "fp32"):
