@@ -4,7 +4,7 @@ parallel, so that a device call spends its time running tests (carry the cache):
     MIXCC_CACHE_DIR=.mxcache python3 scripts/prebuild_gpu_tests.py --arch sm_90a
 
 Worlds 2 and 4 one node, 2 and 4 ranks on two simulated nodes (NVSHMEM, when its wheel is
-installed), the NaN, block-cap and reliability programs, then the negative control's
+installed), the NaN, block-cap, epilogue and reliability programs, then the negative control's
 broken modules (`--no-mutate` skips them). MIXCC_SEED and MIXCC_FUZZ_PROGRAMS must be
 those of the test run (the fuzzed programs depend on them; shapes do not).
 """
@@ -22,6 +22,7 @@ sys.path[:0] = [os.path.join(HERE, "..", "tests", "gpu"), os.path.join(HERE, "..
 from gpu_helpers import ladder  # noqa: E402
 from gpu_helpers.ranks import env_int  # noqa: E402
 from test_block_cap_gpu import BLOCK_CAP_PROGRAM  # noqa: E402
+from test_epilogue_gpu import AR_AG, LAYER, QUANT  # noqa: E402
 from test_nan_gpu import MESHES, PROGRAMS  # noqa: E402
 
 
@@ -41,6 +42,11 @@ def main() -> None:
         nodes.setdefault(w, []).append(rpn)
     extra = [(p, MESHES[w], w) for w in MESHES for p in PROGRAMS]
     extra += [(BLOCK_CAP_PROGRAM, [("dp", 2), ("tp", 4)], 8)]
+    # the epilogue tests' programs (test_epilogue_gpu.py): two GPUs, and four ranks
+    extra += [(LAYER, [("dp", 1), ("tp", 2)], 2), (QUANT, [("dp", 1), ("tp", 2)], 2),
+              (AR_AG, [("dp", 2), ("tp", 1)], 2)] if 2 in worlds else []
+    extra += [(LAYER, [("dp", 2), ("tp", 2)], 4), (AR_AG, [("dp", 2), ("tp", 2)], 4),
+              (QUANT, [("dp", 1), ("tp", 4)], 4)] if 4 in worlds else []
     for w in worlds:  # reliability runs
         extra += [("allreduce(tp)", [("dp", 1), ("tp", w)], w),
                   ("allgather(tp)", [("dp", 1), ("tp", w)], w)]

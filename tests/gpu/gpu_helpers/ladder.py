@@ -454,7 +454,7 @@ def prebuild(worlds: list[int], nodes: dict[int, list[int]], cfg: dict, arch: st
 
     from mixcc import nvshmem
     from mixcc.codegen.build import build, device_arch
-    from mixcc.fused import stage_spec
+    from mixcc.fused import epilogue_refusal, stage_spec
     from mixcc.runtime import build_native
 
     cfg = {**DEFAULTS, **cfg}
@@ -476,9 +476,13 @@ def prebuild(worlds: list[int], nodes: dict[int, list[int]], cfg: dict, arch: st
                       ("allreduce(world)", (("w", w),), rpn)}
     progs |= {(prog, tuple(axes), rpn) for prog, axes, rpn in extra}
     for prog, axes, rpn in progs:
-        for st in reference(prog, list(axes), rpn).plan.stages:
+        coll = reference(prog, list(axes), rpn)
+        # a fusable epilogue is part of the last stage's module (fused.load_stage)
+        epi = coll.ir.epilogue if epilogue_refusal(coll.plan, coll.ir.epilogue) is None else ()
+        for i, st in enumerate(coll.plan.stages):
             for dt in DTYPES.values():
-                specs[stage_spec(st, dt, arch)] = None
+                specs[stage_spec(st, dt, arch, epi if i == len(coll.plan.stages) - 1
+                                 else ())] = None
     with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 4) as ex:
         built = list(ex.map(build, list(specs)))
     cold = [b.seconds for b in built if not b.cached]
