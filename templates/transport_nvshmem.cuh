@@ -15,6 +15,11 @@
 // Sequence numbers grow by one per chunk of a hierarchical kernel (per block, the same
 // on every rank), so a signal or credit is compared in wrapping uint32 arithmetic and
 // never reset: CUDA graph replays need no host-side state.
+//
+// The symmetric workspace (SymWorkspace below; mixcc/codegen/layout.py): signal words
+// [block][set][src PE], credit words [block][PE], the local sent words [block][PE][set],
+// the blame word, then per (set, block) a region of send parts [node][slot] followed by
+// received parts [node][slot], each of `share_cap` elements. Every word has one writer.
 #pragma once
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -55,6 +60,52 @@ __device__ __forceinline__ void put_signal_block(void* dst, const void* src, siz
 __device__ __forceinline__ void signal(uint64_t* sig, unsigned seq, int pe) {
   nvshmemx_signal_op(sig, (uint64_t)seq, NVSHMEM_SIGNAL_SET, pe);
 }
+
+// L: the module's layout constants, rendered from mixcc/codegen/layout.py
+// (render.sym_layout_struct): MAX_RANKS, MAX_BLOCKS, NSETS, SIG_BYTES, CREDIT_BYTES,
+// SYM_DATA_OFFSET, SYM_BLAME_OFFSET. T: the element type. A: the launch arguments (sym,
+// sym_region_bytes, share_cap). Addresses are symmetric: the same on every PE.
+template <typename L, typename T>
+struct SymWorkspace {
+  // Part `slot` of node `node` in the send (recv false) or receive parts of (set, block);
+  // nodes x parts: the stage's NODES and MAX_PARTS.
+  template <typename A>
+  static __device__ __forceinline__ T* part(const A& a, int set, unsigned block, bool recv,
+                                            int node, int slot, int nodes, int parts) {
+    char* base = a.sym + L::SYM_DATA_OFFSET +
+                 ((long long)set * L::MAX_BLOCKS + block) * a.sym_region_bytes;
+    const long long idx = (recv ? nodes * parts : 0) + (long long)node * parts + slot;
+    return reinterpret_cast<T*>(base) + idx * a.share_cap;
+  }
+
+  // The signal word of (block, set) that PE src_pe sets when its part has arrived.
+  template <typename A>
+  static __device__ __forceinline__ uint64_t* signal_word(const A& a, int set, unsigned block,
+                                                          int src_pe) {
+    return reinterpret_cast<uint64_t*>(a.sym) +
+           ((long long)block * L::NSETS + set) * L::MAX_RANKS + src_pe;
+  }
+
+  // The credit word of `block` that PE pe sets once it has consumed what this PE put.
+  template <typename A>
+  static __device__ __forceinline__ uint64_t* credit_word(const A& a, unsigned block, int pe) {
+    return reinterpret_cast<uint64_t*>(a.sym + L::SIG_BYTES) + (long long)block * L::MAX_RANKS +
+           pe;
+  }
+
+  template <typename A>
+  static __device__ __forceinline__ const uint64_t* blame_word(const A& a) {
+    return reinterpret_cast<const uint64_t*>(a.sym + L::SYM_BLAME_OFFSET);
+  }
+
+  // Local: the sequence number this PE last put into buffer set `set` of PE `dst`.
+  template <typename A>
+  static __device__ __forceinline__ unsigned* sent_word(const A& a, unsigned block, int dst,
+                                                        int set) {
+    return reinterpret_cast<unsigned*>(a.sym + L::SIG_BYTES + L::CREDIT_BYTES) +
+           ((long long)block * L::MAX_RANKS + dst) * L::NSETS + set;
+  }
+};
 
 }  // namespace nvs
 }  // namespace mixcc

@@ -280,3 +280,20 @@ def test_ipc_layout_struct_matches_layout():
                 stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)[0]):
         src = render_stage(st0, torch.bfloat16)
         assert text in src and '#include "transport_ipc.cuh"' in src
+
+
+def test_sym_layout_struct_matches_layout():
+    """The hierarchical kernels address the NVSHMEM symmetric workspace
+    (templates/transport_nvshmem.cuh) with the constants of mixcc/codegen/layout.py."""
+    from mixcc.codegen import layout
+    from mixcc.codegen.render import sym_layout_struct
+
+    text = sym_layout_struct()
+    for name in ("MAX_RANKS", "MAX_BLOCKS", "NSETS", "SIG_BYTES", "CREDIT_BYTES",
+                 "SYM_DATA_OFFSET", "SYM_BLAME_OFFSET"):
+        assert re.search(rf"\b{name} = {getattr(layout, name)};", text), name
+    (st0,) = stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)
+    src = render_stage(st0, torch.bfloat16)
+    assert text in src and "mixcc::nvs::SymWorkspace<SymLayout, T>" in src
+    one_node = render_stage(stages("allreduce(tp)", {"tp": 2})[0], torch.bfloat16)
+    assert "SymWorkspace" not in one_node

@@ -109,9 +109,25 @@ def ipc_layout_struct() -> str:
             "NSETS": layout.NSETS}
     offsets = {"PUSH_FLAG_OFFSET": layout.PUSH_FLAG_OFFSET, "SENT_OFFSET": layout.SENT_OFFSET,
                "REG_OFFSET": layout.REG_OFFSET}
+    return _traits("IpcLayout", ints, offsets)
+
+
+def _traits(name: str, ints: dict[str, int], offsets: dict[str, int]) -> str:
+    """A C++ struct of static constexpr ints and long long offsets."""
     body = [f"  static constexpr int {k} = {v};" for k, v in ints.items()]
     body += [f"  static constexpr long long {k} = {v};" for k, v in offsets.items()]
-    return "struct IpcLayout {\n" + "\n".join(body) + "\n};"
+    return f"struct {name} {{\n" + "\n".join(body) + "\n};"
+
+
+def sym_layout_struct() -> str:
+    """The NVSHMEM symmetric workspace's layout constants (mixcc/codegen/layout.py) as the
+    C++ traits struct that templates/transport_nvshmem.cuh addresses it with."""
+    ints = {"MAX_RANKS": layout.MAX_RANKS, "MAX_BLOCKS": layout.MAX_BLOCKS,
+            "NSETS": layout.NSETS}
+    offsets = {"SIG_BYTES": layout.SIG_BYTES, "CREDIT_BYTES": layout.CREDIT_BYTES,
+               "SYM_DATA_OFFSET": layout.SYM_DATA_OFFSET,
+               "SYM_BLAME_OFFSET": layout.SYM_BLAME_OFFSET}
+    return _traits("SymLayout", ints, offsets)
 
 
 def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
@@ -152,6 +168,5 @@ def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
     return _env().get_template("hier_kernel.cu.j2").render(
         table=_ints(flat), offsets=_ints(offsets), max_terms=max_terms, max_src=max_src,
         local=h.local, nodes=h.nodes, max_parts=h.max_parts, max_nodes=layout.MAX_NODES,
-        sig_bytes=layout.SIG_BYTES, credit_bytes=layout.CREDIT_BYTES,
-        sym_data_offset=layout.SYM_DATA_OFFSET, sym_blame_offset=layout.SYM_BLAME_OFFSET,
+        sym_layout=sym_layout_struct(),
         **ctx)
