@@ -52,8 +52,8 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # docs/perf/2026-11-30c_h200x2_*) it tied the one-shot at 16 MiB and won from 32 MiB
 # (allgather 122 vs 127 us at 32 MiB, 830 vs 900 at 256 MiB; reducescatter 66 vs 71 at 32
 # MiB, 419 vs 500 at 256 MiB; allreduce 218 vs 221 at 64 MiB, 798 vs 844 at 256 MiB). So
-# auto takes push from PUSH_MIN_BYTES per rank where each rank pushes to one peer (the case
-# measured: two GPUs) and push can run in place; elsewhere the one-shot. Where a rank reads
+# auto takes push from PUSH_MIN_BYTES per rank in two-rank stages that push can run in
+# place (plan.push_auto: the case measured); elsewhere the one-shot. Where a rank reads
 # from more than one peer the one-shot reads (peers) x its input, against 2(n-1)/n for the
 # two-shot; past ONE_SHOT_MAX_BYTES_WIDE per rank such stages take the two-shot (NVSwitch
 # machines with more than two GPUs have not been measured: `mixcc tune` decides there).
@@ -298,6 +298,9 @@ class FusedRunner:
             algo = choice.algorithm
         else:
             algo = self.default_algorithm(i, nbytes)
+        if algo == "push" and self.algorithm != "push" \
+                and push_cols(stage, self.elem, self.rt.region_bytes) < self.vec:
+            algo = "one_shot"  # auto's or a table's push, whose sender area is too small
         if algo == "push" and not self._push_safe[i]:
             # decided per stage, never per call: whether a call runs in place may differ
             # between ranks, and every rank must launch the same kernel

@@ -45,8 +45,8 @@ def main() -> None:
     # the epilogue tests' programs (test_epilogue_gpu.py): two GPUs, and four ranks
     extra += [(LAYER, [("dp", 1), ("tp", 2)], 2), (QUANT, [("dp", 1), ("tp", 2)], 2),
               (AR_AG, [("dp", 2), ("tp", 1)], 2)] if 2 in worlds else []
-    extra += [(LAYER, [("dp", 2), ("tp", 2)], 4), (AR_AG, [("dp", 2), ("tp", 2)], 4),
-              (QUANT, [("dp", 1), ("tp", 4)], 4)] if 4 in worlds else []
+    extra += [(prog, [("dp", 2), ("tp", 2)], rpn) for prog in (LAYER, AR_AG)
+              for rpn in (4, 2)] + [(QUANT, [("dp", 1), ("tp", 4)], 4)] if 4 in worlds else []
     for w in worlds:  # reliability runs
         extra += [("allreduce(tp)", [("dp", 1), ("tp", w)], w),
                   ("allgather(tp)", [("dp", 1), ("tp", w)], w)]

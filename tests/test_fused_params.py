@@ -1,7 +1,7 @@
 """Launch parameters of the fused backend, computed on CPU (no GPU needed): every
 column of every unit is covered, chunks fit the workspace regions, auto picks the
 one-shot (two-shot only for large messages with something to share and several peers
-per rank, push for large messages where each rank pushes to one peer), push refuses in
+per rank, push for large messages in two-rank stages), push refuses in
 place what it cannot run in place, and the tuning table's NCCL entries send auto to the
 reference backend."""
 
@@ -86,6 +86,15 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
         r2 = runner(prog, {"dp": 2, "tp": 1}, torch.bfloat16)
         assert r2._params(0, 1 << 24, PUSH_MIN_BYTES - 1)[0] == 0
         assert r2._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 2
+    # a workspace too small for push's sender areas: auto (and a table's push) keep the
+    # one-shot instead of raising; only algorithm="push" refuses
+    tiny = layout.MIN_WORKSPACE_BYTES
+    small = runner("allgather(dp)", {"dp": 2, "tp": 16}, torch.bfloat16, workspace=tiny)
+    small._push_auto = [True]  # as if the rule allowed push here
+    assert small._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 0
+    with pytest.raises(ValueError, match="too small"):
+        runner("allgather(dp)", {"dp": 2, "tp": 16}, torch.bfloat16, "push",
+               workspace=tiny)._params(0, 1 << 24, PUSH_MIN_BYTES)
     # four ranks: each pushes to three peers, not measured: the heuristic of before
     four = runner("allreduce(tp)", {"tp": 4}, torch.bfloat16)
     assert not push_auto(four.stages[0][0])
@@ -95,7 +104,9 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
     # a plain allgather reduces nothing: two-shot would only double the remote reads
     ag = runner("allgather(dp)", {"dp": 2, "tp": 4}, torch.bfloat16)
     assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES - 1)[0] == 0
-    assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES)[0] == 2  # one peer per rank: push
+    # one peer per rank, but eight ranks: a sender area is 1/7 of a region, not measured
+    assert not push_auto(ag.stages[0][0])
+    assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES)[0] == 0
 
 
 def test_push_in_place_hazard_falls_back_or_raises():

@@ -92,9 +92,11 @@ def push_width(stage: IntraStage) -> int:
 
 
 def push_auto(stage: IntraStage) -> bool:
-    """Whether auto may take push for this stage from fused.PUSH_MIN_BYTES: each rank pushes to
-    one peer (the case measured) and it can run in place."""
-    return push_safe(stage) and push_width(stage) == 1
+    """Whether auto may take push for this stage from fused.PUSH_MIN_BYTES: the case
+    measured (two ranks: each pushes to its one peer, into a whole push region) and push
+    can run in place. On larger worlds a one-peer stage's sender area is a 1/(world-1)
+    share of the region, so its chunks are smaller: not measured, the one-shot stays."""
+    return stage.lmap.world_size == 2 and push_width(stage) == 1 and push_safe(stage)
 
 
 def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int) -> int:
@@ -190,10 +192,10 @@ class Plan:
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
             if isinstance(st, IntraStage):
                 lines.append("    algorithm: one_shot (auto's default; two_shot past 1 MiB where "
-                             "a rank reads several peers; push for large messages where each "
-                             "rank pushes to one peer, here "
-                             f"{'yes' if push_auto(st) else 'no'}; docs/DESIGN.md, "
-                             "\"Intra-node algorithms\")")
+                             "a rank reads several peers; push from fused.PUSH_MIN_BYTES in "
+                             "two-rank stages that push can run, here "
+                             f"{'yes' if push_auto(st) else 'no'}, unless a fused epilogue "
+                             "keeps the one-shot; docs/DESIGN.md, \"Intra-node algorithms\")")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
@@ -211,7 +213,8 @@ class Plan:
                              "message is allocated); an input from mixcc.empty (the group's "
                              "registered pool, 1 GiB per rank by default, made by its first "
                              "mixcc.empty) is read by peers in place by the one-shot from "
-                             "fused.REG_MIN_BYTES per rank, staged below")
+                             "fused.REG_MIN_BYTES per rank, staged below; push reads any "
+                             "input in place (its senders store it straight to the peers)")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:
