@@ -298,18 +298,19 @@ class FusedRunner:
             algo = choice.algorithm
         else:
             algo = self.default_algorithm(i, nbytes)
-        if algo == "push" and self.algorithm != "push" \
-                and push_cols(stage, self.elem, self.rt.region_bytes) < self.vec:
-            algo = "one_shot"  # auto's or a table's push, whose sender area is too small
-        if algo == "push" and not self._push_safe[i]:
-            # decided per stage, never per call: whether a call runs in place may differ
-            # between ranks, and every rank must launch the same kernel
-            if self.algorithm == "push":
-                raise ValueError(
-                    f"algorithm='push' cannot run stage {i} of this program: an output block "
-                    "is written before a later one reads it as input, so it could not run "
-                    "in place; use algorithm='one_shot' or 'two_shot'")
+        # push where it cannot run: auto's or a table's falls back to the one-shot, a
+        # requested one is refused (below, or by the workspace check). Decided per stage,
+        # never per call: whether a call runs in place may differ between ranks, and every
+        # rank must launch the same kernel.
+        if algo == "push" and self.algorithm != "push" and (
+                not self._push_safe[i]
+                or push_cols(stage, self.elem, self.rt.region_bytes) < self.vec):
             algo = "one_shot"
+        if algo == "push" and not self._push_safe[i]:
+            raise ValueError(
+                f"algorithm='push' cannot run stage {i} of this program: an output block "
+                "is written before a later one reads it as input, so it could not run "
+                "in place; use algorithm='one_shot' or 'two_shot'")
         two = algo == "two_shot"
         if algo == "push":
             cols = push_cols(stage, self.elem, self.rt.region_bytes)
