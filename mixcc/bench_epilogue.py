@@ -2,7 +2,9 @@
 [/ quant] with its epilogue fused into the kernel, against the best unfused chains a user
 could write: mixcc's collective, or NCCL's, followed by the same epilogue compiled by
 torch.compile (inductor). One process per GPU on NCCL, CUDA graphs of `iters` calls, the
-median of `repeats` (each the max over ranks), as `mixcc bench` times.
+median of `repeats` (each the max over ranks), as `mixcc bench` times. A fourth column
+times mixcc's collective alone, with no epilogue: the floor under any fused kernel, so
+that (mixcc+compiled - alone) is what the unfused epilogue costs and fusion can save.
 
     python -m mixcc.bench_epilogue --world-size 2 --hidden 4096,8192 --out results/epi
 """
@@ -23,7 +25,7 @@ CASES = {  # name: (program, mesh axes as dp, tp of a world of 2 * n)
     "ar_add_rmsnorm_quant": (LAYER + "; quant(fp8_e4m3, scale)", "tp"),
     "ar_ag_add_rmsnorm": ("allreduce(tp); allgather(dp); add(residual); rmsnorm(weight)", "dp"),
 }
-COLUMNS = ("fused", "mixcc+compiled", "nccl+compiled")
+COLUMNS = ("fused", "mixcc+compiled", "nccl+compiled", "mixcc alone")
 
 
 def _epilogue_fn(quant: bool, store: bool):
@@ -61,13 +63,14 @@ def _nccl_collective(name: str, world: int):
 
 
 def _candidates(fused, plain, nccl, epi, x: torch.Tensor, kw: dict) -> dict:
-    """The three ways to run one case, as no-argument calls (COLUMNS)."""
+    """The three ways to run one case and the floor, as no-argument calls (COLUMNS)."""
     r, w = kw["residual"], kw["weight"]
     s = kw.get("scale", w)
     xc = x.clone()
     return {"fused": lambda: fused(x, **kw),
             "mixcc+compiled": lambda: epi(plain(x), r, w, s),
-            "nccl+compiled": lambda: epi(nccl(xc), r, w, s)}
+            "nccl+compiled": lambda: epi(nccl(xc), r, w, s),
+            "mixcc alone": lambda: plain(x)}
 
 
 def run(rank: int, world: int, cfg: dict) -> None:
@@ -117,12 +120,14 @@ def run(rank: int, world: int, cfg: dict) -> None:
 
 def _report(rows: list[dict], out: str | None) -> None:
     head = ("case", "hidden", "rows", "fused us", "mixcc+compiled us", "nccl+compiled us",
-            "fused/mixcc", "fused/nccl", "in kernel")
+            "mixcc alone us", "fused/mixcc", "fused/nccl", "in kernel")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         f, m, n = r["fused us"], r["mixcc+compiled us"], r["nccl+compiled us"]
+        alone = r.get("mixcc alone us")
         lines.append(" | ".join(str(v) for v in (
             r["case"], r["hidden"], r["rows"], f"{f:.1f}", f"{m:.1f}", f"{n:.1f}",
+            "-" if alone is None else f"{alone:.1f}",
             f"{f / m:.2f}", f"{f / n:.2f}", "yes" if r["fused_kernel"] else "no")))
     text = "\n".join(f"| {ln} |" for ln in lines)
     print(text, flush=True)

@@ -2,8 +2,11 @@
 
 Under MPS the kernels of all ranks run on the GPU at the same time, so device times
 measured by CUDA graphs mean what they mean with one GPU per rank; without it the
-ranks' contexts are time-sliced. The control daemon is running when its control pipe
-exists: `$CUDA_MPS_PIPE_DIRECTORY/control` (default /tmp/nvidia-mps/control).
+ranks' contexts are time-sliced. The control daemon listens on
+`$CUDA_MPS_PIPE_DIRECTORY/control` (default /tmp/nvidia-mps/control): a UNIX socket in
+current drivers, a named pipe in old ones. The socket file outlives a daemon that quit
+(seen on the lent H200s: every stop waited 10 s and warned), so a socket counts as running
+only while a connect to it is not refused.
 
 `ensure()` uses a running daemon as it is, or starts a private one (its own pipe and log
 directories, exported to the processes started inside the block) and stops it at the
@@ -13,8 +16,11 @@ MPS when it initialises, so the caller must start its ranks after entering.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -50,8 +56,23 @@ def pipe_dir(env: MutableMapping[str, str] | None = None) -> str:
 
 
 def running(pipe_dir: str) -> bool:
-    """Whether an MPS control daemon listens in `pipe_dir` (its `control` pipe exists)."""
-    return os.path.exists(os.path.join(pipe_dir, "control"))
+    """Whether an MPS control daemon listens in `pipe_dir`: its `control` file exists and,
+    where that is a socket, a connect is not refused (a refused connect is a stale file; any
+    other answer, even the wrong socket type, is a live daemon)."""
+    path = os.path.join(pipe_dir, "control")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        return True  # a named pipe: no way to ask without talking the protocol
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError as e:
+            return e.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
 
 
 def manual_commands(pipe: str = "/tmp/mixcc-mps-pipe", log: str = "/tmp/mixcc-mps-log") -> str:

@@ -1,6 +1,8 @@
 # Sourced by the device scripts: the environment every mixcc process on a lent machine
 # needs. Multicast stays off (docs/DESIGN.md section 5); lark comes from the carried
-# .whl folder; kernels built here come from the carried .mxcache when the keys match.
+# .whl folder; kernels built here come from the carried .mxcache when the keys match, or
+# from .mxcache.txz (the same, xz-compressed to a seventh: a full prebuild of the suite's
+# modules is larger than the 64 MiB a call carries).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/mixcc-out}; mkdir -p "$OUT"
@@ -11,6 +13,9 @@ else
   export PYTHONPATH=$PWD
 fi
 export MIXCC_CACHE_DIR=${MIXCC_CACHE_DIR:-$PWD/.mxcache}
+if [ -f .mxcache.txz ]; then
+  tar xJf .mxcache.txz --no-same-owner || exit 1
+fi
 
 # start_mps: an MPS daemon with the pipe and log directories of this machine's scripts,
 # stopped (quit) when the calling script exits.

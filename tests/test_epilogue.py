@@ -286,9 +286,10 @@ def test_epilogue_bench_reports_ratios(tmp_path, capsys):
     from mixcc import bench_epilogue
 
     rows = [{"case": "ar_add_rmsnorm", "hidden": 4096, "rows": 8, "fused_kernel": True,
-             "fused us": 9.0, "mixcc+compiled us": 12.0, "nccl+compiled us": 18.0}]
+             "fused us": 9.0, "mixcc+compiled us": 12.0, "nccl+compiled us": 18.0,
+             "mixcc alone us": 7.5}]
     bench_epilogue._report(rows, str(tmp_path / "epi"))
-    line = "| ar_add_rmsnorm | 4096 | 8 | 9.0 | 12.0 | 18.0 | 0.75 | 0.50 | yes |"
+    line = "| ar_add_rmsnorm | 4096 | 8 | 9.0 | 12.0 | 18.0 | 7.5 | 0.75 | 0.50 | yes |"
     assert line in capsys.readouterr().out
     assert line in (tmp_path / "epi.md").read_text()
     assert '"fused us": 9.0' in (tmp_path / "epi.json").read_text()

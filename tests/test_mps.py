@@ -57,6 +57,22 @@ def test_running_is_the_control_pipe(tmp_path):
     assert mps.pipe_dir({"CUDA_MPS_PIPE_DIRECTORY": "/x"}) == "/x"
 
 
+def test_a_socket_runs_while_it_listens_and_a_stale_one_does_not(tmp_path):
+    """Current daemons listen on a UNIX socket whose file stays after they quit."""
+    import socket
+
+    path = str(tmp_path / "control")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        assert mps.running(str(tmp_path))
+    finally:
+        listener.close()
+    assert os.path.exists(path)  # the file outlives the listener
+    assert not mps.running(str(tmp_path))
+
+
 def test_ensure_starts_a_private_daemon_and_stops_it(fake):
     env, log, tmp = fake
     before = dict(env)
