@@ -88,8 +88,10 @@ class Collective:
         if self.ir.epilogue:
             why = fused.epilogue_refusal(self.plan, self.ir.epilogue)
             how = (f"the fused backend runs it after the kernels as torch ops: {why}" if why
-                   else "the fused backend runs it inside the last stage's one-shot kernel "
-                   f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
+                   else "the fused backend runs it inside the last stage's "
+                   + ("two-shot kernel (in its gather, from the owners' fp32 shares) "
+                      if self.options.get("algorithm") == "two_shot" else "one-shot kernel ")
+                   + f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
                    "elements in 16-byte packs whose workspace region holds a row, with "
                    "named tensors of x's dtype (misaligned ones through aligned copies); "
                    "otherwise, or where a stored tensor aliases x or another named tensor, "
@@ -258,7 +260,7 @@ class Collective:
                 res = runner.epilogue_call(x, out, shape, hidden, tensors)
                 if res is not None:  # fused into the kernel
                     return res
-                y = runner(x, None, shape, hidden)  # aliasing: the same grid, torch ops
+                y = runner.epilogue_fallback(x, shape, hidden)  # aliasing: torch ops
             else:
                 y = runner(x, None, shape)
         else:

@@ -284,13 +284,15 @@ class FusedRunner:
         """(algorithm code, columns per block, chunks, blocks) for intra stage i; the same on
         every rank for the same shape, as the barriers require. A tuning-table entry
         decides when there is one; else default_algorithm. With `hidden` (a fused
-        epilogue's row width, the last stage only) the one-shot on whole rows."""
+        epilogue's row width, the last stage only) the one-shot on whole rows, or the
+        two-shot where algorithm='two_shot' asked for it (its result slots in fp32)."""
         stage = self.stages[i][0]
         if hidden:
-            cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
+            two = self.algorithm == "two_shot"
+            cols = self._epilogue_cols(stage)
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks)
-            return 0, cols, n_chunks, nblocks
+            return int(two), cols, n_chunks, nblocks
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
             algo = self.algorithm
@@ -420,7 +422,9 @@ class FusedRunner:
         nbytes = x.numel() * self.elem
         a = self._cached_args(i, unit_elems, nbytes, hidden)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
-        a.epi_h = hidden if epi is not None else 0
+        # the fused epilogue's row width; without its tensors on the two-shot's epilogue
+        # grid, -1: the fp32 result slots its peers read, no statements (epilogue_fallback)
+        a.epi_h = hidden if epi is not None else (-1 if hidden and a.algo == 1 else 0)
         for j, t in enumerate(epi or ()):
             setattr(a, f"epi{j}", t.data_ptr())
         a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)
@@ -510,6 +514,13 @@ class FusedRunner:
             cur = dst
         return out
 
+    def _epilogue_cols(self, stage: IntraStage) -> int:
+        """Columns per block and chunk of the last stage's kernel with the fused epilogue:
+        the one-shot's, or with algorithm='two_shot' the two-shot's with fp32 result
+        slots (docs/DESIGN.md, "Epilogues")."""
+        two = self.algorithm == "two_shot"
+        return intra_cols(stage, two, self.elem, self.rt.region_bytes, 4 if two else 0)
+
     def epilogue_hidden(self, shape: torch.Size, tensors: dict[str, torch.Tensor]) -> int:
         """The row width with which the last stage runs this program's epilogue for an
         output of `shape`, or 0 (then the epilogue runs as torch ops after the kernels):
@@ -520,13 +531,23 @@ class FusedRunner:
         if not self.epilogue or len(shape) < 2:
             return 0
         hidden = shape[-1]
-        cols = intra_cols(self.stages[-1][0], False, self.elem, self.rt.region_bytes)
+        cols = self._epilogue_cols(self.stages[-1][0])
         if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden:
             return 0
         if any(tensors[n].dtype != self.dtype for n in self._epi_slots
                if n not in self._epi_scales):
             return 0
         return hidden
+
+    def epilogue_fallback(self, x: torch.Tensor, shape: torch.Size, hidden: int
+                          ) -> torch.Tensor:
+        """The collective's output for a rank whose tensors alias (epilogue_call gave
+        None; the caller runs the torch ops on it), on the epilogue's grid as its peers:
+        the plain one-shot, or the two-shot with fp32 result slots (its peers read them;
+        the kernel is wide only, so a misaligned x goes through an aligned copy)."""
+        if self.algorithm == "two_shot" and x.data_ptr() & 15:
+            x = x.clone()  # the allocator aligns it
+        return self(x, None, shape, hidden)
 
     def epilogue_call(self, x: torch.Tensor, out: torch.Tensor, shape: torch.Size,
                       hidden: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:

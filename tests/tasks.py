@@ -64,14 +64,16 @@ def check_exact(rank: int, world: int, group, program: str, axes: list, rpn: int
 
 def check_epilogue(rank: int, world: int, group, program: str, axes: list, rpn: int,
                    rows: int, hidden: int, dtype_name: str, seed: int,
-                   backend: str = "reference", graph: bool = False) -> str:
+                   backend: str = "reference", graph: bool = False,
+                   algorithm: str = "auto") -> str:
     """A program with an epilogue against the float64 oracle: the output and every stored
     tensor, rounding-level tolerances of the dtype. On a CUDA backend the tensors live on
     the current device, and with `graph` the call is also captured in a CUDA graph and
     replayed on new data (inputs and named tensors refilled in place)."""
     dtype = DTYPES[dtype_name]
     mesh = mixcc.Mesh(axes, ranks_per_node=rpn)
-    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend=backend)
+    coll = mixcc.compile(program, mesh, dtype=dtype, group=group, backend=backend,
+                         algorithm=algorithm)
     dev = torch.device("cuda", torch.cuda.current_device()) if backend != "reference" \
         else torch.device("cpu")
     msgs = []

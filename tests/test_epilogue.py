@@ -74,7 +74,10 @@ def test_explain_prints_the_epilogue():
     assert "add(residual); store(residual); rmsnorm(weight, eps=1e-05)" in text
     assert "  store(residual)  @ line 1, column 31" in text  # in the AST section
     assert "epilogue: add(residual)" in text
-    assert "inside the last stage's one-shot kernel" in text
+    assert "inside the last stage's one-shot kernel" in text and "fp32 shares" not in text
+    two = mixcc.compile(LAYER, Mesh({"dp": 2, "tp": 2}), backend="reference",
+                        algorithm="two_shot").explain()
+    assert "inside the last stage's two-shot kernel (in its gather, from the owners' fp32" in two
     nodes = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 4}, ranks_per_node=2),
                           backend="reference").explain()
     assert "runs it after the kernels as torch ops: its last stage crosses nodes" in nodes

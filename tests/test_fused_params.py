@@ -240,6 +240,36 @@ def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
     assert not r.epilogue_hidden(torch.Size((5, hidden)), other)  # a named tensor's dtype
 
 
+@pytest.mark.parametrize("dtype", [BF, torch.float32])
+@pytest.mark.parametrize("program,axes", [
+    (LAYER, {"dp": 1, "tp": 4}),
+    ("allreduce(tp); allgather(dp); add(res); rmsnorm(w)", {"dp": 2, "tp": 2})])
+def test_an_epilogue_runs_in_the_two_shot_when_asked_with_fp32_result_slots(dtype, program,
+                                                                             axes):
+    """algorithm='two_shot' keeps the two-shot for the fused epilogue: its owners keep
+    fp32 shares, so a chunk's region holds the staged input units in the dtype and the
+    result slots at 4 bytes per element; auto keeps the one-shot."""
+    hidden, rows = 1024, 4096
+    r = epi_runner(program, axes, dtype)
+    last = len(r.stages) - 1
+    stage = r.stages[last][0]
+    slots = stage.units_per_region(True) - stage.lmap.in_units
+    region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
+    unit = rows * hidden // stage.lmap.in_units
+    assert r._params(last, unit, unit * r.elem, hidden)[0] == 0
+    r.algorithm = "two_shot"
+    assert slots > 0 and r.epilogue_hidden(torch.Size((rows, hidden)), kw(rows, hidden, dtype))
+    algo, cols, chunks, blocks = r._params(last, unit, unit * r.elem, hidden)
+    assert algo == 1 and cols % hidden == 0 and blocks * chunks * cols >= unit
+    per_col = stage.lmap.in_units * r.elem + slots * 4
+    most = r._epilogue_cols(stage)  # the region's columns: no fewer, no more
+    assert cols <= most and most * per_col <= region < (most + r.vec) * per_col
+    # a row whose fp32 slots do not fit a region runs the torch ops after the kernels
+    wide = region // (stage.lmap.in_units * r.elem + slots * 4) // r.vec * r.vec + r.vec
+    if wide <= 16384:
+        assert not r.epilogue_hidden(torch.Size((2, wide)), kw(2, wide, dtype))
+
+
 def test_epilogue_call_stages_what_is_misaligned_and_refuses_aliasing():
     r = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
     shape = torch.Size((4, 64))
@@ -282,12 +312,10 @@ def test_epilogue_is_not_fused_into_a_cross_node_stage():
     assert "crosses nodes" in fused.epilogue_refusal(coll.plan, coll.ir.epilogue)
 
 
-def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
-    """The launch arguments are cached per (stage, unit_elems, hidden): a rank that falls
-    back after a fused call launches the same grid with epi_h = 0."""
+def recording_launches(r, monkeypatch) -> list:
+    """Give epi_runner `r` a stage library that records each launch's arguments."""
     from mixcc import fused
 
-    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
     seen = []
 
     class Lib:
@@ -300,9 +328,38 @@ def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
     r.stages = [(r.stages[0][0], Lib)]
     z = torch.zeros(1)
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES),
-                           rank=0, peers=z, epochs=z, err_dev=0, pool=None)
-    r._pools, r.timeout_ns, r.device, r._args = [], 1, 0, {}
+                           rank=0, peers=z, epochs=z, err_dev=0, pool=None,
+                           _err=SimpleNamespace(status=0), timeout_s=0)
+    r._pools, r.timeout_ns, r.device, r._args, r.debug = [], 1, 0, {}, False
     monkeypatch.setattr(fused, "_current_stream", lambda device: 0)
+    return seen
+
+
+def test_the_two_shot_fallback_keeps_the_fp32_slots(monkeypatch):
+    """With algorithm='two_shot' a rank whose tensors alias runs the kernel variant that
+    still writes fp32 result slots (epi_h = -1: its peers read them as fp32) on the
+    epilogue's grid, with x aligned for it; without an epilogue, the plain two-shot."""
+    r = epi_runner(LAYER, {"dp": 1, "tp": 4}, BF)
+    r.algorithm = "two_shot"
+    seen = recording_launches(r, monkeypatch)
+    x, res, w = torch.randn(8, 4096).to(BF), torch.randn(8, 4096).to(BF), torch.ones(4096)
+    out = torch.empty_like(x)
+    r._launch(0, x, out, 4096, 0, 4096, [res, w.to(BF)])
+    r._launch(0, x, out, 4096, 0, 4096)
+    r._launch(0, x, out, 4096, 0)
+    (h1, _, *grid1), (h2, _, *grid2), (h3, _, *grid3) = seen
+    assert (h1, h2, h3) == (4096, -1, 0) and grid1 == grid2 and grid1[0] == grid3[0] == 1
+    odd = torch.empty(8 * 4096 + 1, dtype=BF)[1:].view(8, 4096)
+    r.__class__ = FusedRunner  # the real __call__, on the recording library
+    y = r.epilogue_fallback(odd, torch.Size((8, 4096)), 4096)
+    assert y.shape == (8, 4096) and seen[-1][0] == -1 and seen[-1][-1]  # wide: aligned
+
+
+def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
+    """The launch arguments are cached per (stage, unit_elems, hidden): a rank that falls
+    back after a fused call launches the same grid with epi_h = 0."""
+    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    seen = recording_launches(r, monkeypatch)
     x, res, w = torch.randn(8, 4096).to(BF), torch.randn(8, 4096).to(BF), torch.ones(4096)
     out = torch.empty_like(x)
     r._launch(0, x, out, 4096, 0, 4096, [res, w.to(BF)])

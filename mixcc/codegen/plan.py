@@ -99,11 +99,14 @@ def push_auto(stage: IntraStage) -> bool:
     return stage.lmap.world_size == 2 and push_width(stage) == 1 and push_safe(stage)
 
 
-def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int) -> int:
+def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int,
+               result_elem: int = 0) -> int:
     """Columns of every unit one block handles per chunk (a multiple of 16 bytes), or 0 when
-    the region is too small for one vector."""
+    the region is too small for one vector. `result_elem`: bytes per element of the
+    two-shot's result slots when not `elem` (4: fp32 slots before a fused epilogue)."""
     vec = max(1, 16 // elem)
-    per = region_bytes // (stage.units_per_region(two_shot) * elem)
+    slots = stage.units_per_region(two_shot) - stage.lmap.in_units
+    per = region_bytes // (stage.lmap.in_units * elem + slots * (result_elem or elem))
     return per // vec * vec
 
 
@@ -195,7 +198,8 @@ class Plan:
                              "a rank reads several peers; push from fused.PUSH_MIN_BYTES in "
                              "two-rank stages that push can run, here "
                              f"{'yes' if push_auto(st) else 'no'}, unless a fused epilogue "
-                             "keeps the one-shot; docs/DESIGN.md, \"Intra-node algorithms\")")
+                             "keeps the one-shot, or the two-shot with algorithm='two_shot'; "
+                             "docs/DESIGN.md, \"Intra-node algorithms\")")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)

@@ -133,7 +133,7 @@ def sym_layout_struct() -> str:
 def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     """CUDA source of one fused stage for `dtype` (deterministic text); an intra stage
     given the program's `epilogue` statements can run them after its one-shot reduction
-    (docs/DESIGN.md, "Epilogues")."""
+    or in its two-shot gather (docs/DESIGN.md, "Epilogues")."""
     if isinstance(stage, HierStage):
         if epilogue:
             raise ValueError("epilogues are not fused into hierarchical stages")

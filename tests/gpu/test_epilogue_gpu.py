@@ -4,7 +4,9 @@ fp16 and fp32; hidden 128, 4096, 7168 and 16384 (fused into the one-shot kernel)
 width and one past ops.EPI_MAX_HIDDEN (torch ops after the kernel); 1, 3 and 128 rows,
 1024 rows at 4096; CUDA graph replay with new data. Two ranks on two GPUs (NCCL), four
 ranks on one GPU under MPS (one node, and two simulated nodes over NVSHMEM, where the
-epilogue runs after the hierarchical kernel). Each case also checks which path it took."""
+epilogue runs after the hierarchical kernel). With algorithm='two_shot' the epilogue runs
+in the two-shot's gather from the owners' fp32 shares (a third of the cases, one node).
+Each case also checks which path it took."""
 
 from __future__ import annotations
 
@@ -18,30 +20,36 @@ AR_AG = "allreduce(tp); allgather(dp); add(residual); rmsnorm(weight, eps=1e-5)"
 HIDDEN_FUSED = (128, 4096, 7168, 16384)
 
 
-def cases(programs: list[tuple[str, list]], rpn: int | None) -> list[tuple]:
-    """(program, axes, rpn, rows, hidden, dtype, graph) of one run."""
+def cases(programs: list[tuple[str, list]], rpn: int | None, algorithm: str = "auto"
+          ) -> list[tuple]:
+    """(program, axes, rpn, rows, hidden, dtype, graph, algorithm) of one run."""
     out = []
     for program, axes in programs:
         for dtype in ("bfloat16", "float16", "float32"):
             for hidden in (*HIDDEN_FUSED, 4100, 20000):
                 for rows in (1, 3, 128):
-                    out.append((program, axes, rpn, rows, hidden, dtype, rows == 3))
-        out.append((program, axes, rpn, 1024, 4096, "bfloat16", True))
+                    out.append((program, axes, rpn, rows, hidden, dtype, rows == 3, algorithm))
+        out.append((program, axes, rpn, 1024, 4096, "bfloat16", True, algorithm))
     return out
 
 
-def fused_expected(coll, hidden: int, dtype: torch.dtype) -> bool:
-    """Whether the one-shot kernel runs this epilogue: a plan it can fuse into, rows of at
-    most EPI_MAX_HIDDEN elements in whole 16-byte packs, whose input units' rows fit one
-    block's region of the default workspace."""
+def fused_expected(coll, hidden: int, dtype: torch.dtype, algorithm: str) -> bool:
+    """Whether the kernel runs this epilogue: a plan it can fuse into, rows of at most
+    EPI_MAX_HIDDEN elements in whole 16-byte packs, whose input units' rows (and with
+    algorithm='two_shot' the result slots' fp32 rows) fit one block's region of the
+    default workspace."""
     from mixcc import fused, ops
     from mixcc.codegen import layout
 
     elem = torch.empty((), dtype=dtype).element_size()
     region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
+    last = coll.plan.stages[-1]
+    per_col = elem * last.lmap.in_units
+    if algorithm == "two_shot" and fused.epilogue_refusal(coll.plan, coll.ir.epilogue) is None:
+        per_col += 4 * (last.units_per_region(True) - last.lmap.in_units)
     return (fused.epilogue_refusal(coll.plan, coll.ir.epilogue) is None
             and hidden <= ops.EPI_MAX_HIDDEN and hidden * elem % 16 == 0
-            and hidden * elem * coll.plan.stages[-1].lmap.in_units <= region)
+            and hidden * per_col <= region)
 
 
 def epilogue_task(rank: int, world: int, case_list: list[tuple]) -> None:
@@ -52,37 +60,42 @@ def epilogue_task(rank: int, world: int, case_list: list[tuple]) -> None:
     from tasks import DTYPES, check_epilogue
 
     bad = []
-    for i, (program, axes, rpn, rows, hidden, dtype_name, graph) in enumerate(case_list):
+    for i, (program, axes, rpn, rows, hidden, dtype_name, graph, algorithm) in \
+            enumerate(case_list):
         mesh = mixcc.Mesh(axes, ranks_per_node=rpn)
-        probe = mixcc.compile(program, mesh, dtype=DTYPES[dtype_name], backend="fused")
+        probe = mixcc.compile(program, mesh, dtype=DTYPES[dtype_name], backend="fused",
+                              algorithm=algorithm)
         x = torch.zeros(rows * probe.ir.granularity, hidden, dtype=DTYPES[dtype_name],
                         device="cuda")
         runner = probe._fused_runner(x)
         kinds = {n: torch.empty(0, dtype=torch.float32 if n == "scale" else x.dtype)
                  for n in ("residual", "weight", "scale")}
         took = bool(runner.epilogue_hidden(probe.output_shape(x.shape), kinds))
-        if took != fused_expected(probe, hidden, DTYPES[dtype_name]):
-            bad.append(f"{program} {dtype_name} hidden {hidden}: fused={took}")
+        if took != fused_expected(probe, hidden, DTYPES[dtype_name], algorithm):
+            bad.append(f"{program} {dtype_name} hidden {hidden} {algorithm}: fused={took}")
         msg = check_epilogue(rank, world, dist.group.WORLD, program, axes, rpn or world,
                              rows * probe.ir.granularity, hidden, dtype_name, 100 + i,
-                             backend="fused", graph=graph)
+                             backend="fused", graph=graph, algorithm=algorithm)
         if msg:
-            bad.append(f"{program} {axes} rows {rows} hidden {hidden} {dtype_name}: {msg}")
+            bad.append(f"{program} {axes} rows {rows} hidden {hidden} {dtype_name} "
+                       f"{algorithm}: {msg}")
     assert not bad, f"rank {rank}: {len(bad)} of {len(case_list)} cases failed:\n" + \
         "\n".join(bad[:20])
 
 
 def test_two_gpus(spawn_ranks) -> None:
     p = Placement(2, 2)
-    spawn_ranks(epilogue_task, 2, cases([(LAYER, [("dp", 1), ("tp", 2)]),
-                                         (QUANT, [("dp", 1), ("tp", 2)]),
-                                         (AR_AG, [("dp", 2), ("tp", 1)])], None),
-                gpus=p.gpus)
+    programs = [(LAYER, [("dp", 1), ("tp", 2)]), (QUANT, [("dp", 1), ("tp", 2)]),
+                (AR_AG, [("dp", 2), ("tp", 1)])]
+    spawn_ranks(epilogue_task, 2,
+                cases(programs, None) + cases(programs, None, "two_shot")[::3], gpus=p.gpus)
 
 
 @pytest.mark.parametrize("rpn", [4, 2], ids=["one-node", "two-nodes"])
 def test_four_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
     programs = [(LAYER, [("dp", 2), ("tp", 2)]), (AR_AG, [("dp", 2), ("tp", 2)])]
+    todo = cases(programs, rpn)[::3]
     if rpn == 4:
         programs.append((QUANT, [("dp", 1), ("tp", 4)]))
-    spawn_ranks(epilogue_task, 4, cases(programs, rpn)[::3], gpus=1, nvshmem=rpn < 4)
+        todo = cases(programs, rpn)[::3] + cases(programs, rpn, "two_shot")[1::3]
+    spawn_ranks(epilogue_task, 4, todo, gpus=1, nvshmem=rpn < 4)
