@@ -11,7 +11,7 @@ from . import debug, fused, nvshmem, ops, torch_ops
 from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
-from .codegen.plan import Plan
+from .codegen.plan import HierStage, Plan
 from .errors import CompileError
 from .ir.build import build, check_dtype, check_rows
 from .ir.nodes import IR
@@ -78,6 +78,15 @@ class Collective:
         return torch.Size((rows * factor.numerator // factor.denominator, *shape[1:]))
 
     # -- explain ----------------------------------------------------------------
+    def _epilogue_kernel(self) -> str:
+        """Which kernel of the last stage runs a fused epilogue, and from what."""
+        if isinstance(self.plan.stages[-1], HierStage):
+            return ("hierarchical kernel (in its step D, from the local owners' fp32 shares; "
+                    "auto runs NCCL and the torch ops from fused.HIER_NCCL_MIN_BYTES) ")
+        if self.options.get("algorithm") == "two_shot":
+            return "two-shot kernel (in its gather, from the owners' fp32 shares) "
+        return "one-shot kernel "
+
     def explain(self) -> str:
         elem = torch.empty((), dtype=self.dtype).element_size() if self.dtype else None
         ast = "\n".join(
@@ -89,8 +98,7 @@ class Collective:
             why = fused.epilogue_refusal(self.plan, self.ir.epilogue)
             how = (f"the fused backend runs it after the kernels as torch ops: {why}" if why
                    else "the fused backend runs it inside the last stage's "
-                   + ("two-shot kernel (in its gather, from the owners' fp32 shares) "
-                      if self.options.get("algorithm") == "two_shot" else "one-shot kernel ")
+                   + self._epilogue_kernel()
                    + f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
                    "elements in 16-byte packs whose workspace region holds a row, with "
                    "named tensors of x's dtype (misaligned ones through aligned copies); "

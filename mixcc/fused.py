@@ -131,8 +131,6 @@ def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
     call still needs a shape and tensors that allow it, see FusedRunner.epilogue_call)."""
     if not plan.stages:
         return "the program has no stage (its output is a copy of its input)"
-    if isinstance(plan.stages[-1], HierStage):
-        return "its last stage crosses nodes (the hierarchical kernel has no epilogue yet)"
     if len(ops.epilogue_slots(epilogue)) > ops.EPI_SLOTS:
         return f"it names more than {ops.EPI_SLOTS} tensors"
     return None
@@ -345,7 +343,8 @@ class FusedRunner:
         if isinstance(stage, IntraStage):
             a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes, hidden)
             return a
-        cols = hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
+        cols = self._epilogue_cols(stage) if hidden else \
+            hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
         if cols < self.vec:
             raise ValueError("workspace_bytes / symmetric_bytes are too small for this "
                              "hierarchical stage; raise them")
@@ -353,9 +352,13 @@ class FusedRunner:
         choice = self._tuned(i, nbytes)
         if choice is not None and choice.algorithm == "hier":
             blocks = min(blocks, choice.blocks)
-            if self.vec <= choice.chunk_cols <= cols:
+            if self.vec <= choice.chunk_cols <= cols and not hidden:
                 cols = choice.chunk_cols // self.vec * self.vec
-        a.nblocks, a.n_chunks, a.cols = grid(unit_elems, cols, self.elem, blocks)
+        if hidden:  # a fused epilogue (or its fallback): whole rows in every chunk
+            a.nblocks, a.n_chunks, a.cols = row_grid(unit_elems, cols, hidden, self.elem,
+                                                     blocks)
+        else:
+            a.nblocks, a.n_chunks, a.cols = grid(unit_elems, cols, self.elem, blocks)
         a.share_cap = share_cap(a.cols, self.elem, stage.hier.local)
         a.depth = max(1, min(self.depth, a.n_chunks))
         a.sym, a.sym_region_bytes = self.nv.sym, self._sym_region
@@ -422,9 +425,10 @@ class FusedRunner:
         nbytes = x.numel() * self.elem
         a = self._cached_args(i, unit_elems, nbytes, hidden)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
-        # the fused epilogue's row width; without its tensors on the two-shot's epilogue
-        # grid, -1: the fp32 result slots its peers read, no statements (epilogue_fallback)
-        a.epi_h = hidden if epi is not None else (-1 if hidden and a.algo == 1 else 0)
+        # the fused epilogue's row width; without its tensors on the epilogue's grid of a
+        # kernel with fp32 result slots, -1: the slots its peers read, no statements
+        # (epilogue_fallback)
+        a.epi_h = hidden if epi is not None else (-1 if hidden and self._fp32_slots(i) else 0)
         for j, t in enumerate(epi or ()):
             setattr(a, f"epi{j}", t.data_ptr())
         a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)
@@ -514,10 +518,13 @@ class FusedRunner:
             cur = dst
         return out
 
-    def _epilogue_cols(self, stage: IntraStage) -> int:
+    def _epilogue_cols(self, stage: Stage) -> int:
         """Columns per block and chunk of the last stage's kernel with the fused epilogue:
         the one-shot's, or with algorithm='two_shot' the two-shot's with fp32 result
-        slots (docs/DESIGN.md, "Epilogues")."""
+        slots; a hierarchical stage's with fp32 result slots (docs/DESIGN.md,
+        "Epilogues")."""
+        if isinstance(stage, HierStage):
+            return hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region, 4)
         two = self.algorithm == "two_shot"
         return intra_cols(stage, two, self.elem, self.rt.region_bytes, 4 if two else 0)
 
@@ -539,13 +546,18 @@ class FusedRunner:
             return 0
         return hidden
 
+    def _fp32_slots(self, i: int) -> bool:
+        """Whether stage i's kernel keeps fp32 result slots when it runs the epilogue: the
+        two-shot's and the hierarchical kernel's owners (docs/DESIGN.md, "Epilogues")."""
+        return isinstance(self.stages[i][0], HierStage) or self.algorithm == "two_shot"
+
     def epilogue_fallback(self, x: torch.Tensor, shape: torch.Size, hidden: int
                           ) -> torch.Tensor:
         """The collective's output for a rank whose tensors alias (epilogue_call gave
         None; the caller runs the torch ops on it), on the epilogue's grid as its peers:
-        the plain one-shot, or the two-shot with fp32 result slots (its peers read them;
-        the kernel is wide only, so a misaligned x goes through an aligned copy)."""
-        if self.algorithm == "two_shot" and x.data_ptr() & 15:
+        the plain one-shot, or a kernel with fp32 result slots (its peers read them;
+        such a kernel is wide only, so a misaligned x goes through an aligned copy)."""
+        if self._fp32_slots(len(self.stages) - 1) and x.data_ptr() & 15:
             x = x.clone()  # the allocator aligns it
         return self(x, None, shape, hidden)
 

@@ -47,6 +47,10 @@ def main() -> None:
               (AR_AG, [("dp", 2), ("tp", 1)], 2)] if 2 in worlds else []
     extra += [(prog, [("dp", 2), ("tp", 2)], rpn) for prog in (LAYER, AR_AG)
               for rpn in (4, 2)] + [(QUANT, [("dp", 1), ("tp", 4)], 4)] if 4 in worlds else []
+    # the epilogue in the hierarchical kernel: the two GPUs as two nodes, two nodes of two
+    extra += [(LAYER, [("dp", 1), ("tp", 2)], 1), (AR_AG, [("dp", 2), ("tp", 1)], 1)] \
+        if 1 in nodes.get(2, []) else []
+    extra += [(QUANT, [("dp", 1), ("tp", 4)], 2)] if 2 in nodes.get(4, []) else []
     for w in worlds:  # reliability runs
         extra += [("allreduce(tp)", [("dp", 1), ("tp", w)], w),
                   ("allgather(tp)", [("dp", 1), ("tp", w)], w)]

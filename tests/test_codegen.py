@@ -237,6 +237,16 @@ def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
     ptx = _ptx(render_stage(st0, torch.bfloat16), tmp_path, (find_nvshmem().include,))
     split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
     assert not split, split[:8]
+    # with a fused epilogue (step D from fp32 shares; never run on a GPU yet): the same,
+    # and its kernels are there (EPI 1, 2, 4 packs and the -1 fallback)
+    coll = mixcc.compile("allreduce(tp); allgather(dp); add(r); rmsnorm(w)",
+                         mixcc.Mesh({"dp": 2, "tp": 2}, ranks_per_node=2), backend="reference")
+    ptx = _ptx(render_stage(coll.plan.stages[-1], torch.bfloat16, coll.ir.epilogue), tmp_path,
+               (find_nvshmem().include,))
+    split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
+    assert not split, split[:8]
+    for epi in ("1", "2", "4", "n1"):
+        assert f"hier_kernelILi8ELi{epi}E" in ptx, epi
 
 
 def _spills(source: str, tmp_path) -> dict[str, int]:

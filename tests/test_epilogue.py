@@ -80,7 +80,8 @@ def test_explain_prints_the_epilogue():
     assert "inside the last stage's two-shot kernel (in its gather, from the owners' fp32" in two
     nodes = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 4}, ranks_per_node=2),
                           backend="reference").explain()
-    assert "runs it after the kernels as torch ops: its last stage crosses nodes" in nodes
+    assert "inside the last stage's hierarchical kernel (in its step D, from the local " \
+        "owners' fp32 shares" in nodes
 
 
 def test_fusion_refusals():
@@ -273,11 +274,16 @@ def test_reference_backend_against_the_oracle(rank_pool, case, seed, dtype, hidd
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found")
-def test_prebuild_builds_the_module_the_fused_epilogue_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rpn", [2, 1], ids=["one-node", "two-nodes"])
+def test_prebuild_builds_the_module_the_fused_epilogue_loads(tmp_path, monkeypatch, rpn):
     from mixcc.codegen.build import build
+    from mixcc.codegen.spec import find_nvshmem
 
+    if rpn == 1 and find_nvshmem() is None:
+        pytest.skip("nvidia-nvshmem wheel not installed (the hierarchical kernel links it)")
     monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
-    coll = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 2}), backend="reference")
+    coll = mixcc.compile(LAYER, Mesh({"dp": 1, "tp": 2}, ranks_per_node=rpn),
+                         backend="reference")
     lines = list(fused.prebuild([(LAYER, coll.plan, coll.ir.epilogue)], [torch.bfloat16],
                                 arch="sm_90"))
     assert any("built" in ln for ln in lines[1:])

@@ -304,12 +304,39 @@ def test_epilogue_call_stages_what_is_misaligned_and_refuses_aliasing():
     assert len(r.calls) == n + 1 and r.calls[-1][3][0] is part
 
 
-def test_epilogue_is_not_fused_into_a_cross_node_stage():
+def test_a_cross_node_epilogue_runs_in_step_d_with_fp32_result_slots(monkeypatch):
+    """The hierarchical kernel fuses the epilogue too: its IPC region holds the staged
+    units in the dtype and the result slots at 4 bytes per element, chunks hold whole
+    rows, and a rank whose tensors alias launches the fp32-slot kernel (epi_h = -1)."""
+    from mixcc import fused
+    from mixcc.codegen.plan import hier_cols, share_cap
+
     coll = mixcc.compile(LAYER, mixcc.Mesh({"dp": 1, "tp": 4}, ranks_per_node=2),
                          backend="reference")
-    from mixcc import fused
+    assert fused.epilogue_refusal(coll.plan, coll.ir.epilogue) is None
+    r = epi_runner(LAYER, {"dp": 1, "tp": 4}, BF)  # one node: borrow its recording parts
+    seen = recording_launches(r, monkeypatch)
+    stage = coll.plan.stages[-1]
+    r.stages, r.plan, r._prefixes = [(stage, r.stages[0][1])], coll.plan, [PREFIX]
+    r.depth, r.nv = 2, SimpleNamespace(sym=0)
+    r._sym_region = 1 << 30  # a large symmetric heap: the IPC region binds the chunk
+    h = stage.hier
+    region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
+    most = r._epilogue_cols(stage)
+    assert most == hier_cols(stage, 2, region, r._sym_region, 4) < \
+        hier_cols(stage, 2, region, r._sym_region)
 
-    assert "crosses nodes" in fused.epilogue_refusal(coll.plan, coll.ir.epilogue)
+    def ipc(cols):
+        return h.in_units * cols * 2 + h.max_finals * share_cap(cols, 2, h.local) * 4
+
+    assert ipc(most) <= region < ipc(most + 8)
+    assert r.epilogue_hidden(torch.Size((64, 4096)), kw(64, 4096))
+    x, res, w = torch.randn(64, 4096).to(BF), torch.randn(64, 4096).to(BF), torch.ones(4096)
+    out = torch.empty_like(x)
+    r._launch(0, x, out, 4096, 0, 4096, [res, w.to(BF)])
+    r._launch(0, x, out, 4096, 0, 4096)
+    (h1, _, _, cols1, *g1), (h2, _, _, cols2, *g2) = seen
+    assert (h1, h2) == (4096, -1) and cols1 == cols2 and cols1 % 4096 == 0 and g1 == g2
 
 
 def recording_launches(r, monkeypatch) -> list:

@@ -124,15 +124,18 @@ def share_cap(cols: int, elem: int, local: int) -> int:
     return -(-(cols // vec) // local) * vec
 
 
-def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int) -> int:
+def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int,
+              result_elem: int = 0) -> int:
     """The largest chunk width (multiple of 16 bytes) whose staging and result slots fit an
-    IPC region and whose send and receive parts fit an NVSHMEM region; 0 if none does."""
+    IPC region and whose send and receive parts fit an NVSHMEM region; 0 if none does.
+    `result_elem`: bytes per element of the result slots when not `elem` (4: fp32 slots
+    before a fused epilogue)."""
     h = stage.hier
     vec = max(1, 16 // elem)
 
     def fits(cols: int) -> bool:
         sc = share_cap(cols, elem, h.local)
-        ipc = (h.in_units * cols + h.max_finals * sc) * elem
+        ipc = h.in_units * cols * elem + h.max_finals * sc * (result_elem or elem)
         sym = 2 * h.nodes * h.max_parts * sc * elem
         return ipc <= region_bytes and sym <= sym_region_bytes
 

@@ -135,9 +135,7 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     given the program's `epilogue` statements can run them after its one-shot reduction
     or in its two-shot gather (docs/DESIGN.md, "Epilogues")."""
     if isinstance(stage, HierStage):
-        if epilogue:
-            raise ValueError("epilogues are not fused into hierarchical stages")
-        return render_hier(stage, dtype)
+        return render_hier(stage, dtype, epilogue)
     if not isinstance(stage, IntraStage):
         raise TypeError(f"not a fused stage: {stage!r}")
     ctx = _common(stage, dtype)
@@ -150,16 +148,22 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     scheds.append({"name": "Push", "table": _ints(flat), "offsets": _ints(offsets),
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
-        schedules=scheds, epilogue_loads=ops.epilogue_cuda(epilogue)[0],
-        epilogue=ops.epilogue_cuda(epilogue)[1],
-        epilogue_text="; ".join(str(e) for e in epilogue),
-        epi_fp8=bool(epilogue) and epilogue[-1].op == "quant",
-        epi_max_hidden=ops.EPI_MAX_HIDDEN,
-        epi_max_packs=ops.EPI_MAX_HIDDEN // (ctx["vec"] * layout.THREADS), **ctx)
+        schedules=scheds, **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)
 
 
-def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
-    """CUDA source of one hierarchical (IPC + NVSHMEM) stage for `dtype`."""
+def _epilogue_ctx(epilogue: tuple, vec: int) -> dict:
+    """What templates/epilogue_rows.cu.j2 renders a fused epilogue from."""
+    loads, body = ops.epilogue_cuda(epilogue)
+    return dict(epilogue_loads=loads, epilogue=body,
+                epilogue_text="; ".join(str(e) for e in epilogue),
+                epi_fp8=bool(epilogue) and epilogue[-1].op == "quant",
+                epi_max_hidden=ops.EPI_MAX_HIDDEN,
+                epi_max_packs=ops.EPI_MAX_HIDDEN // (vec * layout.THREADS))
+
+
+def render_hier(stage: HierStage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
+    """CUDA source of one hierarchical (IPC + NVSHMEM) stage for `dtype`; with the
+    program's `epilogue`, its step D runs the statements (docs/DESIGN.md, "Epilogues")."""
     ctx = _common(stage, dtype)
     h = stage.hier
     if h.nodes > layout.MAX_NODES:
@@ -168,5 +172,4 @@ def render_hier(stage: HierStage, dtype: torch.dtype) -> str:
     return _env().get_template("hier_kernel.cu.j2").render(
         table=_ints(flat), offsets=_ints(offsets), max_terms=max_terms, max_src=max_src,
         local=h.local, nodes=h.nodes, max_parts=h.max_parts, max_nodes=layout.MAX_NODES,
-        sym_layout=sym_layout_struct(),
-        **ctx)
+        sym_layout=sym_layout_struct(), **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)

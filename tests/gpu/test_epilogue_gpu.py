@@ -4,8 +4,9 @@ fp16 and fp32; hidden 128, 4096, 7168 and 16384 (fused into the one-shot kernel)
 width and one past ops.EPI_MAX_HIDDEN (torch ops after the kernel); 1, 3 and 128 rows,
 1024 rows at 4096; CUDA graph replay with new data. Two ranks on two GPUs (NCCL), four
 ranks on one GPU under MPS (one node, and two simulated nodes over NVSHMEM, where the
-epilogue runs after the hierarchical kernel). With algorithm='two_shot' the epilogue runs
-in the two-shot's gather from the owners' fp32 shares (a third of the cases, one node).
+epilogue runs in the hierarchical kernel's step D from the local owners' fp32 shares).
+With algorithm='two_shot' the epilogue runs in the two-shot's gather from the owners'
+fp32 shares (a third of the cases, one node).
 Each case also checks which path it took."""
 
 from __future__ import annotations
@@ -35,21 +36,26 @@ def cases(programs: list[tuple[str, list]], rpn: int | None, algorithm: str = "a
 
 def fused_expected(coll, hidden: int, dtype: torch.dtype, algorithm: str) -> bool:
     """Whether the kernel runs this epilogue: a plan it can fuse into, rows of at most
-    EPI_MAX_HIDDEN elements in whole 16-byte packs, whose input units' rows (and with
-    algorithm='two_shot' the result slots' fp32 rows) fit one block's region of the
-    default workspace."""
+    EPI_MAX_HIDDEN elements in whole 16-byte packs, whose input units' rows (and, in the
+    two-shot and the hierarchical kernel, the result slots' fp32 rows) fit one block's
+    regions of the default workspaces."""
     from mixcc import fused, ops
     from mixcc.codegen import layout
+    from mixcc.codegen.plan import HierStage, hier_cols
 
     elem = torch.empty((), dtype=dtype).element_size()
     region = layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
     last = coll.plan.stages[-1]
-    per_col = elem * last.lmap.in_units
-    if algorithm == "two_shot" and fused.epilogue_refusal(coll.plan, coll.ir.epilogue) is None:
-        per_col += 4 * (last.units_per_region(True) - last.lmap.in_units)
+    if isinstance(last, HierStage):
+        sym = layout.sym_region_bytes(layout.DEFAULT_SYMMETRIC_BYTES)
+        fits = hidden <= hier_cols(last, elem, region, sym, 4)
+    else:
+        per_col = elem * last.lmap.in_units
+        if algorithm == "two_shot":
+            per_col += 4 * (last.units_per_region(True) - last.lmap.in_units)
+        fits = hidden * per_col <= region
     return (fused.epilogue_refusal(coll.plan, coll.ir.epilogue) is None
-            and hidden <= ops.EPI_MAX_HIDDEN and hidden * elem % 16 == 0
-            and hidden * per_col <= region)
+            and hidden <= ops.EPI_MAX_HIDDEN and hidden * elem % 16 == 0 and fits)
 
 
 def epilogue_task(rank: int, world: int, case_list: list[tuple]) -> None:
@@ -91,11 +97,18 @@ def test_two_gpus(spawn_ranks) -> None:
                 cases(programs, None) + cases(programs, None, "two_shot")[::3], gpus=p.gpus)
 
 
+def test_two_gpus_as_two_nodes(spawn_ranks) -> None:
+    """The hierarchical kernel's step D, one rank per GPU and node (NVSHMEM between them)."""
+    programs = [(LAYER, [("dp", 1), ("tp", 2)]), (AR_AG, [("dp", 2), ("tp", 1)])]
+    spawn_ranks(epilogue_task, 2, cases(programs, 1)[::3], gpus=2, nvshmem=True)
+
+
 @pytest.mark.parametrize("rpn", [4, 2], ids=["one-node", "two-nodes"])
 def test_four_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
-    programs = [(LAYER, [("dp", 2), ("tp", 2)]), (AR_AG, [("dp", 2), ("tp", 2)])]
+    # at two nodes: LAYER on dp=2,tp=2 stays inside a node, AR_AG and QUANT cross nodes
+    programs = [(LAYER, [("dp", 2), ("tp", 2)]), (AR_AG, [("dp", 2), ("tp", 2)]),
+                (QUANT, [("dp", 1), ("tp", 4)])]
     todo = cases(programs, rpn)[::3]
     if rpn == 4:
-        programs.append((QUANT, [("dp", 1), ("tp", 4)]))
-        todo = cases(programs, rpn)[::3] + cases(programs, rpn, "two_shot")[1::3]
+        todo += cases(programs, rpn, "two_shot")[1::3]
     spawn_ranks(epilogue_task, 4, todo, gpus=1, nvshmem=rpn < 4)
