@@ -534,17 +534,25 @@ class FusedRunner:
         rows of at most EPI_MAX_HIDDEN elements in whole 16-byte packs that fit a block's
         region, and named tensors of x's dtype (the scale: one float32). It depends on the
         shape and dtypes alone, the same on every rank, so every rank launches the same
-        grid and every replica computes the same values."""
+        grid and every replica computes the same values. Where the last stage's kernel
+        keeps fp32 result slots for the epilogue (the two-shot's, the hierarchical one),
+        a named tensor of another dtype is refused (ValueError): a rank that ran the
+        plain kernel there would hand its peers slots of the wrong type."""
         if not self.epilogue or len(shape) < 2:
             return 0
         hidden = shape[-1]
         cols = self._epilogue_cols(self.stages[-1][0])
         if hidden > ops.EPI_MAX_HIDDEN or hidden % self.vec or cols < hidden:
             return 0
-        if any(tensors[n].dtype != self.dtype for n in self._epi_slots
-               if n not in self._epi_scales):
-            return 0
-        return hidden
+        other = [n for n in self._epi_slots
+                 if n not in self._epi_scales and tensors[n].dtype != self.dtype]
+        if other and self._fp32_slots(len(self.stages) - 1):
+            raise ValueError(
+                f"keyword tensor(s) {other} must have x's dtype {self.dtype} here: this "
+                "program's last stage runs its epilogue from fp32 result slots that every "
+                "rank must write alike (algorithm='two_shot' or a cross-node last stage); "
+                "convert them, or use algorithm='one_shot' on one node")
+        return 0 if other else hidden
 
     def _fp32_slots(self, i: int) -> bool:
         """Whether stage i's kernel keeps fp32 result slots when it runs the epilogue: the

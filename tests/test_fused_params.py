@@ -268,6 +268,13 @@ def test_an_epilogue_runs_in_the_two_shot_when_asked_with_fp32_result_slots(dtyp
     wide = region // (stage.lmap.in_units * r.elem + slots * 4) // r.vec * r.vec + r.vec
     if wide <= 16384:
         assert not r.epilogue_hidden(torch.Size((2, wide)), kw(2, wide, dtype))
+    # a named tensor of another dtype would make this rank run the plain kernel, whose
+    # slots its peers would read as fp32: refused (the one-shot just runs torch ops)
+    other = {**kw(rows, hidden, dtype), "w": torch.ones(hidden, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="must have x's dtype"):
+        r.epilogue_hidden(torch.Size((rows, hidden)), other)
+    r.algorithm = "one_shot"
+    assert r.epilogue_hidden(torch.Size((rows, hidden)), other) == 0
 
 
 def test_epilogue_call_stages_what_is_misaligned_and_refuses_aliasing():
