@@ -13,9 +13,14 @@
 #           the environment, README "GPU checks")
 #   mps     GPU 0 alone: the suite's tests whose ranks share a GPU under MPS (the fixture
 #           starts and stops the daemon), the mutate control and the block cap among them
-# Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl", ".mxcache"].
-# Prebuild the suite's kernels on the CPU machine first (nvcc, no GPU needed):
+#   epi     the epilogue tests (one-shot, two-shot, hierarchical step D) and the epilogue
+#           bench (fused against mixcc's and NCCL's collective + a compiled epilogue)
+#   prebuild  the suite's kernels that the carried cache lacks (the NVSHMEM modules are
+#           too large to carry), nvcc on every core; run it before the others
+# Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl",
+# ".mxcache.txz"] (or ".mxcache" when it is under 64 MiB). Prebuild on the CPU machine first:
 #   MIXCC_CACHE_DIR=.mxcache python3 scripts/prebuild_gpu_tests.py --arch sm_90a
+#   tar cf - --exclude='.mxcache/modules/hier-*' .mxcache | xz > .mxcache.txz
 set -u
 source "$(dirname "$0")/device_env.sh"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
@@ -58,6 +63,14 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
       bench ar_tuned --mesh dp=1,tp=2 --program allreduce --backend \
         auto,fused:one_shot,fused:push,fused:two_shot,reference ;;
     mps) CUDA_VISIBLE_DEVICES=0 suite mps -k "mps or block_cap" tests/gpu ;;
+    epi)
+      suite epi tests/gpu/test_epilogue_gpu.py
+      timeout "${BENCH_TIMEOUT:-300}" python3 -m mixcc.bench_epilogue --world-size 2 \
+        --hidden 4096,8192 --max-rows 512 --repeats 5 --out "$OUT/epi" > "$OUT/epi.log" 2>&1
+      grep "^|" "$OUT/epi.log" ;;
+    prebuild)
+      python3 scripts/prebuild_gpu_tests.py --arch "${ARCH:-sm_90a}" > "$OUT/prebuild.log" 2>&1
+      grep "prebuild:" "$OUT/prebuild.log" ;;
   esac
   (cd "$OUT" && tar czf "/tmp/results-$step.tgz" --exclude="*.tgz" . && mv "/tmp/results-$step.tgz" .)
 done
