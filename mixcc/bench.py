@@ -338,7 +338,8 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
                 obj = mixcc_compile(prog, mesh, dtype=dtype,
                                     backend="auto" if be.startswith("auto") else "fused",
                                     algorithm=FUSED[be],
-                                    group=reg_group if be == "auto:registered" else None)
+                                    group=reg_group if be == "auto:registered" else None,
+                                    **cfg.get("fused_options", {}))
             except ValueError as e:
                 skipped.append(f"{be}: {e}")
                 continue
@@ -519,7 +520,14 @@ def preamble(mesh: Mesh, world: int, pg: str, dtype: str, backends: str, cfg: di
             f"# dtype {dtype}, hidden {cfg['hidden']}, backends {backends}; time: median of "
             f"{cfg['repeats']} repeats of {cfg['iters']} calls (min, max: fastest and slowest "
             f"repeat), each the max over ranks; moved: bus bytes per rank; ratio: time / the "
-            f"best baseline's")
+            f"best baseline's" + _options_line(cfg.get("fused_options")))
+
+
+def _options_line(opts: dict | None) -> str:
+    """The compile options every fused row ran with, when not compile's defaults."""
+    if not opts:
+        return ""
+    return "\n# fused options: " + ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
 
 
 def header() -> str:

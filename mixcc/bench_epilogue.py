@@ -84,7 +84,8 @@ def run(rank: int, world: int, cfg: dict) -> None:
     for name in cfg["cases"]:
         program, axis = CASES[name]
         mesh = mixcc.Mesh({"dp": world, "tp": 1} if axis == "dp" else {"dp": 1, "tp": world})
-        fused = mixcc.compile(program, mesh, dtype=dtype, backend="fused")
+        fused = mixcc.compile(program, mesh, dtype=dtype, backend="fused",
+                              algorithm=cfg.get("algorithm", "auto"))
         colls = program.split("; add")[0]
         plain = mixcc.compile(colls, mesh, dtype=dtype)  # auto, as a user would
         nccl = _nccl_collective(name, world)
@@ -110,6 +111,7 @@ def run(rank: int, world: int, cfg: dict) -> None:
                     t = repeat_times(fns[col], cfg["iters"], cfg["repeats"], "graph")
                     times[col] = statistics.median(_max_over_ranks(t, dev)) * 1e6
                 rows_out.append({"case": name, "program": program, "hidden": hidden,
+                                 "algorithm": cfg.get("algorithm", "auto"),
                                  "rows": rows, "bytes": x.numel() * x.element_size(),
                                  "fused_kernel": is_fused,
                                  **{f"{c} us": times[c] for c in COLUMNS}})
@@ -150,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rows", type=int, default=512)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--algorithm", default="auto", choices=("auto", "one_shot", "two_shot"),
+                    help="the fused kernel's one-node algorithm (the epilogue runs after "
+                         "the one-shot's reduction or in the two-shot's gather)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.device_count() < a.world_size:
         ap.error(f"needs {a.world_size} GPUs (one process per GPU on NCCL)")
     cfg = {"cases": a.case or list(CASES), "hidden": [int(h) for h in a.hidden.split(",")],
-           "max_rows": a.max_rows, "iters": a.iters, "repeats": a.repeats, "out": a.out}
+           "max_rows": a.max_rows, "iters": a.iters, "repeats": a.repeats, "out": a.out,
+           "algorithm": a.algorithm}
     launch.spawn(run, a.world_size, cfg, backend="nccl")
     return 0
 

@@ -141,6 +141,35 @@ def _byte_sizes(args: argparse.Namespace, row_bytes: int, max_rows: int
     return got[0], got[1]
 
 
+def _fused_options(args: argparse.Namespace) -> dict:
+    """compile()'s workspace and pipeline options from bench's flags, checked as compile
+    checks them (only the ones given: the rest keep compile's defaults)."""
+    from .bench import parse_size
+    from .codegen import layout
+
+    opts: dict = {}
+    for flag, name, least in (("--workspace-bytes", "workspace_bytes",
+                               layout.MIN_WORKSPACE_BYTES),
+                              ("--symmetric-bytes", "symmetric_bytes",
+                               layout.min_symmetric_bytes())):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            v = parse_size(text)
+        except ValueError as e:
+            raise UsageError(f"{flag} {e}") from None
+        if v < least:
+            raise UsageError(f"{flag} must be at least {least} bytes, got {text!r}")
+        opts[name] = v
+    if args.pipeline_depth is not None:
+        if not 1 <= args.pipeline_depth < layout.NSETS:
+            raise UsageError(f"--pipeline-depth must be 1-{layout.NSETS - 1}, got "
+                             f"{args.pipeline_depth}")
+        opts["pipeline_depth"] = args.pipeline_depth
+    return opts
+
+
 def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list[str]]:
     """Check every `bench` argument without starting a process (nor initialising CUDA);
     returns one (world size, config every rank runs) per world and the skip notes
@@ -198,6 +227,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
     if args.out:
         _check_out(args.out)
 
+    fused_options = _fused_options(args)
     texts = [_program(p) for p in args.program or list(presets.PRESETS)]
     runs: list[tuple[int, dict]] = []
     skipped: list[str] = []
@@ -265,6 +295,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
             "out": args.out,
             "pg": "nccl" if nccl else "gloo",
             "mps": mps_on,
+            "fused_options": fused_options,
         }))
     if args.backend is not None:
         for be in backends:
@@ -455,6 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-mps", action="store_true",
                    help="ranks sharing a GPU: do not start MPS; GPU rows report the host "
                         "time to issue a call instead of device times")
+    b.add_argument("--workspace-bytes", default=None,
+                   help="fused backends: IPC workspace per rank, e.g. 256M (compile's "
+                        "workspace_bytes; default 64M of data)")
+    b.add_argument("--symmetric-bytes", default=None,
+                   help="fused backends: NVSHMEM workspace per rank, e.g. 128M (compile's "
+                        "symmetric_bytes; default 32M)")
+    b.add_argument("--pipeline-depth", type=int, default=None,
+                   help="fused backends: chunks in flight in a cross-node stage, 1-3 "
+                        "(default 2)")
     b.add_argument("--out", default=None,
                    help="write OUT.csv, OUT.json (and OUT_<program>_w<world>.png with "
                         "mixcc[plot])")

@@ -7,6 +7,9 @@
 #           symmetric memory two-shot (with and without its copy) and one-shot
 #   coll    allgather, reducescatter and both presets on dp=2,tp=1 and dp=1,tp=2
 #   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
+#   regions the nodes programs from 4 MiB at several (IPC workspace, NVSHMEM workspace,
+#           pipeline depth): what bigger chunks give the cross-node stage (issue 14 item 5)
+#   regions1  allreduce on one node from 4 MiB at IPC workspaces of 64M, 256M and 1G
 #   tune    mixcc tune for allreduce on NCCL (NCCL a candidate), then the ar sweep with
 #           that table (auto against the fixed algorithms and NCCL)
 #   gpu     the whole pytest GPU suite (python -m pytest tests/gpu; MIXCC_* counts from
@@ -14,7 +17,10 @@
 #   mps     GPU 0 alone: the suite's tests whose ranks share a GPU under MPS (the fixture
 #           starts and stops the daemon), the mutate control and the block cap among them
 #   epi     the epilogue tests (one-shot, two-shot, hierarchical step D) and the epilogue
-#           bench (fused against mixcc's and NCCL's collective + a compiled epilogue)
+#           bench (fused against mixcc's and NCCL's collective + a compiled epilogue;
+#           EPI_BENCH=0: the tests only)
+#   epi2s   the epilogue bench's one-node cases with the two-shot kernel (epilogue in its
+#           gather)
 #   prebuild  the suite's kernels that the carried cache lacks (the NVSHMEM modules are
 #           too large to carry), nvcc on every core; run it before the others
 # Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl",
@@ -29,7 +35,7 @@ MAX=${MAX:-256M}
 bench() {  # name, then mixcc bench arguments; the pivot table (printed last) to stdout
   local name=$1; shift
   timeout "${BENCH_TIMEOUT:-590}" python3 -m mixcc bench --world-size 2 --dtype bfloat16 --hidden 4096 --iters 20 \
-    --repeats 5 --min-bytes 8K --max-bytes "$MAX" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+    --repeats 5 --min-bytes "${MIN:-8K}" --max-bytes "$MAX" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   sed -n '/^# oop time/,$p' "$OUT/$name.log" | grep -v "^wrote\|^note"
 }
 suite() {  # name, then pytest arguments: the log to $OUT/pytest_NAME.log, its tail here
@@ -54,6 +60,21 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
     nodes)
       bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
         --program "allgather(dp)" --backend auto,fused,reference ;;
+    regions)
+      python3 -m mixcc prebuild --program "allreduce(dp)" --program "allgather(dp)" \
+        --mesh dp=2,tp=1 --ranks-per-node 1 --dtype bfloat16 > "$OUT/regions_prebuild.log" 2>&1
+      IFS=';' read -ra cfgs <<< "${REGIONS:-64M 32M 2;64M 64M 2;256M 256M 2;256M 256M 3;1G 1G 2}"
+      for c in "${cfgs[@]}"; do
+        set -- $c
+        MIN=4M MAX=64M bench "regions_$1_$2_$3" --mesh dp=2,tp=1 --ranks-per-node 1 \
+          --program "allreduce(dp)" --program "allgather(dp)" --backend fused,reference \
+          --workspace-bytes "$1" --symmetric-bytes "$2" --pipeline-depth "$3" | grep -v "^#"
+      done ;;
+    regions1)
+      for ws in ${REGIONS1:-64M 256M 1G}; do
+        MIN=4M MAX=64M bench "regions1_$ws" --mesh dp=1,tp=2 --program allreduce \
+          --backend fused:one_shot,fused:push,reference --workspace-bytes "$ws" | grep -v "^#"
+      done ;;
     gpu) suite gpu tests/gpu ;;
     tune)
       export MIXCC_TUNE_TABLE=$OUT/tune_table.json
@@ -65,9 +86,16 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
     mps) CUDA_VISIBLE_DEVICES=0 suite mps -k "mps or block_cap" tests/gpu ;;
     epi)
       suite epi tests/gpu/test_epilogue_gpu.py
+      if [ "${EPI_BENCH:-1}" != 0 ]; then
+        timeout "${BENCH_TIMEOUT:-300}" python3 -m mixcc.bench_epilogue --world-size 2 \
+          --hidden 4096,8192 --max-rows 512 --repeats 5 --out "$OUT/epi" > "$OUT/epi.log" 2>&1
+        grep "^|" "$OUT/epi.log"
+      fi ;;
+    epi2s)
       timeout "${BENCH_TIMEOUT:-300}" python3 -m mixcc.bench_epilogue --world-size 2 \
-        --hidden 4096,8192 --max-rows 512 --repeats 5 --out "$OUT/epi" > "$OUT/epi.log" 2>&1
-      grep "^|" "$OUT/epi.log" ;;
+        --hidden 4096,8192 --max-rows 512 --repeats 5 --algorithm two_shot \
+        --case ar_add_rmsnorm --case ar_add_rmsnorm_quant --out "$OUT/epi2s" > "$OUT/epi2s.log" 2>&1
+      grep "^|" "$OUT/epi2s.log" ;;
     prebuild)
       python3 scripts/prebuild_gpu_tests.py --arch "${ARCH:-sm_90a}" > "$OUT/prebuild.log" 2>&1
       grep "prebuild:" "$OUT/prebuild.log" ;;

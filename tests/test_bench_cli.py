@@ -9,11 +9,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import mixcc
 from mixcc import bench, cli, launch
 from mixcc.cli import main
 
@@ -143,6 +145,35 @@ def test_sizes_in_bytes(no_spawn, argv, expect):
         return
     [(_, cfg)], _ = cli.bench_config(args)
     assert (cfg["min_bytes"], cfg["max_bytes"]) == expect
+
+
+def test_fused_options_reach_compile_and_bad_ones_are_refused(no_spawn, monkeypatch):
+    from mixcc.codegen import layout
+
+    [(_, cfg)], _ = cli.bench_config(_args("--program", "allreduce", "--workspace-bytes",
+                                           "256M", "--symmetric-bytes", "128MiB",
+                                           "--pipeline-depth", "3"))
+    opts = {"workspace_bytes": 256 << 20, "symmetric_bytes": 128 << 20, "pipeline_depth": 3}
+    assert cfg["fused_options"] == opts
+    assert "# fused options: pipeline_depth=3, symmetric_bytes=134217728, " \
+           "workspace_bytes=268435456" in bench.preamble(
+               mixcc.Mesh([("tp", 2)]), 2, "gloo", "float32", "fused", cfg)
+    [(_, plain)], _ = cli.bench_config(_args("--program", "allreduce"))
+    assert plain["fused_options"] == {} and "fused options" not in bench.preamble(
+        mixcc.Mesh([("tp", 2)]), 2, "gloo", "float32", "fused", plain)
+    seen = []  # _entries hands them to every fused compile, never to the reference
+    fake = SimpleNamespace(ir=SimpleNamespace(row_factor=1))
+    monkeypatch.setattr(bench, "mixcc_compile", lambda *a, **kw: seen.append(kw) or fake)
+    cfg["pairs"] = [("allreduce(tp)", "fused:push"), ("allreduce(tp)", "reference")]
+    bench._entries(cfg, mixcc.Mesh([("tp", 2)]), torch.float32, {}, [])
+    assert [kw.get("workspace_bytes") for kw in seen] == [None, 256 << 20]
+    assert {k: seen[1][k] for k in opts} == opts and seen[1]["algorithm"] == "push"
+    small = layout.MIN_WORKSPACE_BYTES - 1
+    for argv, msg in [(("--workspace-bytes", str(small)), f"--workspace-bytes must be at "
+                       f"least {small + 1} bytes, got '{small}'"),
+                      (("--symmetric-bytes", "1.5G"), "--symmetric-bytes "),
+                      (("--pipeline-depth", "4"), "--pipeline-depth must be 1-3, got 4")]:
+        assert _bench_error_of(_args("--program", "allreduce", *argv)).startswith(msg)
 
 
 def _bench_error_of(args) -> str:
