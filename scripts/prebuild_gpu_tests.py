@@ -22,7 +22,7 @@ sys.path[:0] = [os.path.join(HERE, "..", "tests", "gpu"), os.path.join(HERE, "..
 from gpu_helpers import ladder  # noqa: E402
 from gpu_helpers.ranks import env_int  # noqa: E402
 from test_block_cap_gpu import BLOCK_CAP_PROGRAM  # noqa: E402
-from test_epilogue_gpu import AR_AG, LAYER, QUANT  # noqa: E402
+from test_epilogue_gpu import AR_AG, LAYER, QUANT, WORLD8  # noqa: E402
 from test_nan_gpu import MESHES, PROGRAMS  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def main() -> None:
     extra += [(LAYER, [("dp", 1), ("tp", 2)], 1), (AR_AG, [("dp", 2), ("tp", 1)], 1)] \
         if 1 in nodes.get(2, []) else []
     extra += [(QUANT, [("dp", 1), ("tp", 4)], 2)] if 2 in nodes.get(4, []) else []
+    # world 8 under MPS: one node, and two nodes of four (with NVSHMEM)
+    extra += [(prog, axes, rpn) for prog, axes in WORLD8 for rpn in ((8, 4) if nodes else (8,))]
     for w in worlds:  # reliability runs
         extra += [("allreduce(tp)", [("dp", 1), ("tp", w)], w),
                   ("allgather(tp)", [("dp", 1), ("tp", w)], w)]

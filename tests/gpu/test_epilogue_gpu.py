@@ -3,8 +3,9 @@ on the fused backend against the float64 oracle (tests/tasks.py check_epilogue):
 fp16 and fp32; hidden 128, 4096, 7168 and 16384 (fused into the one-shot kernel), an odd
 width and one past ops.EPI_MAX_HIDDEN (torch ops after the kernel); 1, 3 and 128 rows,
 1024 rows at 4096; CUDA graph replay with new data. Two ranks on two GPUs (NCCL), four
-ranks on one GPU under MPS (one node, and two simulated nodes over NVSHMEM, where the
-epilogue runs in the hierarchical kernel's step D from the local owners' fp32 shares).
+and eight ranks on one GPU under MPS (one node, and two simulated nodes over NVSHMEM,
+where the epilogue runs in the hierarchical kernel's step D from the local owners' fp32
+shares).
 With algorithm='two_shot' the epilogue runs in the two-shot's gather from the owners'
 fp32 shares (a third of the cases, one node).
 Each case also checks which path it took."""
@@ -68,6 +69,9 @@ def epilogue_task(rank: int, world: int, case_list: list[tuple]) -> None:
     bad = []
     for i, (program, axes, rpn, rows, hidden, dtype_name, graph, algorithm) in \
             enumerate(case_list):
+        if rank == 0:  # progress: a hung case is the last one printed (pytest -s)
+            print(f"epilogue case {i + 1}/{len(case_list)}: {program} {axes} rpn {rpn} rows "
+                  f"{rows} hidden {hidden} {dtype_name} {algorithm}", flush=True)
         mesh = mixcc.Mesh(axes, ranks_per_node=rpn)
         probe = mixcc.compile(program, mesh, dtype=DTYPES[dtype_name], backend="fused",
                               algorithm=algorithm)
@@ -101,6 +105,19 @@ def test_two_gpus_as_two_nodes(spawn_ranks) -> None:
     """The hierarchical kernel's step D, one rank per GPU and node (NVSHMEM between them)."""
     programs = [(LAYER, [("dp", 1), ("tp", 2)]), (AR_AG, [("dp", 2), ("tp", 1)])]
     spawn_ranks(epilogue_task, 2, cases(programs, 1)[::3], gpus=2, nvshmem=True)
+
+
+# the programs at world 8 (test_eight_ranks_one_gpu_mps; scripts/prebuild_gpu_tests.py)
+WORLD8 = [(LAYER, [("dp", 2), ("tp", 4)]), (AR_AG, [("dp", 2), ("tp", 4)]),
+          (QUANT, [("dp", 1), ("tp", 8)])]
+
+
+@pytest.mark.parametrize("rpn", [8, 4], ids=["one-node", "two-nodes"])
+def test_eight_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
+    """World 8 (the issue's worlds 2-8): eight ranks on one GPU under MPS, every seventh
+    case (7 is coprime with the 3 row counts and 6 widths, so each appears); at two
+    nodes of four AR_AG and QUANT cross nodes, LAYER (tp=4) stays inside one."""
+    spawn_ranks(epilogue_task, 8, cases(WORLD8, rpn)[::7], gpus=1, nvshmem=rpn < 8)
 
 
 @pytest.mark.parametrize("rpn", [4, 2], ids=["one-node", "two-nodes"])

@@ -3,7 +3,8 @@
 group ("cpu:gloo,cuda:nccl", CPU tensors on gloo), ranks sharing a GPU on gloo under CUDA
 MPS (started here when no daemon runs, stopped after). A test skips, with the reason,
 where the GPUs, nvcc, NVSHMEM or MPS it needs are missing; every spawn is joined with a
-deadline (MIXCC_GPU_TEST_TIMEOUT, default 540 s), so a hung rank fails its test.
+deadline (MIXCC_GPU_TEST_TIMEOUT, default 540 s), so a hung rank fails its test; past the
+deadline every live rank first prints its Python stacks (faulthandler, SIGUSR1) to stderr.
 
 Knobs come from the environment (`env_int`): they select the long device runs and keep
 the defaults short.
@@ -11,8 +12,10 @@ the defaults short.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -153,6 +156,13 @@ def spawn(fn: Callable, p: Placement, *args: Any, nvshmem: bool = False,
         run_ranks(fn, p.world, p.pg_backend, args, timeout_s)
 
 
+def _with_stacks(rank: int, world: int, fn: Callable, *args: Any) -> None:
+    """fn(rank, world, *args) in a rank that prints every thread's Python stack to stderr
+    on SIGUSR1 (run_ranks sends it to ranks still alive at the deadline)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    fn(rank, world, *args)
+
+
 def run_ranks(fn: Callable, world: int, backend: str, args: tuple,
               timeout_s: float | None = None) -> None:
     """mixcc.launch.spawn with a deadline: every rank is joined or killed."""
@@ -163,12 +173,17 @@ def run_ranks(fn: Callable, world: int, backend: str, args: tuple,
     timeout_s = timeout_s or float(env_int("MIXCC_GPU_TEST_TIMEOUT", 540))
     report_dir = tempfile.mkdtemp(prefix="mixcc-ranks-")
     ctx = mp.start_processes(launch._entry, nprocs=world, join=False, start_method="spawn",
-                             args=(world, launch.free_port(), backend, fn, args, report_dir))
+                             args=(world, launch.free_port(), backend, _with_stacks,
+                                   (fn, *args), report_dir))
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
                 alive = [i for i, proc in enumerate(ctx.processes) if proc.is_alive()]
+                for proc in ctx.processes:  # where each hung rank is, before it dies
+                    if proc.is_alive():  # one at a time: the stacks do not interleave
+                        os.kill(proc.pid, signal.SIGUSR1)
+                        time.sleep(1.0)
                 for proc in ctx.processes:
                     if proc.is_alive():
                         proc.kill()
