@@ -59,11 +59,14 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # machines with more than two GPUs have not been measured: `mixcc tune` decides there).
 ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
 PUSH_MIN_BYTES = 32 << 20
-# auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
-# reference backend from this many bytes per rank, where the group has NCCL: on two H200s
-# as two nodes the IPC + NVSHMEM kernel took 1.08x NCCL's time at 4 MiB and 1.3-1.6x from
-# 8 MiB on (allreduce(dp); allgather(dp) 1.0x at 4 MiB, 1.14-1.33x above; docs/PERF.md).
-HIER_NCCL_MIN_BYTES = 4 << 20
+# auto without a tuning table runs plans whose cross-node (hierarchical) stage reduces
+# across nodes on the reference backend from this many bytes per rank, where the group
+# has NCCL: on two H200s as two nodes (one rank per node, the kernel reading and writing
+# in place, 256 MiB NVSHMEM workspace) allreduce(dp) took 0.54-0.79x NCCL's time from 1
+# to 8 MiB and 1.03-1.08x from 16 to 64 MiB; allgather(dp), which only copies across
+# nodes, 0.56-0.84x at every size from 1 to 64 MiB, so copy-only plans stay fused
+# (docs/PERF.md, 2026-11-30 fifth session). Nodes of several ranks were not measured.
+HIER_NCCL_MIN_BYTES = 16 << 20
 # The one-shot reads a registered input in place (and runs the registered-input protocol:
 # a word to each neighbour before the first barrier, one more barrier at the end) only
 # from this many bytes per rank; below it the input is staged like any other and the
@@ -123,6 +126,13 @@ def shares_reduction(stage: IntraStage) -> bool:
     (allgather) two-shot only doubles the remote traffic, so auto never picks it."""
     return any(len(t.terms) > 1 and t.owners > 1
                for rs in stage.schedules["two_shot"].ranks for t in rs.reduce)
+
+
+def reduces_across_nodes(plan: Plan) -> bool:
+    """Whether a cross-node stage of the plan combines parts from several nodes (allreduce,
+    reducescatter) rather than only copying them (allgather)."""
+    hier = [st.hier for st in plan.stages if isinstance(st, HierStage)]
+    return any(len(srcs) > 1 for h in hier for rs in h.ranks for srcs in rs.finals)
 
 
 def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
@@ -233,6 +243,7 @@ class FusedRunner:
                             for st, _ in self.stages]
         self._push_auto = [isinstance(st, IntraStage) and push_auto(st) for st, _ in self.stages]
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
+        self._reduces_across_nodes = reduces_across_nodes(plan)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
@@ -268,14 +279,14 @@ class FusedRunner:
     def prefers_reference(self, nbytes: int) -> bool:
         """Whether auto should run a call with `nbytes` of input per rank on the reference
         backend (NCCL): the tuning table's entry for this size says so, or, without one, the
-        plan crosses nodes and nbytes >= HIER_NCCL_MIN_BYTES. Only on an NCCL group (the
-        reference backend cannot run CUDA tensors on gloo)."""
+        plan reduces across nodes and nbytes >= HIER_NCCL_MIN_BYTES. Only on an NCCL group
+        (the reference backend cannot run CUDA tensors on gloo)."""
         if not self._nccl or self.algorithm != "auto":
             return False
         choice = self._tuned(0, nbytes)
         if choice is not None:
             return choice.algorithm == "nccl"
-        return not self.plan.one_node and nbytes >= HIER_NCCL_MIN_BYTES
+        return self._reduces_across_nodes and nbytes >= HIER_NCCL_MIN_BYTES
 
     def _params(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
                 ) -> tuple[int, int, int, int]:

@@ -256,6 +256,28 @@ def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
     assert spills["hier<8,2>"] <= 220 and spills["hier<8,4>"] <= 700, spills
 
 
+@needs_nvcc
+@pytest.mark.skipif(__import__("mixcc.codegen.spec", fromlist=["x"]).find_nvshmem() is None,
+                    reason="nvidia-nvshmem wheel not installed")
+def test_one_rank_per_node_hier_kernel_compiles_without_spills(tmp_path):
+    """DIRECT (one rank per node: input read and output written in place), plain and with a
+    fused epilogue: whole 16-byte stores, and the plain kernels do not spill."""
+    from mixcc.codegen.spec import find_nvshmem
+
+    inc = (find_nvshmem().include,)
+    for program, axes in (("allreduce(dp)", {"dp": 2, "tp": 1}),
+                          ("allreduce(tp); allgather(dp); add(r); rmsnorm(w)",
+                           {"dp": 2, "tp": 2})):
+        coll = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=1), backend="reference")
+        src = render_stage(coll.plan.stages[-1], torch.bfloat16, coll.ir.epilogue)
+        assert "constexpr int LOCAL = 1;" in src
+        ptx = _ptx(src, tmp_path, inc)
+        split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
+        assert not split, split[:8]
+        spills = _spills(src, tmp_path, inc)
+        assert spills["hier<8,0>"] == 0 and spills["hier<1,0>"] == 0, spills
+
+
 def _spills(source: str, tmp_path, include: tuple[str, ...] = ()) -> dict[str, int]:
     """Bytes of spill stores per kernel of a rendered module (ptxas -v), keyed
     "stage<VEC,TWO_SHOT,EPI>", "push<VEC>" and "hier<VEC,EPI>" (EPI -1: "n1")."""

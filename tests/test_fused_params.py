@@ -22,6 +22,7 @@ from mixcc.fused import (
     push_auto,
     push_safe,
     push_width,
+    reduces_across_nodes,
     shares_reduction,
 )
 
@@ -43,6 +44,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r._push_width = [push_width(st) for st, _ in r.stages]
     r._push_auto = [push_auto(st) for st, _ in r.stages]
     r._nccl = True
+    r._reduces_across_nodes = reduces_across_nodes(coll.plan)
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
 
@@ -126,11 +128,18 @@ def test_push_in_place_hazard_falls_back_or_raises():
                      .stages[0][0])
 
 
-def test_cross_node_plans_go_to_nccl_from_4_mib_without_a_table():
-    r = runner("allreduce(dp)", {"dp": 2, "tp": 1}, torch.bfloat16)
-    r.plan = mixcc.compile("allreduce(dp)", mixcc.Mesh({"dp": 2, "tp": 1}, ranks_per_node=1),
+def _two_nodes(program: str) -> FusedRunner:
+    r = runner(program, {"dp": 2, "tp": 1}, torch.bfloat16)
+    r.plan = mixcc.compile(program, mixcc.Mesh({"dp": 2, "tp": 1}, ranks_per_node=1),
                            backend="reference").plan
+    r._reduces_across_nodes = reduces_across_nodes(r.plan)
     assert not r.plan.one_node
+    return r
+
+
+def test_cross_node_reductions_go_to_nccl_from_16_mib_without_a_table():
+    assert HIER_NCCL_MIN_BYTES == 16 << 20
+    r = _two_nodes("allreduce(dp)")
     assert not r.prefers_reference(HIER_NCCL_MIN_BYTES - 1)
     assert r.prefers_reference(HIER_NCCL_MIN_BYTES)
     r._nccl = False
@@ -140,6 +149,14 @@ def test_cross_node_plans_go_to_nccl_from_4_mib_without_a_table():
     r.tuned = {(0, tune.bucket(64 << 20)): tune.Choice("hier", 8)}
     assert not r.prefers_reference(64 << 20)
     assert not runner("allreduce(tp)", {"tp": 2}, torch.bfloat16).prefers_reference(1 << 30)
+    # copies across nodes (allgather) stay fused at every size; reductions do not
+    for program, reduces in (("allgather(dp)", False), ("reducescatter(dp)", True),
+                             ("allreduce(tp); allgather(dp)", False),
+                             ("reducescatter(dp); allreduce(tp)", True)):
+        r = _two_nodes(program)
+        assert reduces_across_nodes(r.plan) is reduces, program
+        assert r.prefers_reference(1 << 30) is reduces, program
+    assert not reduces_across_nodes(runner("allreduce(tp)", {"tp": 2}, torch.bfloat16).plan)
 
 
 def test_nccl_entry_sends_auto_to_the_reference_backend():

@@ -111,6 +111,26 @@ def test_hier_chunk_fits_both_workspaces(program, elem):
     assert f"NVSHMEM symmetric heap {layout.DEFAULT_SYMMETRIC_BYTES} B" in text
 
 
+@pytest.mark.parametrize("program", ["allreduce(dp)", "allgather(dp)"])
+def test_one_rank_per_node_chunks_by_the_nvshmem_region_alone(program):
+    """With one rank per node the kernel stages nothing in the IPC region (DIRECT in
+    templates/hier_kernel.cu.j2): the chunk is the widest the NVSHMEM region holds, even
+    past the IPC region; with fp32 result slots (a fused epilogue) the IPC region bounds
+    it again."""
+    (st,) = lowered(program, Mesh({"dp": 2, "tp": 1}, ranks_per_node=1)).stages
+    h, elem = st.hier, 2
+    region, sregion = layout.region_bytes(1 << 20), layout.sym_region_bytes(64 << 20)
+    cols = hier_cols(st, elem, region, sregion)
+    assert cols * elem * h.in_units > region  # no longer bounded by the IPC region
+    assert 2 * h.nodes * h.max_parts * cols * elem <= sregion
+    assert 2 * h.nodes * h.max_parts * (cols + 8) * elem > sregion
+    slots = hier_cols(st, elem, region, sregion, 4)
+    assert 0 < slots < cols and (h.in_units * slots * elem + h.max_finals * slots * 4
+                                 <= region)
+    text = lowered(program, Mesh({"dp": 2, "tp": 1}, ranks_per_node=1)).describe(elem)
+    assert "one rank per node: the input is read in place" in text
+
+
 def test_grid_covers_every_column_evenly():
     for unit_elems in (1, 7, 8192, 131072, 7168 * 4096, 12345):
         for cols in (8, 4096, 65536):

@@ -50,8 +50,12 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
 
 from __future__ import annotations
 
-# Default per-rank NVSHMEM symmetric workspace (regions of about 64 KiB at 128 blocks).
-DEFAULT_SYMMETRIC_BYTES = 32 << 20
+# Default per-rank NVSHMEM symmetric workspace: regions of about 512 KiB at 128 blocks.
+# Two H200s as two nodes, allreduce(dp) from 8 MiB per rank: 32 MiB (64 KiB regions, 16
+# KiB of input per block and chunk) took 1.30-1.48x NCCL's time, 256 MiB with as large an
+# IPC workspace 0.94-1.20x; 1 GiB (one chunk per block at 64 MiB: no pipelining) 1.48x
+# at 64 MiB (docs/PERF.md, 2026-11-30 fifth session). Only cross-node programs allocate it.
+DEFAULT_SYMMETRIC_BYTES = 256 << 20
 # Blocks per kernel; also the number of workspace regions per set. 32 blocks (one SM
 # each) moved at most ~160 GB/s through the kernels' copy and reduce phases on two H200s
 # (each phase latency-bound per SM: docs/PERF.md, 2026-11-29); the link alone takes 16.

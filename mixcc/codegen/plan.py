@@ -132,14 +132,17 @@ def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: 
     before a fused epilogue)."""
     h = stage.hier
     vec = max(1, 16 // elem)
+    # one rank per node and no fp32 result slots: the kernel reads its input and writes its
+    # output in place (templates/hier_kernel.cu.j2, DIRECT), the IPC region holds nothing
+    direct = h.local == 1 and not result_elem
 
     def fits(cols: int) -> bool:
         sc = share_cap(cols, elem, h.local)
-        ipc = h.in_units * cols * elem + h.max_finals * sc * (result_elem or elem)
+        ipc = 0 if direct else h.in_units * cols * elem + h.max_finals * sc * (result_elem or elem)
         sym = 2 * h.nodes * h.max_parts * sc * elem
         return ipc <= region_bytes and sym <= sym_region_bytes
 
-    lo, hi = 0, region_bytes // (h.in_units * elem) // vec  # in packs
+    lo, hi = 0, (sym_region_bytes if direct else region_bytes // h.in_units) // elem // vec
     while lo < hi:  # the largest packs count that fits (fits() is monotone)
         mid = (lo + hi + 1) // 2
         if fits(mid * vec):
@@ -233,7 +236,10 @@ class Plan:
                     cols = hier_cols(st, elem, region, sym)
                     lines.append(f"    chunk: {cols} elements per unit per block "
                                  f"({cols * elem * h.in_units} B of input per block), share "
-                                 f"{share_cap(cols, elem, h.local)} elements per local rank")
+                                 f"{share_cap(cols, elem, h.local)} elements per local rank"
+                                 + ("; one rank per node: the input is read in place and, "
+                                    "without a fused epilogue, the output written in place"
+                                    if h.local == 1 else ""))
                 lines.append(f"    workspace per rank: IPC {workspace_bytes} B, NVSHMEM "
                              f"symmetric heap {symmetric_bytes} B (fixed, independent of the "
                              "message size)")
