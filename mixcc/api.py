@@ -82,8 +82,8 @@ class Collective:
         """Which kernel of the last stage runs a fused epilogue, and from what."""
         if isinstance(self.plan.stages[-1], HierStage):
             return ("hierarchical kernel (in its step D, from the local owners' fp32 shares; "
-                    "auto runs NCCL and the torch ops from fused.HIER_NCCL_MIN_BYTES where "
-                    "the plan reduces across nodes) ")
+                    "auto runs NCCL and the torch ops from "
+                    "fused.HIER_STAGED_NCCL_MIN_BYTES) ")
         if self.options.get("algorithm") == "two_shot":
             return "two-shot kernel (in its gather, from the owners' fp32 shares) "
         return "one-shot kernel "

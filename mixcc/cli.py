@@ -11,6 +11,7 @@ import tempfile
 import torch
 
 from . import __version__, presets
+from .codegen.layout import DEFAULT_SYMMETRIC_BYTES
 from .errors import MixccError
 from .mesh import Mesh
 
@@ -491,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "workspace_bytes; default 64M of data)")
     b.add_argument("--symmetric-bytes", default=None,
                    help="fused backends: NVSHMEM workspace per rank, e.g. 128M (compile's "
-                        "symmetric_bytes; default 32M)")
+                        f"symmetric_bytes; default {DEFAULT_SYMMETRIC_BYTES >> 20}M)")
     b.add_argument("--pipeline-depth", type=int, default=None,
                    help="fused backends: chunks in flight in a cross-node stage, 1-3 "
                         "(default 2)")

@@ -59,14 +59,21 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # machines with more than two GPUs have not been measured: `mixcc tune` decides there).
 ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
 PUSH_MIN_BYTES = 32 << 20
-# auto without a tuning table runs plans whose cross-node (hierarchical) stage reduces
-# across nodes on the reference backend from this many bytes per rank, where the group
-# has NCCL: on two H200s as two nodes (one rank per node, the kernel reading and writing
-# in place, 256 MiB NVSHMEM workspace) allreduce(dp) took 0.54-0.79x NCCL's time from 1
-# to 8 MiB and 1.03-1.08x from 16 to 64 MiB; allgather(dp), which only copies across
-# nodes, 0.56-0.84x at every size from 1 to 64 MiB, so copy-only plans stay fused
-# (docs/PERF.md, 2026-11-30 fifth session). Nodes of several ranks were not measured.
+# auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
+# reference backend where the group has NCCL, from these many bytes per rank:
+# - one rank per node, no fused epilogue (the kernel reads and writes in place: DIRECT in
+#   templates/hier_kernel.cu.j2): plans that reduce across nodes from HIER_NCCL_MIN_BYTES;
+#   on two H200s as two nodes (256 MiB NVSHMEM workspace) allreduce(dp) took 0.54-0.79x
+#   NCCL's time from 1 to 8 MiB and 1.03-1.08x from 16 to 64 MiB; allgather(dp), which
+#   only copies across nodes, 0.56-0.84x at every size from 1 to 64 MiB, so copy-only
+#   plans stay fused (docs/PERF.md, 2026-11-30 fifth session);
+# - otherwise (nodes of several ranks, whose kernel stages its input for the local peers,
+#   or a fused epilogue's fp32 shares): every plan from HIER_STAGED_NCCL_MIN_BYTES, the
+#   staged kernel's measured rule (one rank per node before DIRECT: 1.08x NCCL's time at 4
+#   MiB, 1.3-1.6x from 8 MiB; allgather 1.0x at 4 MiB, 1.14-1.33x above; 2026-11-29).
+#   Nodes of several ranks on separate GPUs were never measured.
 HIER_NCCL_MIN_BYTES = 16 << 20
+HIER_STAGED_NCCL_MIN_BYTES = 4 << 20
 # The one-shot reads a registered input in place (and runs the registered-input protocol:
 # a word to each neighbour before the first barrier, one more barrier at the end) only
 # from this many bytes per rank; below it the input is staged like any other and the
@@ -279,14 +286,23 @@ class FusedRunner:
     def prefers_reference(self, nbytes: int) -> bool:
         """Whether auto should run a call with `nbytes` of input per rank on the reference
         backend (NCCL): the tuning table's entry for this size says so, or, without one, the
-        plan reduces across nodes and nbytes >= HIER_NCCL_MIN_BYTES. Only on an NCCL group
-        (the reference backend cannot run CUDA tensors on gloo)."""
+        plan crosses nodes and nbytes reaches HIER_NCCL_MIN_BYTES (one rank per node, no
+        fused epilogue: plans that reduce across nodes only) or HIER_STAGED_NCCL_MIN_BYTES
+        (else). Only on an NCCL group (the reference backend cannot run CUDA tensors on
+        gloo)."""
         if not self._nccl or self.algorithm != "auto":
             return False
         choice = self._tuned(0, nbytes)
         if choice is not None:
             return choice.algorithm == "nccl"
-        return self._reduces_across_nodes and nbytes >= HIER_NCCL_MIN_BYTES
+        if self.plan.one_node:
+            return False
+        hier = [st.hier for st, _ in self.stages if isinstance(st, HierStage)]
+        direct = all(h.local == 1 for h in hier) and not (
+            self.epilogue and isinstance(self.stages[-1][0], HierStage))
+        if direct:
+            return self._reduces_across_nodes and nbytes >= HIER_NCCL_MIN_BYTES
+        return nbytes >= HIER_STAGED_NCCL_MIN_BYTES
 
     def _params(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
                 ) -> tuple[int, int, int, int]:

@@ -15,6 +15,7 @@ from mixcc import tune
 from mixcc.codegen import layout
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
+    HIER_STAGED_NCCL_MIN_BYTES,
     ONE_SHOT_MAX_BYTES_WIDE,
     PUSH_MIN_BYTES,
     FusedRunner,
@@ -45,6 +46,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r._push_auto = [push_auto(st) for st, _ in r.stages]
     r._nccl = True
     r._reduces_across_nodes = reduces_across_nodes(coll.plan)
+    r.epilogue = ()
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
 
@@ -128,10 +130,12 @@ def test_push_in_place_hazard_falls_back_or_raises():
                      .stages[0][0])
 
 
-def _two_nodes(program: str) -> FusedRunner:
-    r = runner(program, {"dp": 2, "tp": 1}, torch.bfloat16)
-    r.plan = mixcc.compile(program, mixcc.Mesh({"dp": 2, "tp": 1}, ranks_per_node=1),
+def _two_nodes(program: str, axes: dict | None = None, rpn: int = 1) -> FusedRunner:
+    axes = axes or {"dp": 2, "tp": 1}
+    r = runner(program, axes, torch.bfloat16)
+    r.plan = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn),
                            backend="reference").plan
+    r.stages = [(st, None) for st in r.plan.stages]
     r._reduces_across_nodes = reduces_across_nodes(r.plan)
     assert not r.plan.one_node
     return r
@@ -157,6 +161,15 @@ def test_cross_node_reductions_go_to_nccl_from_16_mib_without_a_table():
         assert reduces_across_nodes(r.plan) is reduces, program
         assert r.prefers_reference(1 << 30) is reduces, program
     assert not reduces_across_nodes(runner("allreduce(tp)", {"tp": 2}, torch.bfloat16).plan)
+    # nodes of several ranks (the kernel stages its input) and a fused epilogue in the
+    # cross-node stage keep the staged kernel's rule: every plan from 4 MiB
+    r = _two_nodes("allgather(dp)", {"dp": 2, "tp": 2}, rpn=2)
+    assert not r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES - 1)
+    assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
+    r = _two_nodes("allgather(dp)")
+    assert not r.prefers_reference(1 << 30)
+    r.epilogue = ("add(r)",)  # any fused epilogue statement
+    assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
 
 
 def test_nccl_entry_sends_auto_to_the_reference_backend():

@@ -127,7 +127,8 @@ def share_cap(cols: int, elem: int, local: int) -> int:
 def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int,
               result_elem: int = 0) -> int:
     """The largest chunk width (multiple of 16 bytes) whose staging and result slots fit an
-    IPC region and whose send and receive parts fit an NVSHMEM region; 0 if none does.
+    IPC region (none with one rank per node and no result slots: the kernel works in
+    place) and whose send and receive parts fit an NVSHMEM region; 0 if none does.
     `result_elem`: bytes per element of the result slots when not `elem` (4: fp32 slots
     before a fused epilogue)."""
     h = stage.hier
@@ -238,8 +239,9 @@ class Plan:
                                  f"({cols * elem * h.in_units} B of input per block), share "
                                  f"{share_cap(cols, elem, h.local)} elements per local rank"
                                  + ("; one rank per node: the input is read in place and, "
-                                    "without a fused epilogue, the output written in place"
-                                    if h.local == 1 else ""))
+                                    "without a fused epilogue (whose fp32 shares go through "
+                                    "the IPC region, in narrower chunks), the output written "
+                                    "in place" if h.local == 1 else ""))
                 lines.append(f"    workspace per rank: IPC {workspace_bytes} B, NVSHMEM "
                              f"symmetric heap {symmetric_bytes} B (fixed, independent of the "
                              "message size)")
