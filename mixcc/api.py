@@ -355,6 +355,21 @@ def _current_device() -> int:
     return get() if get is not None else torch.cuda.current_device()
 
 
+def check_fused_options(workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                        symmetric_bytes: int = DEFAULT_SYMMETRIC_BYTES,
+                        pipeline_depth: int = 2) -> None:
+    """compile()'s bounds on the fused backend's workspaces and pipeline depth
+    (ValueError); `mixcc bench` checks its flags of those names with it."""
+    if workspace_bytes < layout.MIN_WORKSPACE_BYTES:
+        raise ValueError(f"workspace_bytes must be >= {layout.MIN_WORKSPACE_BYTES}, got "
+                         f"{workspace_bytes}")
+    if symmetric_bytes < layout.min_symmetric_bytes():
+        raise ValueError(f"symmetric_bytes must be >= {layout.min_symmetric_bytes()}, got "
+                         f"{symmetric_bytes}")
+    if pipeline_depth not in (1, 2, 3):
+        raise ValueError(f"pipeline_depth must be 1, 2 or 3, got {pipeline_depth!r}")
+
+
 def _check_overlap(x: torch.Tensor, out: torch.Tensor) -> None:
     """In place only on the same storage range: out is x itself or does not overlap it."""
     if overlaps_partly(x, out):
@@ -413,14 +428,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
             f"mesh has {mesh.world_size} ranks but the process group has {size}; "
             "mesh rank r must be group rank r"
         )
-    if workspace_bytes < layout.MIN_WORKSPACE_BYTES:
-        raise ValueError(f"workspace_bytes must be >= {layout.MIN_WORKSPACE_BYTES}, got "
-                         f"{workspace_bytes}")
-    if symmetric_bytes < layout.min_symmetric_bytes():
-        raise ValueError(f"symmetric_bytes must be >= {layout.min_symmetric_bytes()}, got "
-                         f"{symmetric_bytes}")
-    if pipeline_depth not in (1, 2, 3):
-        raise ValueError(f"pipeline_depth must be 1, 2 or 3, got {pipeline_depth!r}")
+    check_fused_options(workspace_bytes, symmetric_bytes, pipeline_depth)
     text = resolve(program)
     ir = build(parse(text), mesh, dtype)
     if rows is not None:

@@ -143,31 +143,25 @@ def _byte_sizes(args: argparse.Namespace, row_bytes: int, max_rows: int
 
 
 def _fused_options(args: argparse.Namespace) -> dict:
-    """compile()'s workspace and pipeline options from bench's flags, checked as compile
-    checks them (only the ones given: the rest keep compile's defaults)."""
+    """compile()'s workspace and pipeline options from bench's flags (only the ones given:
+    the rest keep compile's defaults), checked by compile's own check."""
+    from .api import check_fused_options
     from .bench import parse_size
-    from .codegen import layout
 
     opts: dict = {}
-    for flag, name, least in (("--workspace-bytes", "workspace_bytes",
-                               layout.MIN_WORKSPACE_BYTES),
-                              ("--symmetric-bytes", "symmetric_bytes",
-                               layout.min_symmetric_bytes())):
+    for name in ("workspace_bytes", "symmetric_bytes"):
         text = getattr(args, name)
-        if text is None:
-            continue
-        try:
-            v = parse_size(text)
-        except ValueError as e:
-            raise UsageError(f"{flag} {e}") from None
-        if v < least:
-            raise UsageError(f"{flag} must be at least {least} bytes, got {text!r}")
-        opts[name] = v
+        if text is not None:
+            try:
+                opts[name] = parse_size(text)
+            except ValueError as e:
+                raise UsageError(f"--{name.replace('_', '-')} {e}") from None
     if args.pipeline_depth is not None:
-        if not 1 <= args.pipeline_depth < layout.NSETS:
-            raise UsageError(f"--pipeline-depth must be 1-{layout.NSETS - 1}, got "
-                             f"{args.pipeline_depth}")
         opts["pipeline_depth"] = args.pipeline_depth
+    try:
+        check_fused_options(**opts)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).split()[0].replace('_', '-')}: {e}") from None
     return opts
 
 

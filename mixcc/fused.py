@@ -142,6 +142,19 @@ def reduces_across_nodes(plan: Plan) -> bool:
     return any(len(srcs) > 1 for h in hier for rs in h.ranks for srcs in rs.finals)
 
 
+def hier_nccl_min_bytes(plan: Plan, epilogue: tuple) -> int | None:
+    """Bytes per rank from which auto without a tuning table runs the plan on NCCL, or None
+    (never): one-node plans never; one rank per node with no epilogue fused into the
+    cross-node stage (the in-place kernel) from HIER_NCCL_MIN_BYTES where the plan reduces
+    across nodes, else never; otherwise from HIER_STAGED_NCCL_MIN_BYTES."""
+    if plan.one_node:
+        return None
+    direct = all(st.hier.local == 1 for st in plan.stages if isinstance(st, HierStage))
+    if direct and not (epilogue and isinstance(plan.stages[-1], HierStage)):
+        return HIER_NCCL_MIN_BYTES if reduces_across_nodes(plan) else None
+    return HIER_STAGED_NCCL_MIN_BYTES
+
+
 def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
     """Why the fused backend runs this program's epilogue as torch ops after its kernels
     instead of inside its last stage's kernel, whatever the call (None: it can fuse; each
@@ -250,7 +263,7 @@ class FusedRunner:
                             for st, _ in self.stages]
         self._push_auto = [isinstance(st, IntraStage) and push_auto(st) for st, _ in self.stages]
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
-        self._reduces_across_nodes = reduces_across_nodes(plan)
+        self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
@@ -285,24 +298,15 @@ class FusedRunner:
 
     def prefers_reference(self, nbytes: int) -> bool:
         """Whether auto should run a call with `nbytes` of input per rank on the reference
-        backend (NCCL): the tuning table's entry for this size says so, or, without one, the
-        plan crosses nodes and nbytes reaches HIER_NCCL_MIN_BYTES (one rank per node, no
-        fused epilogue: plans that reduce across nodes only) or HIER_STAGED_NCCL_MIN_BYTES
-        (else). Only on an NCCL group (the reference backend cannot run CUDA tensors on
-        gloo)."""
+        backend (NCCL): the tuning table's entry for this size says so, or, without one,
+        nbytes reaches hier_nccl_min_bytes. Only on an NCCL group (the reference backend
+        cannot run CUDA tensors on gloo)."""
         if not self._nccl or self.algorithm != "auto":
             return False
         choice = self._tuned(0, nbytes)
         if choice is not None:
             return choice.algorithm == "nccl"
-        if self.plan.one_node:
-            return False
-        hier = [st.hier for st, _ in self.stages if isinstance(st, HierStage)]
-        direct = all(h.local == 1 for h in hier) and not (
-            self.epilogue and isinstance(self.stages[-1][0], HierStage))
-        if direct:
-            return self._reduces_across_nodes and nbytes >= HIER_NCCL_MIN_BYTES
-        return nbytes >= HIER_STAGED_NCCL_MIN_BYTES
+        return self._nccl_from is not None and nbytes >= self._nccl_from
 
     def _params(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
                 ) -> tuple[int, int, int, int]:

@@ -169,10 +169,11 @@ def test_fused_options_reach_compile_and_bad_ones_are_refused(no_spawn, monkeypa
     assert [kw.get("workspace_bytes") for kw in seen] == [None, 256 << 20]
     assert {k: seen[1][k] for k in opts} == opts and seen[1]["algorithm"] == "push"
     small = layout.MIN_WORKSPACE_BYTES - 1
-    for argv, msg in [(("--workspace-bytes", str(small)), f"--workspace-bytes must be at "
-                       f"least {small + 1} bytes, got '{small}'"),
+    for argv, msg in [(("--workspace-bytes", str(small)), f"--workspace-bytes: "
+                       f"workspace_bytes must be >= {small + 1}, got {small}"),
                       (("--symmetric-bytes", "1.5G"), "--symmetric-bytes "),
-                      (("--pipeline-depth", "4"), "--pipeline-depth must be 1-3, got 4")]:
+                      (("--pipeline-depth", "4"), "--pipeline-depth: pipeline_depth must be "
+                                                  "1, 2 or 3, got 4")]:
         assert _bench_error_of(_args("--program", "allreduce", *argv)).startswith(msg)
 
 

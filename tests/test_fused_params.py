@@ -20,6 +20,7 @@ from mixcc.fused import (
     PUSH_MIN_BYTES,
     FusedRunner,
     block_cap,
+    hier_nccl_min_bytes,
     push_auto,
     push_safe,
     push_width,
@@ -45,8 +46,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r._push_width = [push_width(st) for st, _ in r.stages]
     r._push_auto = [push_auto(st) for st, _ in r.stages]
     r._nccl = True
-    r._reduces_across_nodes = reduces_across_nodes(coll.plan)
-    r.epilogue = ()
+    r._nccl_from = hier_nccl_min_bytes(coll.plan, ())
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
 
@@ -136,7 +136,7 @@ def _two_nodes(program: str, axes: dict | None = None, rpn: int = 1) -> FusedRun
     r.plan = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn),
                            backend="reference").plan
     r.stages = [(st, None) for st in r.plan.stages]
-    r._reduces_across_nodes = reduces_across_nodes(r.plan)
+    r._nccl_from = hier_nccl_min_bytes(r.plan, ())
     assert not r.plan.one_node
     return r
 
@@ -168,7 +168,7 @@ def test_cross_node_reductions_go_to_nccl_from_16_mib_without_a_table():
     assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
     r = _two_nodes("allgather(dp)")
     assert not r.prefers_reference(1 << 30)
-    r.epilogue = ("add(r)",)  # any fused epilogue statement
+    r._nccl_from = hier_nccl_min_bytes(r.plan, ("add(r)",))  # any fused epilogue statement
     assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
 
 
