@@ -399,7 +399,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
     Mesh rank r is rank r of `group`. `rows`, when given, is checked at compile time.
     `backend`: "auto" (fused where it applies, else reference), "reference" or "fused".
     Fused options: `workspace_bytes` (IPC workspace per rank, fixed), `algorithm` ("auto",
-    "one_shot", "two_shot", "push"; one-node stages; auto also runs a size on the
+    "one_shot", "two_shot", "push", "ll"; one-node stages; auto also runs a size on the
     reference backend where the tuning table measured NCCL faster), `pipeline_depth`
     (chunks in flight in a cross-node stage, 1-3; 1 = no overlap), `symmetric_bytes`
     (NVSHMEM workspace per rank, fixed), `timeout_s` for every device-side wait,
@@ -418,7 +418,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if algorithm not in ("auto", *fused.ALGORITHMS):
-        raise ValueError(f"algorithm must be auto, one_shot, two_shot or push, got "
+        raise ValueError(f"algorithm must be auto, one_shot, two_shot, push or ll, got "
                          f"{algorithm!r}")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a mixcc.Mesh, got {type(mesh).__name__}")

@@ -44,7 +44,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # faster); "auto:registered" the same with the input in a registered buffer
 # (mixcc.empty, filled outside the timing); the others force the fused backend.
 FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
-         "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push"}
+         "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push",
+         "fused:ll": "ll"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
 GPU_ONLY = (*FUSED, *baselines.SYMM, "separate")  # backends that run on CUDA tensors only
 

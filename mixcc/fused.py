@@ -28,6 +28,8 @@ from .codegen.plan import (
     grid,
     hier_cols,
     intra_cols,
+    ll_cols,
+    ll_safe,
     push_auto,
     push_cols,
     push_safe,
@@ -83,7 +85,16 @@ HIER_STAGED_NCCL_MIN_BYTES = 4 << 20
 # ran the one-shot in 6.7 us, with the protocol 7.4 (staged) and 8.5 (read in place).
 # Decided by the size alone: the same on every rank.
 REG_MIN_BYTES = 16 << 20
-ALGORITHMS = ("one_shot", "two_shot", "push")  # the intra kernels' `algo` codes, in order
+# auto takes the LL kernel (templates/stage_kernel.cu.j2, ll_kernel: data and epoch in one
+# line, no flag round trip) up to LL_MAX_BYTES per rank in two-rank stages it can run
+# (plan.ll_safe), outside debug mode (its lines carry no fingerprint). On two H200s
+# (docs/PERF.md, 2026-11-30 sixth session) LL took 4.2-5.3 us from 8 to 32 KiB where the
+# one-shot took 7.1-8.1, and won up to 256 KiB in every program measured (allreduce 7.1
+# against 8.3 us there); at 512 KiB allreduce lost (9.3 against 8.3), allgather and
+# reducescatter still won, and from 1 MiB the one-shot won everywhere (LL moves twice the
+# bytes). More ranks were not measured: the one-shot stays there.
+LL_MAX_BYTES = 256 << 10
+ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
@@ -255,13 +266,7 @@ class FusedRunner:
             occupancy = min(everyone)
         self.block_cap = block_cap(occupancy, self.rt.sms_per_rank)
         self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, self.block_cap)
-        # per-stage facts the hot path needs, computed once
-        self._shares_reduction = [isinstance(st, IntraStage) and shares_reduction(st)
-                                  for st, _ in self.stages]
-        self._push_safe = [isinstance(st, IntraStage) and push_safe(st) for st, _ in self.stages]
-        self._push_width = [push_width(st) if isinstance(st, IntraStage) else 0
-                            for st, _ in self.stages]
-        self._push_auto = [isinstance(st, IntraStage) and push_auto(st) for st, _ in self.stages]
+        self._stage_facts()
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
         self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
@@ -272,6 +277,19 @@ class FusedRunner:
         self.tuned = (tune.shared(group, self._prefixes)
                       if self.algorithm == "auto" and options["max_blocks"] is None else {})
         self._args: dict[tuple[int, int], abi.LaunchArgs] = {}
+
+    def _stage_facts(self) -> None:
+        """The per-stage facts the hot path needs, computed once (self.stages, elem, vec and
+        debug set)."""
+        intra = [st if isinstance(st, IntraStage) else None for st, _ in self.stages]
+        self._shares_reduction = [st is not None and shares_reduction(st) for st in intra]
+        self._push_safe = [st is not None and push_safe(st) for st in intra]
+        self._push_width = [push_width(st) if st is not None else 0 for st in intra]
+        self._push_auto = [st is not None and push_auto(st) for st in intra]
+        self._ll_safe = [st is not None and ll_safe(st) and ll_cols(st, self.elem) >= self.vec
+                         for st in intra]
+        self._ll_auto = [safe and st.lmap.world_size == 2 and not self.debug
+                         for safe, st in zip(self._ll_safe, intra, strict=True)]
 
     def _set_epilogue(self, plan: Plan, epilogue: tuple) -> None:
         """The epilogue fused into the last stage's kernel where the plan allows it (else
@@ -286,9 +304,12 @@ class FusedRunner:
 
     def default_algorithm(self, i: int, nbytes: int) -> str:
         """auto's choice for intra stage i without a tuning-table entry (see
-        ONE_SHOT_MAX_BYTES_WIDE): push from PUSH_MIN_BYTES where it was measured to win,
+        ONE_SHOT_MAX_BYTES_WIDE): LL up to LL_MAX_BYTES and push from PUSH_MIN_BYTES where
+        they were measured to win,
         the two-shot where a rank reads from several peers at a large size and the two-shot
         splits a reduction, else the one-shot."""
+        if self._ll_auto[i] and nbytes <= LL_MAX_BYTES:
+            return "ll"
         if self._push_auto[i] and nbytes >= PUSH_MIN_BYTES:
             return "push"
         if self._push_width[i] > 1 and nbytes > ONE_SHOT_MAX_BYTES_WIDE \
@@ -342,8 +363,19 @@ class FusedRunner:
                 f"algorithm='push' cannot run stage {i} of this program: an output block "
                 "is written before a later one reads it as input, so it could not run "
                 "in place; use algorithm='one_shot' or 'two_shot'")
+        if algo == "ll" and not self._ll_safe[i]:
+            if self.algorithm == "ll":
+                raise ValueError(
+                    f"algorithm='ll' cannot run stage {i} of this program: a rank stores to a "
+                    "peer that stores nothing to it, an output block is written before a "
+                    "later one reads it as input, or a sender's LL area holds less than 16 "
+                    "bytes per unit; use algorithm='one_shot'")
+            algo = "one_shot"
         two = algo == "two_shot"
-        if algo == "push":
+        if algo == "ll":
+            cols = ll_cols(stage, self.elem)
+            units = f"{stage.push_schedule.slots} unit slot(s) per LL sender area"
+        elif algo == "push":
             cols = push_cols(stage, self.elem, self.rt.region_bytes)
             units = f"{stage.push_schedule.slots} unit slot(s) per sender area"
         else:
@@ -358,7 +390,7 @@ class FusedRunner:
             blocks = min(blocks, choice.blocks)
             if self.vec <= choice.chunk_cols <= cols:
                 cols = choice.chunk_cols // self.vec * self.vec
-        nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks)
+        nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks, algo == "ll")
         return ALGORITHMS.index(algo), cols, n_chunks, nblocks
 
     def _make_args(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0

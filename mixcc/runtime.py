@@ -539,7 +539,7 @@ def _store():
 
 # Stage codes of the device error record (templates/mixcc_sync.cuh).
 STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit", "push data",
-               "push credit")
+               "push credit", "LL data")
 
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 

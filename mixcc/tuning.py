@@ -32,11 +32,16 @@ FINAL_WITHIN, FINAL_MAX, FINAL_ROUNDS = 1.10, 4, 3
 
 def candidates(runner) -> list[tune.Choice]:
     """The launch choices worth timing for `runner` (a FusedRunner): the intra algorithms
-    (two-shot where it splits a reduction, push where it can run), block counts up to its
-    block cap, and the reference backend on an NCCL group."""
+    (two-shot where it splits a reduction, LL where every intra stage can run it, push
+    where it can run), block counts up to its block cap, and the reference backend on an
+    NCCL group."""
     algos = ["one_shot", "push"]
     if any(runner._shares_reduction):
         algos.append("two_shot")
+    intra = [safe for (st, _), safe in zip(runner.stages, runner._ll_safe, strict=True)
+             if isinstance(st, IntraStage)]
+    if intra and all(intra):
+        algos.append("ll")
     if not any(isinstance(st, IntraStage) for st, _ in runner.stages):
         algos = ["hier"]
     blocks = sorted({b for b in BLOCK_CANDIDATES if b <= runner.max_blocks} | {runner.max_blocks})

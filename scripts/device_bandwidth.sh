@@ -6,6 +6,7 @@
 #   ar      allreduce 8 KiB..256 MiB per rank: auto, each fused algorithm, NCCL, torch
 #           symmetric memory two-shot (with and without its copy) and one-shot
 #   coll    allgather, reducescatter and both presets on dp=2,tp=1 and dp=1,tp=2
+#           (COLL_BACKENDS: mixcc's rows and NCCL's, default auto, one-shot, push)
 #   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
 #   regions the nodes programs from 4 MiB at several (IPC workspace, NVSHMEM workspace,
 #           pipeline depth): what bigger chunks give the cross-node stage (issue 14 item 5)
@@ -23,6 +24,7 @@
 #           gather)
 #   prebuild  the suite's kernels that the carried cache lacks (the NVSHMEM modules are
 #           too large to carry), nvcc on every core; run it before the others
+#           (PREBUILD_ARGS: e.g. "--worlds 2 --nodes 2:1 --no-mutate" for a subset)
 # Usage: scripts/device_bandwidth.sh STEP... (default: check ar). Carry [".whl",
 # ".mxcache.txz"] (or ".mxcache" when it is under 64 MiB). Prebuild on the CPU machine first:
 #   MIXCC_CACHE_DIR=.mxcache python3 scripts/prebuild_gpu_tests.py --arch sm_90a
@@ -54,9 +56,10 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
     coll)
       bench coll_dp2 --mesh dp=2,tp=1 --program allgather --program reducescatter \
         --program allreduce_allgather --program reducescatter_allreduce \
-        --backend auto,fused:one_shot,fused:push,reference,nccl1
+        --backend "${COLL_BACKENDS:-auto,fused:one_shot,fused:push,reference},nccl1"
       bench coll_tp2 --mesh dp=1,tp=2 --program allreduce_allgather \
-        --program reducescatter_allreduce --backend auto,fused:one_shot,fused:push,reference ;;
+        --program reducescatter_allreduce --backend \
+        "${COLL_BACKENDS:-auto,fused:one_shot,fused:push,reference}" ;;
     nodes)
       bench nodes --mesh dp=2,tp=1 --ranks-per-node 1 --program "allreduce(dp)" \
         --program "allgather(dp)" --backend auto,fused,reference ;;
@@ -97,7 +100,8 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
         --case ar_add_rmsnorm --case ar_add_rmsnorm_quant --out "$OUT/epi2s" > "$OUT/epi2s.log" 2>&1
       grep "^|" "$OUT/epi2s.log" ;;
     prebuild)
-      python3 scripts/prebuild_gpu_tests.py --arch "${ARCH:-sm_90a}" > "$OUT/prebuild.log" 2>&1
+      python3 scripts/prebuild_gpu_tests.py --arch "${ARCH:-sm_90a}" ${PREBUILD_ARGS:-} \
+        > "$OUT/prebuild.log" 2>&1
       grep "prebuild:" "$OUT/prebuild.log" ;;
   esac
   (cd "$OUT" && tar czf "/tmp/results-$step.tgz" --exclude="*.tgz" . && mv "/tmp/results-$step.tgz" .)

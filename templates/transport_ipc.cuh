@@ -8,10 +8,20 @@
 // push:       a sender stores into its own area of the consumer's push region of (set,
 //             block), then releases the consumer's data flag; the consumer returns a
 //             credit once it has read the area (push_kernel).
+// ll:         a sender stores 16-byte lines, 8 bytes of data and the epoch twice, into its
+//             own area of the consumer's LL region of (set, block); the consumer polls
+//             the lines themselves, so no flag round trip is paid (NCCL's LL protocol:
+//             each 8-byte half, data and epoch, is written and read as a whole). No
+//             credits: the LL kernel runs only where every rank it writes to also writes
+//             to it, so a rank one set ahead has seen its consumer finish the set before
+//             (ll_kernel).
 // registered: a rank publishes the offset of its input in its registered pool as a
 //             64-bit word (epoch << 32 | word) to its neighbours, who then load the input
 //             in place (mixcc/fused.py REG_MIN_BYTES says when).
 #pragma once
+#include <stdint.h>
+
+#include "mixcc_sync.cuh"
 
 namespace mixcc {
 namespace ipc {
@@ -41,6 +51,16 @@ struct Workspace {
                                 area * area_bytes);
   }
 
+  // The lines of rank r's LL region of (set, block), sender area `area` of `senders`.
+  template <typename A>
+  static __device__ __forceinline__ uint4* ll_region(const A& a, int r, int set, int block,
+                                                     int area, int senders) {
+    const long long area_bytes = L::LL_REGION_BYTES / senders / 16 * 16;
+    return reinterpret_cast<uint4*>(a.peers[r] + L::LL_OFFSET +
+                                    ((long long)set * L::MAX_BLOCKS + block) * L::LL_REGION_BYTES +
+                                    area * area_bytes);
+  }
+
   // Push flags of the rank whose workspace is `ws`: [block][0][src] data arrived from src,
   // [block][1][dst] dst consumed what this rank pushed (a credit).
   static __device__ __forceinline__ unsigned* push_flag(unsigned* ws, int block, int kind,
@@ -61,6 +81,42 @@ struct Workspace {
            (block * L::MAX_RANKS + dst) * L::NSETS + set;
   }
 };
+
+// One LL line: data words d0, d1, each beside the epoch (st.volatile: not kept in L1).
+__device__ __forceinline__ void ll_store(uint4* p, unsigned d0, unsigned d1, unsigned epoch) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(d0),
+               "r"(epoch), "r"(d1), "r"(epoch)
+               : "memory");
+}
+
+__device__ __forceinline__ uint4 ll_load(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// Poll line p until both halves carry `epoch` (a stale line holds an earlier epoch of
+// the LL kernel, or zero); its data words into d0, d1. On timeout the wait is recorded
+// as spin_until does (stage `stage`, blaming `peer`) and false returned.
+template <typename Blame>
+__device__ __forceinline__ bool ll_wait(const uint4* p, unsigned epoch, unsigned& d0,
+                                        unsigned& d1, uint64_t timeout_ns, ErrorRecord* err,
+                                        int rank, int peer, int stage, int block, Blame blame) {
+  uint4 v = ll_load(p);
+  if (v.y != epoch || v.w != epoch) {
+    auto seen = [&] {
+      v = ll_load(p);
+      return v.y == epoch && v.w == epoch ? epoch : epoch - 1;
+    };
+    if (!spin_until(seen, epoch, timeout_ns, err, rank, peer, stage, block, blame)) return false;
+  }
+  d0 = v.x;
+  d1 = v.z;
+  return true;
+}
 
 }  // namespace ipc
 }  // namespace mixcc

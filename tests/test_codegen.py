@@ -223,6 +223,10 @@ def test_kernels_store_whole_16_byte_packs(tmp_path, dtype, program, axes):
     st0 = coll.plan.stages[-1]
     ptx = _ptx(render_stage(st0, dtype, coll.ir.epilogue), tmp_path)
     assert "st.global.v4.b32" in ptx
+    # the LL kernel's narrow path (a misaligned tensor) writes a line's elements one by one
+    entries = re.split(r"(?=\.entry )", ptx)
+    assert any("ll_kernelILi1E" in e for e in entries)
+    ptx = "".join(e for e in entries if "ll_kernelILi1E" not in e)
     split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
     assert not split, split[:8]
 

@@ -88,9 +88,11 @@ def test_tune_candidates_and_stage_bytes():
                          backend="reference")
     stages = [(st, None) for st in coll.plan.stages]
     r = SimpleNamespace(stages=stages, _shares_reduction=[shares_reduction(s) for s, _ in stages],
-                        max_blocks=12, elem=2, _nccl=False)
+                        _ll_safe=[True], max_blocks=12, elem=2, _nccl=False)
     cands = tuning.candidates(r)
-    assert {c.algorithm for c in cands} == {"one_shot", "two_shot", "push"}
+    assert {c.algorithm for c in cands} == {"one_shot", "two_shot", "push", "ll"}
+    r._ll_safe = [False]  # a stage LL cannot run: not a candidate
+    assert {c.algorithm for c in tuning.candidates(r)} == {"one_shot", "two_shot", "push"}
     assert {c.blocks for c in cands} == {4, 8, 12}  # up to the block cap, which is included
     assert {c.chunk_cols for c in cands} == set(tuning.CHUNK_CANDIDATES)
     assert tuning.stage_input_bytes(r, 64, 1024) == [64 * 1024 * 2]

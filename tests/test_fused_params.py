@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mixcc
-from mixcc import tune
+from mixcc import fused, tune
 from mixcc.codegen import layout
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
@@ -23,9 +23,7 @@ from mixcc.fused import (
     hier_nccl_min_bytes,
     push_auto,
     push_safe,
-    push_width,
     reduces_across_nodes,
-    shares_reduction,
 )
 
 PREFIX = "0123456789abcdef|bfloat16|8|sm_90a|"
@@ -41,10 +39,8 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r.vec, r.max_blocks = 16 // r.elem, max_blocks
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(workspace),
                            workspace_bytes=workspace)
-    r._shares_reduction = [shares_reduction(st) for st, _ in r.stages]
-    r._push_safe = [push_safe(st) for st, _ in r.stages]
-    r._push_width = [push_width(st) for st, _ in r.stages]
-    r._push_auto = [push_auto(st) for st, _ in r.stages]
+    r.debug = False
+    r._stage_facts()
     r._nccl = True
     r._nccl_from = hier_nccl_min_bytes(coll.plan, ())
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
@@ -53,11 +49,11 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
 
 @pytest.mark.parametrize("unit_elems", [1, 7, 7168, 7168 * 64, 7168 * 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("workspace", [1 << 20, 8 << 20])
+@pytest.mark.parametrize("workspace", [4 << 20, 8 << 20])
 def test_chunks_cover_every_column(unit_elems, dtype, workspace):
     r = runner("reducescatter_allreduce", {"dp": 2, "tp": 4}, dtype, workspace=workspace)
     stage = r.stages[0][0]
-    for algorithm in ("auto", "one_shot", "two_shot", "push"):
+    for algorithm in ("auto", "one_shot", "two_shot", "push", "ll"):
         r.algorithm = algorithm
         for nbytes in (unit_elems * 2 * r.elem, 64 << 20):
             algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes)
@@ -70,6 +66,8 @@ def test_chunks_cover_every_column(unit_elems, dtype, workspace):
             if algo == 2:  # push: slots x cols fit one sender's area of a push region
                 area = layout.push_area_bytes(region, 8)
                 assert stage.push_schedule.slots * cols * r.elem <= area
+            elif algo == 3:  # LL: slots x cols of lines (two bytes each) fit an LL area
+                assert stage.push_schedule.slots * cols * 2 * r.elem <= layout.ll_area_bytes(8)
             else:
                 units = 2 + (stage.schedules["two_shot"].slots if algo else 0)
                 assert units * cols * r.elem <= region
@@ -111,6 +109,40 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
     # one peer per rank, but eight ranks: a sender area is 1/7 of a region, not measured
     assert not push_auto(ag.stages[0][0])
     assert ag._params(0, 7168 * 64, PUSH_MIN_BYTES)[0] == 0
+
+
+def test_ll_up_to_its_size_where_it_can_run():
+    """auto takes LL up to LL_MAX_BYTES in two-rank stages outside debug mode; an LL
+    chunk's lines fit a sender's LL area; LL refuses what push could not run in place."""
+    assert fused.LL_MAX_BYTES == 1 << 18
+    for prog in ("allreduce(tp)", "reducescatter(tp)", "allgather(tp)"):
+        two = runner(prog, {"tp": 2}, torch.bfloat16)
+        assert two._params(0, 4096, 8192)[0] == 3
+        algo, cols, n_chunks, nblocks = two._params(0, 1 << 17, 1 << 18)
+        assert algo == 3 and n_chunks == 1 and nblocks * cols >= 1 << 17
+        assert cols * 2 * two.elem * two.stages[0][0].push_schedule.slots <= \
+            layout.ll_area_bytes(2)
+        assert two._params(0, 1 << 17, (1 << 18) + 1)[0] == 0
+        two.debug = True  # debug mode's fingerprints travel with the barriers: no LL
+        two._stage_facts()
+        assert two._params(0, 4096, 8192)[0] == 0
+    # a large call on LL takes several chunks of the fixed LL area
+    forced = runner("allreduce(tp)", {"tp": 2}, torch.float32, "ll")
+    algo, cols, n_chunks, nblocks = forced._params(0, 1 << 24, 1 << 26)
+    assert algo == 3 and n_chunks > 1 and cols == plan_ll_cols(forced) == 1024
+    # four ranks: not measured, the one-shot stays; algorithm="ll" runs it
+    four = runner("allreduce(tp)", {"tp": 4}, torch.bfloat16)
+    assert four._ll_safe == [True] and four._params(0, 4096, 8192)[0] == 0
+    prog, axes = "reducescatter(a); allgather(b)", {"a": 2, "b": 2}
+    assert runner(prog, axes, torch.float32)._ll_safe == [False]
+    with pytest.raises(ValueError, match="algorithm='ll' cannot run stage 0"):
+        runner(prog, axes, torch.float32, "ll")._params(0, 4096, 1 << 16)
+
+
+def plan_ll_cols(r: FusedRunner) -> int:
+    from mixcc.codegen.plan import ll_cols
+
+    return ll_cols(r.stages[0][0], r.elem)
 
 
 def test_push_in_place_hazard_falls_back_or_raises():

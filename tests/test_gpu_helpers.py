@@ -44,7 +44,7 @@ def test_one_node_cases_are_seeded_and_fit_their_meshes():
     cases = ladder.one_node_cases(4, cfg)
     assert cases == ladder.one_node_cases(4, cfg)  # every rank builds the same list
     assert cases != ladder.one_node_cases(4, {**cfg, "seed": 2})
-    assert {c[5] for c in cases} == {"auto", "one_shot", "two_shot", "push"}
+    assert {c[5] for c in cases} == {"auto", "one_shot", "two_shot", "push", "ll"}
     assert {c[2] for c in cases} == set(ladder.DTYPES)
     for prog, axes, _, rows, _, _, _ in cases:
         assert rows % ladder.granularity(prog, axes) == 0, (prog, axes, rows)

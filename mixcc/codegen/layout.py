@@ -19,6 +19,11 @@ IPC workspace, one per rank, fixed size:
                     input, else src's input lies in its registered pool at byte offset
                     (word - 1) * 16 and peers read it there (docs/DESIGN.md, "Registered
                     buffers")
+  [LL_OFFSET]       the LL area: LL_SETS sets x MAX_BLOCKS regions of LL_REGION_BYTES, each
+                    cut into world-1 sender areas as a push region is (area (src - dst -
+                    1) mod world belongs to sender src). Peers write 16-byte lines there,
+                    8 bytes of data and the epoch twice (docs/DESIGN.md, "LL"); only the
+                    LL kernel touches it, so a line holds an epoch of that kernel or zero
   [DATA_OFFSET, …)  the pull area: NSETS sets x MAX_BLOCKS regions of region_bytes(workspace)
                     bytes, then the push area, laid out alike. Chunk (epoch e) of block b
                     uses region b of set e % NSETS. Block b of every kernel only ever
@@ -73,12 +78,20 @@ SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
 SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
-DATA_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
-# Default per-rank IPC workspace: the flags, then 64 MiB of data, 64 KiB regions per block
-# in each of the pull and push areas at 128 blocks: 8 MiB per chunk over the grid, so a
-# message of a few MB per rank fits in one chunk, and a chunk's flags cost little against
-# its transfer; a whole row of 16384 fp32 elements fits a region (a fused epilogue keeps
-# rows whole per block, docs/DESIGN.md "Epilogues").
+LL_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
+# A block's LL region per set: 8 KiB of lines carry 4 KiB of data, shared by the world-1
+# senders. At two ranks, 128 blocks carry 512 KiB per rank in one chunk, above the sizes
+# the LL kernel is for (fused.LL_MAX_BYTES); larger calls take several chunks. Two sets
+# suffice (templates/stage_kernel.cu.j2, ll_kernel): 2 MiB per rank in all.
+LL_SETS = 2
+LL_REGION_BYTES = 8 << 10
+LL_BYTES = LL_SETS * MAX_BLOCKS * LL_REGION_BYTES
+DATA_OFFSET = (LL_OFFSET + LL_BYTES + 4095) // 4096 * 4096
+# Default per-rank IPC workspace: the flags and the LL area, then 64 MiB of data, 64 KiB
+# regions per block in each of the pull and push areas at 128 blocks: 8 MiB per chunk over
+# the grid, so a message of a few MB per rank fits in one chunk, and a chunk's flags cost
+# little against its transfer; a whole row of 16384 fp32 elements fits a region (a fused
+# epilogue keeps rows whole per block, docs/DESIGN.md "Epilogues").
 DEFAULT_WORKSPACE_BYTES = DATA_OFFSET + 2 * NSETS * MAX_BLOCKS * (64 << 10)
 # The registered pool's offsets travel as 16-byte units in 32 bits.
 MAX_POOL_BYTES = (1 << 32) * 16 - 16
@@ -101,6 +114,11 @@ def region_bytes(workspace_bytes: int) -> int:
 def push_area_bytes(region: int, world: int) -> int:
     """Bytes of one sender's area in a push region of `region` bytes (world - 1 senders)."""
     return region // max(1, world - 1) // 16 * 16
+
+
+def ll_area_bytes(world: int) -> int:
+    """Bytes of lines of one sender's area in an LL region (world - 1 senders)."""
+    return LL_REGION_BYTES // max(1, world - 1) // 16 * 16
 
 
 def min_symmetric_bytes() -> int:

@@ -99,6 +99,24 @@ def push_auto(stage: IntraStage) -> bool:
     return stage.lmap.world_size == 2 and push_width(stage) == 1 and push_safe(stage)
 
 
+def ll_safe(stage: IntraStage) -> bool:
+    """Whether the LL kernel may run this stage: every rank a rank stores lines to also
+    stores lines to it (so a rank reuses a set only after its consumers finished with it:
+    templates/stage_kernel.cu.j2, ll_kernel), and push could run it in place (the same
+    schedule and task order)."""
+    return push_safe(stage) and all(set(r.dsts) <= set(r.srcs)
+                                    for r in stage.push_schedule.ranks)
+
+
+def ll_cols(stage: IntraStage, elem: int) -> int:
+    """Columns of every unit one block sends per LL chunk: a sender's area of an LL region
+    holds `slots` units of that many columns at two bytes of line per byte of data (a
+    multiple of 16 bytes; 0 if none fits)."""
+    vec = max(1, 16 // elem)
+    area = layout.ll_area_bytes(stage.lmap.world_size)
+    return area // (stage.push_schedule.slots * 2 * elem) // vec * vec
+
+
 def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int,
                result_elem: int = 0) -> int:
     """Columns of every unit one block handles per chunk (a multiple of 16 bytes), or 0 when
@@ -153,14 +171,17 @@ def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: 
     return lo * vec
 
 
-def grid(unit_elems: int, cols: int, elem: int, max_blocks: int) -> tuple[int, int, int]:
+def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = False
+         ) -> tuple[int, int, int]:
     """(blocks, chunks, columns per block and chunk) for `unit_elems` columns per unit: as
-    many blocks as there are full 16-byte passes of THREADS threads, capped at
-    max_blocks; enough chunks of at most `cols` columns; then the columns spread evenly
-    over blocks x chunks (in 16-byte packs), so that no block idles while another works
-    through a region-sized chunk."""
+    many blocks as there are full 16-byte passes of THREADS threads (`ll`: as there are
+    chunks of `cols` columns, for an LL chunk is less than a pass: one chunk per block
+    while blocks last), capped at max_blocks; enough chunks of at most `cols` columns;
+    then the columns spread evenly over blocks x chunks (in 16-byte packs), so that no
+    block idles while another works through a region-sized chunk."""
     vec = max(1, 16 // elem)
-    nblocks = max(1, min(max_blocks, math.ceil(unit_elems / (layout.THREADS * vec))))
+    per_block = cols if ll else layout.THREADS * vec
+    nblocks = max(1, min(max_blocks, math.ceil(unit_elems / per_block)))
     chunks = math.ceil(unit_elems / (nblocks * cols))
     per = math.ceil(unit_elems / (nblocks * chunks))
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
@@ -204,7 +225,9 @@ class Plan:
                 lines.append("    algorithm: one_shot (auto's default; two_shot past 1 MiB where "
                              "a rank reads several peers; push from fused.PUSH_MIN_BYTES in "
                              "two-rank stages that push can run, here "
-                             f"{'yes' if push_auto(st) else 'no'}, unless a fused epilogue "
+                             f"{'yes' if push_auto(st) else 'no'}; ll up to "
+                             "fused.LL_MAX_BYTES in two-rank stages it can run; unless a "
+                             "fused epilogue "
                              "keeps the one-shot, or the two-shot with algorithm='two_shot'; "
                              "docs/DESIGN.md, \"Intra-node algorithms\")")
                 if elem:
@@ -217,6 +240,10 @@ class Plan:
                     cols = push_cols(st, elem, region)
                     lines.append(f"    push chunk: {cols} elements per unit per block, "
                                  f"{layout.NSETS} chunks in flight per block (credits)")
+                    lines.append(f"    ll chunk: {ll_cols(st, elem)} elements per unit per "
+                                 "block (lines of 8 data bytes and the epoch, in an LL area "
+                                 f"of {layout.LL_BYTES} B per rank); LL can run here: "
+                                 f"{'yes' if ll_safe(st) else 'no'}")
                 lines.append(f"    workspace per rank: IPC {workspace_bytes} B (pull and push "
                              f"areas of {layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
                              f"{region} B), symmetric heap 0 B; inputs and outputs are "

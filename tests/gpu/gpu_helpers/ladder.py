@@ -28,7 +28,7 @@ from mixcc import presets
 from oracle import expected, make_input, mismatch, statements
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMALL_WS = 1 << 20  # forces several chunks at moderate sizes
+SMALL_WS = 4 << 20  # forces several chunks at moderate sizes (about 1.7 KiB regions)
 HIDDENS = (1, 3, 7, 8, 33, 64, 100, 256, 520, 1024, 1032)
 EXTRA = ["allreduce(tp*dp)", "allgather(tp*dp)", "reducescatter(tp*dp)", "allreduce(world)",
          "allgather(world)", "reducescatter(world)"]
@@ -135,7 +135,7 @@ def one_node_cases(world: int, cfg: dict) -> list[tuple]:
             g = granularity(prog, axes)
             for dt in DTYPES:
                 for rows, hidden in ((g, 1024), (g * 7, 7), (g * 64, 1024 + 8)):
-                    for algo in ["one_shot", "two_shot", "push"] if rows > g else ["auto"]:
+                    for algo in ["one_shot", "two_shot", "push", "ll"] if rows > g else ["auto"]:
                         cases.append((prog, axes, dt, rows, hidden, algo, SMALL_WS))
     for prog, axes in fuzzed:
         g = granularity(prog, axes)
@@ -149,7 +149,8 @@ def one_node_cases(world: int, cfg: dict) -> list[tuple]:
             prog, axes = rng.choice(pool)
             cases.append((prog, axes, rng.choice(list(DTYPES)),
                           granularity(prog, axes) * rng.randint(1, 48), rng.choice(HIDDENS),
-                          rng.choice(("auto", "one_shot", "two_shot", "push")), SMALL_WS))
+                          rng.choice(("auto", "one_shot", "two_shot", "push", "ll")),
+                          SMALL_WS))
     if cfg["big"]:
         for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE):
             axes = mixed_mesh(world)
@@ -348,7 +349,10 @@ def timeout_case(res: Results, rank: int, world: int, rpn: int | None = None,
 
 def mutate_tables() -> None:
     """Negative control: render every stage with the last term of each reduction dropped
-    (one-node pull and push tables, cross-node parts)."""
+    (one-node pull tables, cross-node parts) or, in push tables, counted twice (its
+    coefficient doubled): the LL kernel, which runs push's tables, orders a rank's reuse of
+    a line set by the reads of its consumers, so a read left out would turn the wrong
+    answer into a timeout."""
     from mixcc.codegen import render
     from mixcc.codegen.hier import HierRank, HierSchedule, Part
     from mixcc.codegen.schedule import PushRank, PushSchedule, RankSchedule, Schedule
@@ -373,7 +377,8 @@ def mutate_tables() -> None:
 
     def broken_push(sched: PushSchedule):
         ranks = tuple(PushRank(pr.dsts, pr.srcs, pr.sends,
-                               tuple((j, terms[:-1] or terms) for j, terms in pr.reduce),
+                               tuple((j, (*terms[:-1], (*terms[-1][:3], 2 * terms[-1][3])))
+                                     for j, terms in pr.reduce),
                                pr.inplace_safe) for pr in sched.ranks)
         return original_push(PushSchedule(sched.in_units, sched.slots, ranks, sched.redop))
 
