@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-rows", type=int, default=512)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--algorithm", default="auto", choices=("auto", "one_shot", "two_shot"),
+    ap.add_argument("--algorithm", default="auto", choices=("auto", "one_shot", "two_shot", "ll"),
                     help="the fused kernel's one-node algorithm (the epilogue runs after "
                          "the one-shot's reduction or in the two-shot's gather)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")

@@ -94,6 +94,13 @@ REG_MIN_BYTES = 16 << 20
 # reducescatter still won, and from 1 MiB the one-shot won everywhere (LL moves twice the
 # bytes). More ranks were not measured: the one-shot stays there.
 LL_MAX_BYTES = 256 << 10
+# The same for a fused epilogue (the LL kernel with the row pass, rows that fit a block's
+# LL region). On two H200s (sixth session) the layer (allreduce, add, store, rmsnorm) took
+# 5.7-8.9 us on LL at 4096 wide and 1-32 rows and 6.9-9.7 at 8192 wide and 1-16 rows (up
+# to 256 KiB), where the one-shot's row pass had taken 7.8-9.4 and 9.7-10.7 in the fourth
+# session's run; the rows above ran the one-shot in both runs and matched within noise.
+# A side-by-side run of the two kernels above 256 KiB has not been made.
+LL_EPI_MAX_BYTES = LL_MAX_BYTES
 ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
@@ -338,11 +345,11 @@ class FusedRunner:
         two-shot where algorithm='two_shot' asked for it (its result slots in fp32)."""
         stage = self.stages[i][0]
         if hidden:
-            two = self.algorithm == "two_shot"
-            cols = self._epilogue_cols(stage)
+            algo = self._epilogue_algorithm(i, nbytes, hidden)
+            cols = self._epilogue_cols(stage, algo)
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks)
-            return int(two), cols, n_chunks, nblocks
+            return ALGORITHMS.index(algo), cols, n_chunks, nblocks
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
             algo = self.algorithm
@@ -581,13 +588,29 @@ class FusedRunner:
             cur = dst
         return out
 
-    def _epilogue_cols(self, stage: Stage) -> int:
+    def _epilogue_algorithm(self, i: int, nbytes: int, hidden: int) -> str:
+        """The kernel of intra stage i with the fused epilogue on rows of `hidden`: the
+        two-shot where algorithm='two_shot' asked for it; LL where algorithm='ll' asked for
+        it or auto takes it (up to LL_EPI_MAX_BYTES, where LL_MAX_BYTES allows LL) and a
+        block's LL region holds a row; else the one-shot. By size and shape alone: the
+        same on every rank."""
+        if self.algorithm == "two_shot":
+            return "two_shot"
+        ll = self.algorithm == "ll" or (self.algorithm == "auto" and self._ll_auto[i]
+                                        and nbytes <= LL_EPI_MAX_BYTES)
+        if ll and self._ll_safe[i] and ll_cols(self.stages[i][0], self.elem, True) >= hidden:
+            return "ll"
+        return "one_shot"
+
+    def _epilogue_cols(self, stage: Stage, algo: str = "") -> int:
         """Columns per block and chunk of the last stage's kernel with the fused epilogue:
         the one-shot's, or with algorithm='two_shot' the two-shot's with fp32 result
-        slots; a hierarchical stage's with fp32 result slots (docs/DESIGN.md,
-        "Epilogues")."""
+        slots, or LL's whole region (`algo` "ll"); a hierarchical stage's with fp32 result
+        slots (docs/DESIGN.md, "Epilogues")."""
         if isinstance(stage, HierStage):
             return hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region, 4)
+        if algo == "ll":
+            return ll_cols(stage, self.elem, True)
         two = self.algorithm == "two_shot"
         return intra_cols(stage, two, self.elem, self.rt.region_bytes, 4 if two else 0)
 

@@ -13,6 +13,7 @@ import torch
 import mixcc
 from mixcc import fused, tune
 from mixcc.codegen import layout
+from mixcc.codegen.plan import ll_cols
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
     HIER_STAGED_NCCL_MIN_BYTES,
@@ -49,7 +50,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
 
 @pytest.mark.parametrize("unit_elems", [1, 7, 7168, 7168 * 64, 7168 * 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("workspace", [4 << 20, 8 << 20])
+@pytest.mark.parametrize("workspace", [12 << 20, 16 << 20])
 def test_chunks_cover_every_column(unit_elems, dtype, workspace):
     r = runner("reducescatter_allreduce", {"dp": 2, "tp": 4}, dtype, workspace=workspace)
     stage = r.stages[0][0]
@@ -121,7 +122,7 @@ def test_ll_up_to_its_size_where_it_can_run():
         algo, cols, n_chunks, nblocks = two._params(0, 1 << 17, 1 << 18)
         assert algo == 3 and n_chunks == 1 and nblocks * cols >= 1 << 17
         assert cols * 2 * two.elem * two.stages[0][0].push_schedule.slots <= \
-            layout.ll_area_bytes(2)
+            layout.ll_area_bytes(2, layout.LL_CHUNK_BYTES)
         assert two._params(0, 1 << 17, (1 << 18) + 1)[0] == 0
         two.debug = True  # debug mode's fingerprints travel with the barriers: no LL
         two._stage_facts()
@@ -129,7 +130,7 @@ def test_ll_up_to_its_size_where_it_can_run():
     # a large call on LL takes several chunks of the fixed LL area
     forced = runner("allreduce(tp)", {"tp": 2}, torch.float32, "ll")
     algo, cols, n_chunks, nblocks = forced._params(0, 1 << 24, 1 << 26)
-    assert algo == 3 and n_chunks > 1 and cols == plan_ll_cols(forced) == 1024
+    assert algo == 3 and n_chunks > 1 and cols == ll_cols(forced.stages[0][0], forced.elem) == 1024
     # four ranks: not measured, the one-shot stays; algorithm="ll" runs it
     four = runner("allreduce(tp)", {"tp": 4}, torch.bfloat16)
     assert four._ll_safe == [True] and four._params(0, 4096, 8192)[0] == 0
@@ -137,12 +138,6 @@ def test_ll_up_to_its_size_where_it_can_run():
     assert runner(prog, axes, torch.float32)._ll_safe == [False]
     with pytest.raises(ValueError, match="algorithm='ll' cannot run stage 0"):
         runner(prog, axes, torch.float32, "ll")._params(0, 4096, 1 << 16)
-
-
-def plan_ll_cols(r: FusedRunner) -> int:
-    from mixcc.codegen.plan import ll_cols
-
-    return ll_cols(r.stages[0][0], r.elem)
 
 
 def test_push_in_place_hazard_falls_back_or_raises():
@@ -292,10 +287,16 @@ def kw(rows=4, hidden=64, dtype=BF):
 def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
     r = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype)
     assert bool(r.epilogue_hidden(torch.Size((5, hidden)), kw(5, hidden, dtype))) == fused
-    if fused:  # the last stage runs the one-shot on whole rows whatever auto would pick
+    if fused:  # whole rows: LL where its region holds a row (a small call), else the one-shot
         algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
-        assert algo == 0 and cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden
-        assert blocks <= 5 and cols <= layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES)
+        ll = ll_cols(r.stages[0][0], r.elem, True)
+        assert algo == (3 if hidden <= ll else 0)
+        assert cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden and blocks <= 5
+        assert cols * r.elem <= (ll * r.elem if algo == 3 else
+                                 layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES))
+        r.algorithm = "one_shot"
+        assert r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)[0] == 0
+        r.algorithm = "auto"
     small = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype, workspace=layout.MIN_WORKSPACE_BYTES)
     assert not small.epilogue_hidden(torch.Size((5, 4096)), kw(5, 4096, dtype))
     other = {**kw(5, hidden, dtype), "w": torch.ones(hidden, dtype=torch.float64)}
@@ -463,7 +464,8 @@ def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
     r._launch(0, x, out, 4096, 0)  # no epilogue at all: auto's own grid
     (h1, p1, *grid1), (h2, p2, *grid2), (h3, _, *grid3) = seen
     assert h1 == 4096 and p1 == res.data_ptr() and h2 == 0 and h3 == 0
-    assert grid1 == grid2 and grid1[0] == 0 and grid1[1] % 4096 == 0
+    # auto's LL at this size: the fallback runs the plain LL kernel on the same grid
+    assert grid1 == grid2 and grid1[0] == 3 and grid1[1] % 4096 == 0
     assert grid3[1] % 8 == 0  # the plain grid need not keep rows whole
 
 

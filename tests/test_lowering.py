@@ -95,7 +95,7 @@ def test_multi_node_plan_is_hierarchical(coll):
 def test_hier_chunk_fits_both_workspaces(program, elem):
     m = Mesh({"dp": 2, "tp": 4}, ranks_per_node=4)
     (st,) = lowered(program, m).stages
-    for ws, sym in ((4 << 20, 1 << 20), (16 << 20, 16 << 20), (16 << 20, 1 << 20)):
+    for ws, sym in ((12 << 20, 1 << 20), (16 << 20, 16 << 20), (16 << 20, 1 << 20)):
         region, sregion = layout.region_bytes(ws), layout.sym_region_bytes(sym)
         cols = hier_cols(st, elem, region, sregion)
         h, sc = st.hier, share_cap(cols, elem, st.hier.local)
@@ -119,7 +119,7 @@ def test_one_rank_per_node_chunks_by_the_nvshmem_region_alone(program):
     it again."""
     (st,) = lowered(program, Mesh({"dp": 2, "tp": 1}, ranks_per_node=1)).stages
     h, elem = st.hier, 2
-    region, sregion = layout.region_bytes(4 << 20), layout.sym_region_bytes(64 << 20)
+    region, sregion = layout.region_bytes(12 << 20), layout.sym_region_bytes(64 << 20)
     cols = hier_cols(st, elem, region, sregion)
     assert cols * elem * h.in_units > region  # no longer bounded by the IPC region
     assert 2 * h.nodes * h.max_parts * cols * elem <= sregion

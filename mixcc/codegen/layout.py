@@ -79,12 +79,17 @@ SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 LL_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
-# A block's LL region per set: 8 KiB of lines carry 4 KiB of data, shared by the world-1
-# senders. At two ranks, 128 blocks carry 512 KiB per rank in one chunk, above the sizes
-# the LL kernel is for (fused.LL_MAX_BYTES); larger calls take several chunks. Two sets
-# suffice (templates/stage_kernel.cu.j2, ll_kernel): 2 MiB per rank in all.
+# A block's LL region per set, shared by the world-1 senders: 32 KiB of lines carry 16 KiB
+# of data, so that at two ranks a block holds a whole row of 8192 bf16 elements for a fused
+# epilogue. Without an epilogue a chunk uses LL_CHUNK_BYTES of it: 8 KiB of lines, 4 KiB
+# of data per block at two ranks (what was measured, docs/PERF.md 2026-11-30 sixth
+# session), so small calls spread over more blocks; 128 blocks carry 512 KiB per rank in
+# one chunk, above the sizes the LL kernel is for (fused.LL_MAX_BYTES); larger calls
+# take several chunks. Two sets suffice (templates/stage_kernel.cu.j2, ll_kernel): 8 MiB
+# per rank in all.
 LL_SETS = 2
-LL_REGION_BYTES = 8 << 10
+LL_REGION_BYTES = 32 << 10
+LL_CHUNK_BYTES = 8 << 10
 LL_BYTES = LL_SETS * MAX_BLOCKS * LL_REGION_BYTES
 DATA_OFFSET = (LL_OFFSET + LL_BYTES + 4095) // 4096 * 4096
 # Default per-rank IPC workspace: the flags and the LL area, then 64 MiB of data, 64 KiB
@@ -116,9 +121,10 @@ def push_area_bytes(region: int, world: int) -> int:
     return region // max(1, world - 1) // 16 * 16
 
 
-def ll_area_bytes(world: int) -> int:
-    """Bytes of lines of one sender's area in an LL region (world - 1 senders)."""
-    return LL_REGION_BYTES // max(1, world - 1) // 16 * 16
+def ll_area_bytes(world: int, region: int = LL_REGION_BYTES) -> int:
+    """Bytes of lines of one sender's area in an LL region (world - 1 senders), or in the
+    first `region` bytes of it."""
+    return region // max(1, world - 1) // 16 * 16
 
 
 def min_symmetric_bytes() -> int:

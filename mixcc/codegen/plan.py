@@ -108,12 +108,14 @@ def ll_safe(stage: IntraStage) -> bool:
                                     for r in stage.push_schedule.ranks)
 
 
-def ll_cols(stage: IntraStage, elem: int) -> int:
-    """Columns of every unit one block sends per LL chunk: a sender's area of an LL region
-    holds `slots` units of that many columns at two bytes of line per byte of data (a
-    multiple of 16 bytes; 0 if none fits)."""
+def ll_cols(stage: IntraStage, elem: int, rows: bool = False) -> int:
+    """Columns of every unit one block sends per LL chunk: a sender's area of an LL chunk
+    (`rows`: of the whole LL region, where a fused epilogue keeps rows whole) holds
+    `slots` units of that many columns at two bytes of line per byte of data (a multiple
+    of 16 bytes; 0 if none fits)."""
     vec = max(1, 16 // elem)
-    area = layout.ll_area_bytes(stage.lmap.world_size)
+    area = layout.ll_area_bytes(stage.lmap.world_size,
+                                layout.LL_REGION_BYTES if rows else layout.LL_CHUNK_BYTES)
     return area // (stage.push_schedule.slots * 2 * elem) // vec * vec
 
 

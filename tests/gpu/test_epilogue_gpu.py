@@ -7,7 +7,10 @@ and eight ranks on one GPU under MPS (one node, and two simulated nodes over NVS
 where the epilogue runs in the hierarchical kernel's step D from the local owners' fp32
 shares).
 With algorithm='two_shot' the epilogue runs in the two-shot's gather from the owners'
-fp32 shares (a third of the cases, one node).
+fp32 shares (a third of the cases, one node); with algorithm='ll' in the LL kernel's row
+pass where a row fits a block's LL region (else the one-shot's), at every row count (a
+third of the two-GPU cases, a ninth at four ranks); auto takes LL for small calls on two
+ranks.
 Each case also checks which path it took."""
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ def test_two_gpus(spawn_ranks) -> None:
     programs = [(LAYER, [("dp", 1), ("tp", 2)]), (QUANT, [("dp", 1), ("tp", 2)]),
                 (AR_AG, [("dp", 2), ("tp", 1)])]
     spawn_ranks(epilogue_task, 2,
-                cases(programs, None) + cases(programs, None, "two_shot")[::3], gpus=p.gpus)
+                cases(programs, None) + cases(programs, None, "two_shot")[::3]
+                + cases(programs, None, "ll")[1::3], gpus=p.gpus)
 
 
 def test_two_gpus_as_two_nodes(spawn_ranks) -> None:
@@ -127,5 +131,5 @@ def test_four_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
                 (QUANT, [("dp", 1), ("tp", 4)])]
     todo = cases(programs, rpn)[::3]
     if rpn == 4:
-        todo += cases(programs, rpn, "two_shot")[1::3]
+        todo += cases(programs, rpn, "two_shot")[1::3] + cases(programs, rpn, "ll")[2::9]
     spawn_ranks(epilogue_task, 4, todo, gpus=1, nvshmem=rpn < 4)

@@ -28,7 +28,7 @@ from mixcc import presets
 from oracle import expected, make_input, mismatch, statements
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMALL_WS = 4 << 20  # forces several chunks at moderate sizes (about 1.7 KiB regions)
+SMALL_WS = 12 << 20  # forces several chunks at moderate sizes (about 3.4 KiB regions)
 HIDDENS = (1, 3, 7, 8, 33, 64, 100, 256, 520, 1024, 1032)
 EXTRA = ["allreduce(tp*dp)", "allgather(tp*dp)", "reducescatter(tp*dp)", "allreduce(world)",
          "allgather(world)", "reducescatter(world)"]
@@ -155,7 +155,7 @@ def one_node_cases(world: int, cfg: dict) -> list[tuple]:
         for prog in (presets.ALLREDUCE_ALLGATHER, presets.REDUCESCATTER_ALLREDUCE):
             axes = mixed_mesh(world)
             cases.append((prog, axes, "bfloat16", granularity(prog, axes) * 256, 7168, "auto",
-                          8 << 20))
+                          16 << 20))  # 7.4 MiB of data: several chunks
     return cases
 
 
