@@ -370,13 +370,15 @@ class FusedRunner:
                 f"algorithm='push' cannot run stage {i} of this program: an output block "
                 "is written before a later one reads it as input, so it could not run "
                 "in place; use algorithm='one_shot' or 'two_shot'")
-        if algo == "ll" and not self._ll_safe[i]:
+        if algo == "ll" and (not self._ll_safe[i] or self.debug):
             if self.algorithm == "ll":
-                raise ValueError(
-                    f"algorithm='ll' cannot run stage {i} of this program: a rank stores to a "
-                    "peer that stores nothing to it, an output block is written before a "
-                    "later one reads it as input, or a sender's LL area holds less than 16 "
-                    "bytes per unit; use algorithm='one_shot'")
+                why = ("debug mode's fingerprints travel with barriers, which LL has none of"
+                       if self._ll_safe[i] else
+                       "a rank stores to a peer that stores nothing to it, an output block is "
+                       "written before a later one reads it as input, or a sender's LL area "
+                       "holds less than 16 bytes per unit")
+                raise ValueError(f"algorithm='ll' cannot run stage {i} of this program: "
+                                 f"{why}; use algorithm='one_shot'")
             algo = "one_shot"
         two = algo == "two_shot"
         if algo == "ll":
@@ -591,14 +593,16 @@ class FusedRunner:
     def _epilogue_algorithm(self, i: int, nbytes: int, hidden: int) -> str:
         """The kernel of intra stage i with the fused epilogue on rows of `hidden`: the
         two-shot where algorithm='two_shot' asked for it; LL where algorithm='ll' asked for
-        it or auto takes it (up to LL_EPI_MAX_BYTES, where LL_MAX_BYTES allows LL) and a
-        block's LL region holds a row; else the one-shot. By size and shape alone: the
-        same on every rank."""
+        it or auto takes it (up to LL_EPI_MAX_BYTES, where LL_MAX_BYTES allows LL), the
+        stage can run LL, debug mode is off and a block's LL region holds a row; else the
+        one-shot (as for algorithm='push'). By size and shape alone: the same on every
+        rank."""
         if self.algorithm == "two_shot":
             return "two_shot"
         ll = self.algorithm == "ll" or (self.algorithm == "auto" and self._ll_auto[i]
                                         and nbytes <= LL_EPI_MAX_BYTES)
-        if ll and self._ll_safe[i] and ll_cols(self.stages[i][0], self.elem, True) >= hidden:
+        if ll and self._ll_safe[i] and not self.debug \
+                and ll_cols(self.stages[i][0], self.elem, True) >= hidden:
             return "ll"
         return "one_shot"
 

@@ -284,7 +284,8 @@ def test_one_rank_per_node_hier_kernel_compiles_without_spills(tmp_path):
 
 def _spills(source: str, tmp_path, include: tuple[str, ...] = ()) -> dict[str, int]:
     """Bytes of spill stores per kernel of a rendered module (ptxas -v), keyed
-    "stage<VEC,TWO_SHOT,EPI>", "push<VEC>" and "hier<VEC,EPI>" (EPI -1: "n1")."""
+    "stage<VEC,TWO_SHOT,EPI>", "push<VEC>", "ll<VEC,EPI>" and "hier<VEC,EPI>" (EPI -1:
+    "n1")."""
     from mixcc.paths import templates_dir
 
     src = tmp_path / "k.cu"
@@ -298,10 +299,13 @@ def _spills(source: str, tmp_path, include: tuple[str, ...] = ()) -> dict[str, i
     for part in out.split("Compiling entry function")[1:]:
         m = re.match(r" '\S*(stage|push)_kernelILi(\d+)E(?:Lb(\d)ELi(\d)E)?", part)
         h = re.match(r" '\S*hier_kernelILi(\d+)ELi(n?\d+)E", part)
+        ll = re.match(r" '\S*ll_kernelILi(\d+)ELi(\d+)E", part)
         if m:
             key = f"stage<{m[2]},{m[3]},{m[4]}>" if m[1] == "stage" else f"push<{m[2]}>"
         elif h:
             key = f"hier<{h[1]},{h[2]}>"
+        elif ll:
+            key = f"ll<{ll[1]},{ll[2]}>"
         else:
             continue
         spills[key] = int(re.search(r"(\d+) bytes spill stores", part).group(1))
@@ -328,6 +332,8 @@ def test_kernels_keep_their_registers(tmp_path):
     # its kernel also holds the one-shot's row pass for the units nobody shares
     assert two["stage<8,1,1>"] <= 240 and two["stage<8,1,2>"] <= 320, two
     assert two["push<8>"] <= 40, two
+    # LL, plain (wide and narrow) and with the epilogue's row pass at one and two packs
+    assert all(two[f"ll<{v},{e}>"] == 0 for v, e in ((8, 0), (1, 0), (8, 1), (8, 2))), two
     eight = _spills(module("reducescatter(dp)", {"dp": 2, "tp": 4}), tmp_path)
     assert eight["stage<8,0,0>"] == 0 and eight["push<8>"] == 0, eight
 

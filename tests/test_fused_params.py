@@ -127,6 +127,11 @@ def test_ll_up_to_its_size_where_it_can_run():
         two.debug = True  # debug mode's fingerprints travel with the barriers: no LL
         two._stage_facts()
         assert two._params(0, 4096, 8192)[0] == 0
+        two.tuned = {(0, tune.bucket(8192)): tune.Choice("ll", 8)}  # nor from a table
+        assert two._params(0, 4096, 8192)[0] == 0
+        two.algorithm = "ll"  # and asked for: refused, saying why
+        with pytest.raises(ValueError, match="debug mode's fingerprints"):
+            two._params(0, 4096, 8192)
     # a large call on LL takes several chunks of the fixed LL area
     forced = runner("allreduce(tp)", {"tp": 2}, torch.float32, "ll")
     algo, cols, n_chunks, nblocks = forced._params(0, 1 << 24, 1 << 26)
