@@ -155,3 +155,31 @@ def test_explain_prints_max_and_min_as_such():
     hier = lowered("allreduce(world, op=min)", Mesh({"dp": 2, "tp": 2}, ranks_per_node=2))
     text = hier.describe(4)
     assert "min(r0.u0, r1.u0)" in text and "final 0 = min(node0.slot0, node1.slot0)" in text
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_presets_can_run_ll_and_its_chunk_fits_a_sender_area(world):
+    """Every preset on every mesh of the world can run LL (each rank stores only to peers
+    that store to it, and push's in-place rule holds): auto's LL rule rests on it. An LL
+    chunk's lines fit a sender's share of the plain chunk (8 KiB) and a row's of the
+    whole region (32 KiB); explain says whether LL can run."""
+    from mixcc.codegen.plan import ll_cols, ll_safe
+    from mixcc.presets import PRESETS
+
+    for dp in (d for d in (1, 2, world // 2, world) if world % d == 0):
+        m = Mesh({"dp": dp, "tp": world // dp})
+        for name, program in PRESETS.items():
+            plan = lowered(program, m)
+            for st in plan.stages:
+                assert isinstance(st, IntraStage) and ll_safe(st), (name, dp)
+                for rows, region in ((False, layout.LL_CHUNK_BYTES),
+                                     (True, layout.LL_REGION_BYTES)):
+                    cols = ll_cols(st, 2, rows)
+                    area = layout.ll_area_bytes(world, region)
+                    assert cols > 0 and st.push_schedule.slots * cols * 2 * 2 <= area
+                    assert st.push_schedule.slots * (cols + 8) * 2 * 2 > area
+            if plan.stages:  # a program over a size-1 axis is the identity
+                assert "LL can run here: yes" in plan.describe(2)
+    # grid(ll=True): one block per LL chunk while blocks last
+    assert grid(4096, 2048, 2, 128, ll=True) == (2, 1, 2048)
+    assert grid(1 << 20, 2048, 2, 128, ll=True) == (128, 4, 2048)

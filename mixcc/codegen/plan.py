@@ -224,14 +224,16 @@ class Plan:
             ops = "; ".join(str(o) for o in st.ops)
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
             if isinstance(st, IntraStage):
-                lines.append("    algorithm: one_shot (auto's default; two_shot past 1 MiB where "
-                             "a rank reads several peers; push from fused.PUSH_MIN_BYTES in "
-                             "two-rank stages that push can run, here "
-                             f"{'yes' if push_auto(st) else 'no'}; ll up to "
-                             "fused.LL_MAX_BYTES in two-rank stages it can run; unless a "
-                             "fused epilogue "
-                             "keeps the one-shot, or the two-shot with algorithm='two_shot'; "
-                             "docs/DESIGN.md, \"Intra-node algorithms\")")
+                ll_auto = st.lmap.world_size == 2 and ll_safe(st)
+                lines.append("    algorithm (auto): ll up to fused.LL_MAX_BYTES per rank in "
+                             "two-rank stages it can run, here "
+                             f"{'yes' if ll_auto else 'no'}; else one_shot; two_shot past 1 "
+                             "MiB where a rank reads several peers; push from "
+                             "fused.PUSH_MIN_BYTES in two-rank stages that push can run, here "
+                             f"{'yes' if push_auto(st) else 'no'}; a fused epilogue runs in "
+                             "ll (small calls whose rows fit its region) or the one-shot, or "
+                             "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
+                             "\"Intra-node algorithms\"")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
