@@ -45,7 +45,9 @@ def candidates(runner) -> list[tune.Choice]:
     if not any(isinstance(st, IntraStage) for st, _ in runner.stages):
         algos = ["hier"]
     blocks = sorted({b for b in BLOCK_CANDIDATES if b <= runner.max_blocks} | {runner.max_blocks})
-    out = [tune.Choice(a, b, c) for a in algos for b in blocks for c in CHUNK_CANDIDATES]
+    # LL's chunk is its fixed area's (a few KiB per block): 8192 columns would not fit
+    out = [tune.Choice(a, b, c) for a in algos for b in blocks
+           for c in (CHUNK_CANDIDATES if a != "ll" else (0,))]
     if runner._nccl:
         out.append(tune.Choice("nccl", 0))
     return out

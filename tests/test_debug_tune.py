@@ -91,6 +91,7 @@ def test_tune_candidates_and_stage_bytes():
                         _ll_safe=[True], max_blocks=12, elem=2, _nccl=False)
     cands = tuning.candidates(r)
     assert {c.algorithm for c in cands} == {"one_shot", "two_shot", "push", "ll"}
+    assert {c.chunk_cols for c in cands if c.algorithm == "ll"} == {0}  # its area's chunk
     r._ll_safe = [False]  # a stage LL cannot run: not a candidate
     assert {c.algorithm for c in tuning.candidates(r)} == {"one_shot", "two_shot", "push"}
     assert {c.blocks for c in cands} == {4, 8, 12}  # up to the block cap, which is included
