@@ -295,7 +295,8 @@ class FusedRunner:
         self._push_auto = [st is not None and push_auto(st) for st in intra]
         self._ll_safe = [st is not None and ll_safe(st) and ll_cols(st, self.elem) >= self.vec
                          for st in intra]
-        self._ll_auto = [safe and st.lmap.world_size == 2 and not self.debug
+        # (debug mode: _params and _epilogue_algorithm keep LL off)
+        self._ll_auto = [safe and st.lmap.world_size == 2
                          for safe, st in zip(self._ll_safe, intra, strict=True)]
 
     def _set_epilogue(self, plan: Plan, epilogue: tuple) -> None:

@@ -65,10 +65,11 @@ def test_chunks_cover_every_column(unit_elems, dtype, workspace):
             assert n_chunks > 1 or (nblocks - 1) * cols < unit_elems
             region = layout.region_bytes(workspace)
             if algo == 2:  # push: slots x cols fit one sender's area of a push region
-                area = layout.push_area_bytes(region, 8)
+                area = layout.sender_area_bytes(region, 8)
                 assert stage.push_schedule.slots * cols * r.elem <= area
             elif algo == 3:  # LL: slots x cols of lines (two bytes each) fit an LL area
-                assert stage.push_schedule.slots * cols * 2 * r.elem <= layout.ll_area_bytes(8)
+                area = layout.sender_area_bytes(layout.LL_REGION_BYTES, 8)
+                assert stage.push_schedule.slots * cols * 2 * r.elem <= area
             else:
                 units = 2 + (stage.schedules["two_shot"].slots if algo else 0)
                 assert units * cols * r.elem <= region
@@ -122,7 +123,7 @@ def test_ll_up_to_its_size_where_it_can_run():
         algo, cols, n_chunks, nblocks = two._params(0, 1 << 17, 1 << 18)
         assert algo == 3 and n_chunks == 1 and nblocks * cols >= 1 << 17
         assert cols * 2 * two.elem * two.stages[0][0].push_schedule.slots <= \
-            layout.ll_area_bytes(2, layout.LL_CHUNK_BYTES)
+            layout.sender_area_bytes(layout.LL_CHUNK_BYTES, 2)
         assert two._params(0, 1 << 17, (1 << 18) + 1)[0] == 0
         two.debug = True  # debug mode's fingerprints travel with the barriers: no LL
         two._stage_facts()

@@ -175,7 +175,7 @@ def test_presets_can_run_ll_and_its_chunk_fits_a_sender_area(world):
                 for rows, region in ((False, layout.LL_CHUNK_BYTES),
                                      (True, layout.LL_REGION_BYTES)):
                     cols = ll_cols(st, 2, rows)
-                    area = layout.ll_area_bytes(world, region)
+                    area = layout.sender_area_bytes(region, world)
                     assert cols > 0 and st.push_schedule.slots * cols * 2 * 2 <= area
                     assert st.push_schedule.slots * (cols + 8) * 2 * 2 > area
             if plan.stages:  # a program over a size-1 axis is the identity

@@ -116,14 +116,10 @@ def region_bytes(workspace_bytes: int) -> int:
     return (workspace_bytes - DATA_OFFSET) // (2 * NSETS * MAX_BLOCKS) // 16 * 16
 
 
-def push_area_bytes(region: int, world: int) -> int:
-    """Bytes of one sender's area in a push region of `region` bytes (world - 1 senders)."""
-    return region // max(1, world - 1) // 16 * 16
-
-
-def ll_area_bytes(world: int, region: int = LL_REGION_BYTES) -> int:
-    """Bytes of lines of one sender's area in an LL region (world - 1 senders), or in the
-    first `region` bytes of it."""
+def sender_area_bytes(region: int, world: int) -> int:
+    """Bytes of one sender's area in a region of `region` bytes cut among world - 1 senders
+    in 16-byte units: a push region, an LL region (or the LL_CHUNK_BYTES of it a plain LL
+    chunk uses)."""
     return region // max(1, world - 1) // 16 * 16
 
 

@@ -114,8 +114,8 @@ def ll_cols(stage: IntraStage, elem: int, rows: bool = False) -> int:
     `slots` units of that many columns at two bytes of line per byte of data (a multiple
     of 16 bytes; 0 if none fits)."""
     vec = max(1, 16 // elem)
-    area = layout.ll_area_bytes(stage.lmap.world_size,
-                                layout.LL_REGION_BYTES if rows else layout.LL_CHUNK_BYTES)
+    area = layout.sender_area_bytes(
+        layout.LL_REGION_BYTES if rows else layout.LL_CHUNK_BYTES, stage.lmap.world_size)
     return area // (stage.push_schedule.slots * 2 * elem) // vec * vec
 
 
@@ -134,7 +134,7 @@ def push_cols(stage: IntraStage, elem: int, region_bytes: int) -> int:
     """Columns of every unit one block pushes per chunk: the sender's area of a push region
     holds `slots` units of that many columns (a multiple of 16 bytes; 0 if none fits)."""
     vec = max(1, 16 // elem)
-    area = layout.push_area_bytes(region_bytes, stage.lmap.world_size)
+    area = layout.sender_area_bytes(region_bytes, stage.lmap.world_size)
     return area // (stage.push_schedule.slots * elem) // vec * vec
 
 
