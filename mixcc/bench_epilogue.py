@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--algorithm", default="auto", choices=("auto", "one_shot", "two_shot", "ll"),
                     help="the fused kernel's one-node algorithm (the epilogue runs after "
-                         "the one-shot's reduction or in the two-shot's gather)")
+                         "the one-shot's reduction, in the two-shot's gather, or in LL's "
+                         "row pass where a row fits its region)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.device_count() < a.world_size:
