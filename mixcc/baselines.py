@@ -12,6 +12,12 @@ section 6):
   TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, which `mixcc bench` sets).
 - `separate`: the program as separate mixcc calls, one fused Collective per statement,
   chained through intermediate buffers (what a caller without mixcc's fusion runs).
+- `peer_copy`: not a collective but the link's own time at this size, the bound a
+  target such as "85% of the peer copy" is read against: at world 2 with one GPU per
+  rank, each rank copies from its peer's symmetric buffer the bytes the program moves
+  over the link per rank (its bus bytes), by the copy engine (a torch copy of a
+  contiguous tensor: cudaMemcpyAsync), both ranks at once. `mixcc bench` neither checks
+  its output nor takes it as a row's best.
 
 The two-call NCCL composition is mixcc's own `reference` backend. Each factory
 returns fn(x, out) -> out, or raises Unavailable with the reason.
@@ -34,7 +40,8 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SYMM = ("symm_one_shot", "symm_two_shot", "symm_one_shot_nocopy", "symm_two_shot_nocopy")
-BASELINES = ("nccl1", *SYMM, "separate")
+LINK = ("peer_copy",)  # bounds, not results: never checked, never a ratio's best
+BASELINES = ("nccl1", *SYMM, *LINK, "separate")
 SHAPE_FREE = ("nccl1", "separate")  # one fn serves every input shape
 
 
@@ -141,6 +148,40 @@ def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Si
     return fn
 
 
+def peer_copy(mesh: Mesh, shape: torch.Size, dtype: torch.dtype, bus_factor: float,
+              group: dist.ProcessGroup | None = None) -> Fn:
+    """The peer copy of `bus_factor` x the input's bytes (see the module docstring); the
+    call returns `out` untouched."""
+    reason = _peer_copy_refusal(mesh, nccl=torch.cuda.is_available()
+                                and "nccl" in str(dist.get_backend(group)))
+    if reason:
+        raise Unavailable(reason)
+    import torch.distributed._symmetric_memory as symm_mem
+
+    pg = group if group is not None else dist.group.WORLD
+    elems = max(1, round(shape.numel() * bus_factor))
+    try:  # collective, as in symm_mem_allreduce
+        buf = symm_mem.empty((elems,), dtype=dtype, device=torch.device("cuda"))
+        hdl = symm_mem.rendezvous(buf, pg.group_name)
+    except RuntimeError as e:
+        raise Unavailable(f"torch symmetric memory failed on this group: "
+                          f"{str(e).splitlines()[0]}") from None
+    peer = hdl.get_buffer(1 - dist.get_rank(group), (elems,), dtype)
+    local = torch.empty_like(buf)
+
+    def fn(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        local.copy_(peer)
+        return out
+    fn.keep = (buf, hdl)  # the mapping lives as long as the call
+    return fn
+
+
+def _peer_copy_refusal(mesh: Mesh, *, nccl: bool) -> str | None:
+    if mesh.world_size != 2 or not nccl:
+        return "peer_copy: two ranks with a GPU each (NCCL) only"
+    return None
+
+
 def _world_allreduce(program: str, mesh: Mesh) -> bool:
     """Whether `program` is one sum allreduce over every rank of the mesh."""
     ops = build(parse(program), mesh).ops
@@ -211,12 +252,17 @@ def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, 
         if len(parse(program).stmts) < 2:
             return "separate calls need a program of several statements"
         return None
+    if name in LINK:
+        return _peer_copy_refusal(mesh, nccl=nccl)
     return _symm_refusal(program, mesh, dtype, nccl=nccl, one_gpu=one_gpu)
 
 
 def make(name: str, program: str, mesh: Mesh, shape: torch.Size, dtype: torch.dtype,
-         group: dist.ProcessGroup | None = None) -> Fn:
-    """The call of baseline `name` for inputs of `shape` (any shape: SHAPE_FREE ones)."""
+         group: dist.ProcessGroup | None = None, bus_factor: float = 1.0) -> Fn:
+    """The call of baseline `name` for inputs of `shape` (any shape: SHAPE_FREE ones);
+    `bus_factor`: the program's bus bytes per input byte (peer_copy's size)."""
+    if name in LINK:
+        return peer_copy(mesh, shape, dtype, bus_factor, group)
     if name == "nccl1":
         return one_call(program, mesh, group)
     if name == "separate":

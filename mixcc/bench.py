@@ -47,7 +47,8 @@ FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
          "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push",
          "fused:ll": "ll"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
-GPU_ONLY = (*FUSED, *baselines.SYMM, "separate")  # backends that run on CUDA tensors only
+# backends that run on CUDA tensors only
+GPU_ONLY = (*FUSED, *baselines.SYMM, *baselines.LINK, "separate")
 
 
 def is_baseline(backend: str) -> bool:
@@ -289,14 +290,16 @@ def add_ratios(rows: list[Row]) -> list[Row]:
     """Set each row's `ratio` (time / best baseline time) and `best` (its backend).
 
     The best baseline of a row is the fastest row of a baseline backend (anything but
-    the fused variants: symm_*, separate, nccl1, reference) with the same program,
-    world, mesh, dtype, input bytes and timing kind, and no wrong elements. Baselines
+    the fused variants and peer_copy, a bound: symm_*, separate, nccl1, reference) with
+    the same program, world, mesh, dtype, input bytes and timing kind, and no wrong
+    elements. Baselines
     get their own ratio (1 for the best). No ratio (nan) for host issue times, nor where
     no baseline ran. Returns `rows`, changed in place.
     """
     best: dict[tuple, Row] = {}
     for r in rows:
-        if (is_baseline(r.backend) and r.timing != "host" and r.errors <= 0
+        if (is_baseline(r.backend) and r.backend not in baselines.LINK
+                and r.timing != "host" and r.errors <= 0
                 and math.isfinite(r.time_us) and r.time_us > 0):
             b = best.get(_key(r))
             if b is None or r.time_us < b.time_us:
@@ -325,7 +328,8 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
         obj: object = None
         if be in baselines.BASELINES:
             try:  # probe with a one-row shape: Unavailable does not depend on the shape
-                fn = baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype)
+                fn = baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype,
+                                    bus_factor=bus_factor(prog, mesh))
             except baselines.Unavailable as e:
                 skipped.append(f"{be} cannot run {prog!r}: {e}")
                 continue
@@ -434,7 +438,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                 fn = obj
                 if be in baselines.BASELINES and fn is None:
                     try:  # the same verdict on every rank (e.g. out of memory for a size)
-                        fn = baselines.make(be, prog, mesh, x.shape, dtype)
+                        fn = baselines.make(be, prog, mesh, x.shape, dtype,
+                                            bus_factor=factor)
                     except baselines.Unavailable as e:
                         step += len(modes)
                         if rank == 0:
@@ -490,7 +495,7 @@ def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor 
                                                 device=x.device)
     load = getattr(fn, "load", None) if baseline else None
     errors = -1
-    if be != "reference":
+    if be != "reference" and be not in baselines.LINK:
         assert expect is not None
         if load is not None:
             load(x)

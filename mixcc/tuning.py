@@ -21,7 +21,11 @@ from . import launch, mps, tune
 from .codegen.plan import IntraStage
 from .mesh import Mesh
 
-CHUNK_CANDIDATES = (0, 8192)  # columns per block and chunk: the widest that fits, or 8192
+# Columns per block and chunk: the widest that fits (64 KiB of bf16 in the default
+# workspace), 16384 or 8192. The middle one was added for push, whose chunk decides its
+# pipeline's fill and drain at 32-128 MiB (a one-process harness ran 32 KiB chunks 4-6%
+# faster than 64 KiB, docs/PERF.md 2026-11-30 second session).
+CHUNK_CANDIDATES = (0, 16384, 8192)
 BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
 # A final round re-times the candidates within FINAL_WITHIN of the first round's best (at
 # most FINAL_MAX of them) FINAL_ROUNDS more times, interleaved, and keeps the lowest median:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import mixcc
-from mixcc import bench, cli, launch
+from mixcc import baselines, bench, cli, launch
 from mixcc.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,8 @@ def _bench_error(capsys, *argv: str) -> str:
     (["--backend", "bogus"], "--backend 'bogus' is not one of auto, auto:registered, fused, "
                              "fused:one_shot, fused:two_shot, fused:push, fused:ll, reference, "
                              "nccl1, symm_one_shot, "
-                             "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, separate"),
+                             "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
+                             "peer_copy, separate"),
     (["--backend", "fused:three_shot"], "did you mean 'fused:two_shot'?"),
     (["--backend", "reference,refrence"], "did you mean 'reference'?"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 must divide the world size 4"),
@@ -366,7 +367,7 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
     text = " ".join(capsys.readouterr().out.split())
     assert ("comma list of auto, auto:registered, fused, fused:one_shot, fused:two_shot, "
             "fused:push, fused:ll, reference, nccl1, symm_one_shot, symm_two_shot, "
-            "symm_one_shot_nocopy, symm_two_shot_nocopy, separate") in text
+            "symm_one_shot_nocopy, symm_two_shot_nocopy, peer_copy, separate") in text
     for b in bench.BACKENDS:
         try:
             cli.bench_config(_args("--backend", b, "--program", "allreduce_allgather"))
@@ -416,6 +417,27 @@ def test_ratio_is_time_over_the_fastest_baseline_of_the_same_size_and_timing():
     assert bench.add_ratios([]) == []
 
 
+def test_peer_copy_is_a_bound_never_a_rows_best():
+    rows = [_row("fused", 10.0), _row("peer_copy", 6.0), _row("reference", 12.0)]
+    bench.add_ratios(rows)
+    assert [(r.backend, r.ratio, r.best) for r in rows] == [
+        ("fused", 10 / 12, "reference"), ("peer_copy", 0.5, "reference"),
+        ("reference", 1.0, "reference")]
+
+
+def test_peer_copy_runs_at_two_ranks_with_a_gpu_each_only(no_spawn):
+    mesh2, mesh4 = mixcc.Mesh([("dp", 1), ("tp", 2)]), mixcc.Mesh([("dp", 2), ("tp", 2)])
+    why = "peer_copy: two ranks with a GPU each (NCCL) only"
+    assert baselines.unavailable_reason("peer_copy", "allreduce", mesh2, torch.bfloat16,
+                                        nccl=True) is None
+    assert baselines.unavailable_reason("peer_copy", "allreduce", mesh4, torch.bfloat16,
+                                        nccl=True) == why
+    assert baselines.unavailable_reason("peer_copy", "allgather", mesh2, torch.bfloat16,
+                                        nccl=False, one_gpu=True) == why
+    with pytest.raises(cli.UsageError, match="peer_copy: two ranks with a GPU each"):
+        cli.bench_config(_args("--world-size", "2", "--backend", "reference,peer_copy"))
+
+
 def test_combined_presets_compare_with_separate_nccl1_and_reference():
     prog = "allreduce(tp); allgather(dp)"
     rows = [_row("fused", 10.0, program=prog), _row("separate", 16.0, program=prog),
@@ -423,7 +445,7 @@ def test_combined_presets_compare_with_separate_nccl1_and_reference():
     bench.add_ratios(rows)
     assert [(r.best, round(r.ratio, 4)) for r in rows] == [
         ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
-    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 7 + [True] * 7
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 7 + [True] * 8
     assert bench.BACKENDS[:7] == ("auto", "auto:registered", "fused", "fused:one_shot",
                                   "fused:two_shot", "fused:push", "fused:ll")
 
