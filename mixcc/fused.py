@@ -25,6 +25,8 @@ from .codegen.plan import (
     IntraStage,
     Plan,
     Stage,
+    ce_copies,
+    ce_safe,
     grid,
     hier_cols,
     intra_cols,
@@ -101,7 +103,16 @@ LL_MAX_BYTES = 256 << 10
 # session's run; the rows above ran the one-shot in both runs and matched within noise.
 # A side-by-side run of the two kernels above 256 KiB has not been made.
 LL_EPI_MAX_BYTES = LL_MAX_BYTES
+# auto moves a copy stage (plan.ce_safe: allgather) by the copy engines from CE_MIN_BYTES
+# per rank in a group with a registered pool, when every member of a clique passes an
+# input inside its pool at one offset (checked on the device, else the one-shot runs;
+# docs/DESIGN.md, "Copy engines"). On two H200s (docs/PERF.md, 2026-11-30 seventh
+# session) the copy engine moved the bus bytes of a call, both ranks at once, in 26.7 us
+# at 8 MiB, 93.8 at 32 and 721 at 256 MiB, where auto's allgather (one-shot below 32 MiB,
+# push from there) took 35.1, 121.1 and 832.
+CE_MIN_BYTES = 8 << 20
 ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
+ALGO_CE = 4  # the one-shot in the copy-engine mode (mixcc_ce_launch), auto's only
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
@@ -274,6 +285,7 @@ class FusedRunner:
         self.block_cap = block_cap(occupancy, self.rt.sms_per_rank)
         self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, self.block_cap)
         self._stage_facts()
+        self._ce_init()
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
         self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
@@ -298,6 +310,26 @@ class FusedRunner:
         # (debug mode: _params and _epilogue_algorithm keep LL off)
         self._ll_auto = [safe and st.lmap.world_size == 2
                          for safe, st in zip(self._ll_safe, intra, strict=True)]
+        self._ce_safe = [st is not None and ce_safe(st) and not self.debug for st in intra]
+
+    def _ce_init(self) -> None:
+        """Bind the copy-engine entry points of the stages that may use them and make their
+        side stream and events (eagerly: not while a graph captures)."""
+        self._ce_copies: dict[tuple[int, int], tuple[object, int]] = {}
+        for (_, lib), safe in zip(self.stages, self._ce_safe, strict=True):
+            if safe:
+                rc = abi.bind_ce(lib).mixcc_ce_init()
+                if rc != 0:
+                    from .runtime import cuda_check
+
+                    cuda_check(rc, "mixcc_ce_init")
+
+    def _ce_mode(self, i: int, nbytes: int) -> bool:
+        """Whether auto runs intra stage i of a call with `nbytes` per rank in the
+        copy-engine mode (CE_MIN_BYTES): the same on every rank (the pool is made
+        collectively; the size and the stage are the same everywhere)."""
+        return (self.algorithm == "auto" and self._ce_safe[i] and nbytes >= CE_MIN_BYTES
+                and self.rt.pool is not None and self.rt.pool_same_size)
 
     def _set_epilogue(self, plan: Plan, epilogue: tuple) -> None:
         """The epilogue fused into the last stage's kernel where the plan allows it (else
@@ -351,6 +383,11 @@ class FusedRunner:
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks
+        if self._ce_mode(i, nbytes):  # on the one-shot's grid: it runs where the CE cannot
+            cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
+            if cols >= self.vec:
+                nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, self.max_blocks)
+                return ALGO_CE, cols, n_chunks, nblocks
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
             algo = self.algorithm
@@ -440,7 +477,7 @@ class FusedRunner:
     def _cached_args(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
                      ) -> abi.LaunchArgs:
         """The launch arguments of stage i for this shape, made once and kept."""
-        key = (i, unit_elems, hidden)
+        key = (i, unit_elems, hidden, self.rt.pool is not None)
         a = self._args.get(key)
         if a is None:
             if len(self._args) >= 4096:  # many shapes: start over rather than grow
@@ -483,6 +520,8 @@ class FusedRunner:
         if not isinstance(self.stages[i][0], IntraStage):
             return 0, 0
         word = self.reg_word(x_ptr, nbytes, out_ptr)  # refuses foreign and partial inputs
+        if a.algo == ALGO_CE:
+            return self.rt.pool_peers.data_ptr(), word
         if self.rt.pool is None or nbytes < REG_MIN_BYTES or a.algo != 0:
             return 0, 0
         return self.rt.pool_peers.data_ptr(), word
@@ -508,11 +547,30 @@ class FusedRunner:
         a.wide = unit_elems % self.vec == 0 and in_ptr % 16 == 0 and out_ptr % 16 == 0
         a.stream = _current_stream(self.device)
         a.fp = fp
-        rc = self.stages[i][1].mixcc_launch(ctypes.byref(a))
+        if a.algo == ALGO_CE:
+            if overlaps(x, dst):  # the copy engines would write what peers still read
+                a.in_off = 0
+            copies, n = self._ce_copy_table(i, unit_elems)
+            rc = self.stages[i][1].mixcc_ce_launch(ctypes.byref(a), copies, n,
+                                                    self.rt.pool_bases)
+        else:
+            rc = self.stages[i][1].mixcc_launch(ctypes.byref(a))
         if rc != 0:
             from .runtime import cuda_check
 
             cuda_check(rc, f"launch of fused stage {i}")
+
+    def _ce_copy_table(self, i: int, unit_elems: int) -> tuple[object, int]:
+        """plan.ce_copies of intra stage i for units of `unit_elems`, as the flat C array
+        mixcc_ce_launch reads, and its length in copies; made once per shape."""
+        key = (i, unit_elems)
+        got = self._ce_copies.get(key)
+        if got is None:
+            runs = ce_copies(self.stages[i][0], self.rt.rank, unit_elems * self.elem)
+            flat = [v for run in runs for v in run]
+            got = self._ce_copies[key] = ((ctypes.c_longlong * max(1, len(flat)))(*flat),
+                                          len(runs))
+        return got
 
     def fast_call(self, x: torch.Tensor, shape: torch.Size):
         """For one-stage plans outside debug mode: fn(x, out) -> out for inputs of x's
@@ -526,6 +584,8 @@ class FusedRunner:
         if unit_elems == 0:
             return None
         nbytes = x.numel() * self.elem
+        if self._ce_safe[0] and nbytes >= CE_MIN_BYTES:
+            return None  # the copy-engine mode depends on a pool that may come later
         a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
         pool_args = self._pool_args

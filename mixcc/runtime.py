@@ -306,12 +306,15 @@ class Runtime:
         dev = torch.device("cuda", device)
         self._ptrs = ptrs
         self.peers = torch.tensor(ptrs, dtype=torch.int64, device=dev)
-        # [MAX_BLOCKS] IPC epochs, then [MAX_BLOCKS] NVSHMEM chunk sequence numbers
-        self.epochs = torch.zeros(2 * layout.MAX_BLOCKS, dtype=torch.int32, device=dev)
+        # [MAX_BLOCKS] IPC epochs, [MAX_BLOCKS] NVSHMEM chunk sequence numbers, then the
+        # copy-engine mode's word (templates/stage_kernel.cu.j2, ce_start_kernel)
+        self.epochs = torch.zeros(2 * layout.MAX_BLOCKS + 1, dtype=torch.int32, device=dev)
         # the registered pool (open_pool, mixcc.empty): none until asked for
         self.pool: Pool | None = None
         self._pool_opened: list[int] = []
         self.pool_peers = torch.zeros(self.world, dtype=torch.int64, device=dev)
+        self.pool_bases = (ctypes.c_longlong * self.world)()  # the same, on the host
+        self.pool_same_size = False
         host, dptr = ctypes.c_void_p(), ctypes.c_void_p()
         cuda_check(lib.mixcc_rt_host_alloc(ctypes.sizeof(_ErrorRecord), ctypes.byref(host),
                                            ctypes.byref(dptr)), "cudaHostAlloc")
@@ -399,12 +402,12 @@ class Runtime:
             handle = h.raw
         except (RuntimeError, ValueError) as e:
             err = f"rank {self.rank}: {e}"
-        everyone = self._gather((handle, err))
-        errors = [e for _, e in everyone if e]
+        everyone = self._gather((handle, err, pool.nbytes if pool is not None else 0))
+        errors = [e for _, e, _ in everyone if e]
         ptrs, opened = [], []
         if not errors:
             try:
-                for r, (h, _) in enumerate(everyone):
+                for r, (h, _, _) in enumerate(everyone):
                     if r == self.rank:
                         ptrs.append(pool.base)
                     elif int(self._ptrs[r]) == 0:  # another host: never read in place
@@ -427,6 +430,10 @@ class Runtime:
                                + "; ".join(errors))
         self._pool_opened = opened
         self.pool_peers.copy_(torch.tensor(ptrs, dtype=torch.int64))
+        self.pool_bases[:] = ptrs
+        # the copy-engine mode reads a peer's pool at this rank's offset (checked on the
+        # device before the data is used), so only where no pool is smaller than this one
+        self.pool_same_size = all(n == pool.nbytes for _, _, n in everyone)
         self.pool = pool
         return pool
 
@@ -539,7 +546,7 @@ def _store():
 
 # Stage codes of the device error record (templates/mixcc_sync.cuh).
 STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit", "push data",
-               "push credit", "LL data")
+               "push credit", "LL data", "copy-engine words")
 
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 

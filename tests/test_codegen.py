@@ -161,7 +161,8 @@ def test_stage_module_exports_the_launch_abi(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXCC_CACHE_DIR", str(tmp_path))
     built = build_module(render_stage(stages("allreduce(tp)", {"dp": 1, "tp": 4})[0],
                                       torch.float32), "stage", "sm_90")
-    assert {"mixcc_launch", "mixcc_abi_version", "mixcc_nranks"} <= _exports(built.path)
+    assert {"mixcc_launch", "mixcc_abi_version", "mixcc_nranks", "mixcc_ce_init",
+            "mixcc_ce_launch"} <= _exports(built.path)
 
 
 @needs_nvcc

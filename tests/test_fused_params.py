@@ -39,7 +39,7 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r.algorithm, r.elem = algorithm, torch.empty((), dtype=dtype).element_size()
     r.vec, r.max_blocks = 16 // r.elem, max_blocks
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(workspace),
-                           workspace_bytes=workspace)
+                           workspace_bytes=workspace, pool=None)
     r.debug = False
     r._stage_facts()
     r._nccl = True

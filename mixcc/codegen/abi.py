@@ -22,12 +22,12 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("share_cap", "long long"),  # hierarchical: elements of one column-share slot
     ("n_chunks", "int"),
     ("nblocks", "int"),
-    ("algo", "int"),  # intra: 0 one-shot, 1 two-shot, 2 push
+    ("algo", "int"),  # intra: 0 one-shot, 1 two-shot, 2 push, 3 LL, 4 copy engines
     ("wide", "int"),  # 1: 16-byte accesses (unit_elems and both pointers allow them)
     ("depth", "int"),  # hierarchical: chunks in flight (1 = no pipelining)
     ("rank", "int"),
     ("peers", "char* const*"),  # IPC workspace base of every rank (0 where unmapped)
-    ("epochs", "unsigned*"),  # [MAX_BLOCKS] IPC epochs, then [MAX_BLOCKS] NVSHMEM sequence
+    ("epochs", "unsigned*"),  # [MAX_BLOCKS] IPC epochs, [MAX_BLOCKS] NVSHMEM sequence, CE word
     ("data_off", "long long"),
     ("region_bytes", "long long"),
     ("sym", "char*"),  # NVSHMEM symmetric workspace (this PE's address of it)
@@ -83,4 +83,15 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mixcc_launch.restype = ctypes.c_int
     lib.mixcc_blocks_per_sm.argtypes = [ctypes.POINTER(ctypes.c_int)]
     lib.mixcc_blocks_per_sm.restype = ctypes.c_int
+    return lib
+
+
+def bind_ce(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare an intra stage module's copy-engine entry points: `mixcc_ce_init()` and
+    `mixcc_ce_launch(args, copies, n_copies, pool_bases)` (templates/stage_kernel.cu.j2)."""
+    lib.mixcc_ce_init.argtypes = []
+    lib.mixcc_ce_init.restype = ctypes.c_int
+    lib.mixcc_ce_launch.argtypes = [ctypes.POINTER(LaunchArgs), ctypes.c_void_p, ctypes.c_int,
+                                    ctypes.c_void_p]
+    lib.mixcc_ce_launch.restype = ctypes.c_int
     return lib

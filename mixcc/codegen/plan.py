@@ -119,6 +119,28 @@ def ll_cols(stage: IntraStage, elem: int, rows: bool = False) -> int:
     return area // (stage.push_schedule.slots * 2 * elem) // vec * vec
 
 
+def ce_safe(stage: IntraStage) -> bool:
+    """Whether the copy engines may move this stage (docs/DESIGN.md, "Copy engines"): a
+    pure copy (every output unit is one input unit with coefficient 1: an allgather) among
+    ranks that form cliques (each rank's one-shot neighbours plus itself are the same set
+    for all of them), so that every member of a clique sees every member's
+    registered-input word and all of them take the same path."""
+    lmap, ranks = stage.lmap, stage.schedules["one_shot"].ranks
+    if any(len(terms) != 1 or terms[0][2] != 1 for unit in lmap.out_units for terms in unit):
+        return False
+    groups = [frozenset((r, *rs.neighbors)) for r, rs in enumerate(ranks)]
+    return all(len(g) > 1 and all(groups[p] == g for p in g) for g in groups)
+
+
+def ce_copies(stage: IntraStage, rank: int, unit_bytes: int) -> tuple[tuple[int, ...], ...]:
+    """The copies of `rank`'s output from its peers' inputs, one per output unit that a
+    peer holds: (byte offset in the output, source rank, byte offset in the source's
+    input, bytes). Its own units are not listed (ce_local_kernel copies them while the
+    copy engines move the peers')."""
+    return tuple((j * unit_bytes, src, u * unit_bytes, unit_bytes)
+                 for j, ((src, u, _),) in enumerate(stage.lmap.out_units[rank]) if src != rank)
+
+
 def intra_cols(stage: IntraStage, two_shot: bool, elem: int, region_bytes: int,
                result_elem: int = 0) -> int:
     """Columns of every unit one block handles per chunk (a multiple of 16 bytes), or 0 when
@@ -230,7 +252,10 @@ class Plan:
                              f"{'yes' if ll_auto else 'no'}; else one_shot; two_shot past 1 "
                              "MiB where a rank reads several peers; push from "
                              "fused.PUSH_MIN_BYTES in two-rank stages that push can run, here "
-                             f"{'yes' if push_auto(st) else 'no'}; a fused epilogue runs in "
+                             f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
+                             "fused.CE_MIN_BYTES for copies in a group with a registered "
+                             "pool (mixcc.empty) when every input lies in it at one offset, "
+                             f"here {'yes' if ce_safe(st) else 'no'}; a fused epilogue runs in "
                              "ll (small calls whose rows fit its region) or the one-shot, or "
                              "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
                              "\"Intra-node algorithms\"")

@@ -98,3 +98,79 @@ def registered_task(rank: int, world: int) -> None:
 
 def test_registered_input_is_read_in_place_on_two_gpus(spawn_ranks):
     spawn_ranks(registered_task, 2)
+
+
+def copy_engine_task(rank: int, world: int) -> None:
+    """allgather(dp) of registered inputs from fused.CE_MIN_BYTES (docs/DESIGN.md, "Copy
+    engines"): the copy engines move the peer's part when both inputs lie at one offset
+    (the CE word is set), the one-shot runs in full when the offsets differ or a rank's
+    input is ordinary (the word is 0); the same bits as NCCL's all_gather every time, with
+    inputs rewritten right after each call and in a replayed CUDA graph."""
+    import torch.distributed as dist
+
+    import mixcc
+    from mixcc.codegen import layout
+    from mixcc.fused import CE_MIN_BYTES
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    mesh = mixcc.Mesh({"dp": world, "tp": 1})
+    coll = mixcc.compile("allgather(dp)", mesh, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(10 + rank)
+    rows = CE_MIN_BYTES // 2048 + 3  # rows of 1024 bf16, an odd count: several chunks
+
+    def fresh() -> torch.Tensor:
+        return torch.randn(rows, 1024, generator=gen).to(dev, torch.bfloat16)
+
+    def exact(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((world * rows, 1024), dtype=x.dtype, device=dev)
+        dist.all_gather_into_tensor(out, x)
+        return out
+
+    def ce_word() -> int:
+        rt = coll._fused_runner(x).rt
+        torch.cuda.synchronize()
+        return int(rt.epochs[2 * layout.MAX_BLOCKS].item())
+
+    x = mixcc.empty((rows, 1024), torch.bfloat16, pool_bytes=256 << 20)
+    outs, ins = [], []
+    for _ in range(4):  # rewritten right after each call
+        x.copy_(fresh())
+        ins.append(x.clone())
+        outs.append(coll(x))
+    assert ce_word() == 1, (rank, "the copy engines did not run")
+    for i, o in zip(ins, outs, strict=True):
+        assert torch.equal(o, exact(i)), (rank, "copy engines")
+
+    # graph capture and replay with new data
+    out = torch.empty((world * rows, 1024), dtype=torch.bfloat16, device=dev)
+    coll(x, out=out)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        coll(x, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        x.copy_(fresh())
+        g.replay()
+        assert torch.equal(out, exact(x)), (rank, "graph replay")
+    assert ce_word() == 1
+    del g
+
+    # offsets that differ: rank 1 allocates a pad first; the one-shot runs in full
+    pad = mixcc.empty((rank * 4 + 1, 1024), torch.bfloat16)
+    y = mixcc.empty((rows, 1024), torch.bfloat16)
+    y.copy_(fresh())
+    assert torch.equal(coll(y), exact(y)), (rank, "offsets differ")
+    assert ce_word() == 0, (rank, "offsets differ, yet the copy engines ran")
+    # an ordinary input on rank 1 only
+    z = x if rank == 0 else fresh()
+    z.copy_(fresh())
+    assert torch.equal(coll(z), exact(z)), (rank, "one input ordinary")
+    assert ce_word() == 0
+    del pad, y
+    torch.cuda.synchronize()
+
+
+def test_copy_engines_move_registered_allgathers_on_two_gpus(spawn_ranks):
+    spawn_ranks(copy_engine_task, 2)
