@@ -107,10 +107,12 @@ LL_EPI_MAX_BYTES = LL_MAX_BYTES
 # per rank in a group with a registered pool, when every member of a clique passes an
 # input inside its pool at one offset (checked on the device, else the one-shot runs;
 # docs/DESIGN.md, "Copy engines"). On two H200s (docs/PERF.md, 2026-11-30 seventh
-# session) the copy engine moved the bus bytes of a call, both ranks at once, in 26.7 us
-# at 8 MiB, 93.8 at 32 and 721 at 256 MiB, where auto's allgather (one-shot below 32 MiB,
-# push from there) took 35.1, 121.1 and 832.
-CE_MIN_BYTES = 8 << 20
+# session, allgather(dp), input from mixcc.empty) the copy-engine mode took 41.6 us at
+# 8 MiB against auto's 35.4 without it, and won from 16 MiB: 64.2 against 67.8, 111.2
+# against 122.1 at 32 MiB, 380.6 against 435.2 at 128 MiB (the copy engine alone, both
+# ranks at once: 26.4, 48.9, 94.2 and 363.5; the mode's own cost, about 15-17 us at
+# every size, was not found).
+CE_MIN_BYTES = 16 << 20
 ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
 ALGO_CE = 4  # the one-shot in the copy-engine mode (mixcc_ce_launch), auto's only
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
@@ -310,7 +312,9 @@ class FusedRunner:
         # (debug mode: _params and _epilogue_algorithm keep LL off)
         self._ll_auto = [safe and st.lmap.world_size == 2
                          for safe, st in zip(self._ll_safe, intra, strict=True)]
-        self._ce_safe = [st is not None and ce_safe(st) and not self.debug for st in intra]
+        # the copy-engine mode: only the first stage's input can lie in a registered pool
+        self._ce_safe = [i == 0 and st is not None and ce_safe(st) and not self.debug
+                         for i, st in enumerate(intra)]
 
     def _ce_init(self) -> None:
         """Bind the copy-engine entry points of the stages that may use them and make their

@@ -102,6 +102,16 @@ def test_auto_takes_the_copy_engines_for_copies_in_pool_groups_from_ce_min_bytes
         assert other._params(0, unit_elems, CE_MIN_BYTES)[0] != ALGO_CE
 
 
+def test_only_the_first_stage_whose_input_the_caller_passes():
+    """A later stage reads an intermediate buffer, never registered: the mode would only
+    add its kernels to the one-shot there."""
+    (st,) = stages("allgather(dp)", [("dp", 2), ("tp", 1)])
+    r = runner("allgather(dp)", [("dp", 2), ("tp", 1)])
+    r.stages = [(st, None), (st, None)]
+    r._stage_facts()
+    assert r._ce_safe == [True, False]
+
+
 def test_the_copy_engine_launch_gets_the_pool_and_the_word_at_every_size(monkeypatch):
     """The CE mode's kernels read the registered-input word whatever the size (the
     one-shot's protocol starts at REG_MIN_BYTES); an ordinary input's word is 0."""

@@ -11,6 +11,24 @@ from types import SimpleNamespace
 import torch
 
 
+def replay_with_new_data(coll, x: torch.Tensor, out: torch.Tensor, fresh, exact, rank: int
+                         ) -> torch.cuda.CUDAGraph:
+    """Capture coll(x, out=out) in a CUDA graph, then replay it three times with new data
+    in x, each result equal to exact(x); returns the graph."""
+    coll(x, out=out)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        coll(x, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        x.copy_(fresh())
+        g.replay()
+        assert torch.equal(out, exact(x)), (rank, "graph replay")
+    return g
+
+
 def registered_task(rank: int, world: int) -> None:
     import torch.distributed as dist
 
@@ -62,18 +80,7 @@ def registered_task(rank: int, world: int) -> None:
         assert torch.equal(o, exact(i)), (rank, "a peer read rewritten input")
 
     # CUDA graph: capture with the registered input, replay with new data in place
-    out = torch.empty_like(x)
-    coll(x, out=out)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        coll(x, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    for _ in range(3):
-        x.copy_(fresh(big))
-        g.replay()
-        assert torch.equal(out, exact(x)), (rank, "graph replay")
+    g = replay_with_new_data(coll, x, torch.empty_like(x), lambda: fresh(big), exact, rank)
     torch.cuda.synchronize()
 
     # the buffer outlives its runtime: refused, never read from freed memory
@@ -143,19 +150,8 @@ def copy_engine_task(rank: int, world: int) -> None:
 
     # graph capture and replay with new data
     out = torch.empty((world * rows, 1024), dtype=torch.bfloat16, device=dev)
-    coll(x, out=out)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        coll(x, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    for _ in range(3):
-        x.copy_(fresh())
-        g.replay()
-        assert torch.equal(out, exact(x)), (rank, "graph replay")
+    replay_with_new_data(coll, x, out, fresh, exact, rank)  # the graph goes here
     assert ce_word() == 1
-    del g
 
     # offsets that differ: rank 1 allocates a pad first; the one-shot runs in full
     pad = mixcc.empty((rank * 4 + 1, 1024), torch.bfloat16)
