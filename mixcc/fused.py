@@ -570,6 +570,8 @@ class FusedRunner:
         key = (i, unit_elems)
         got = self._ce_copies.get(key)
         if got is None:
+            if len(self._ce_copies) >= 4096:  # many shapes: start over rather than grow
+                self._ce_copies.clear()
             runs = ce_copies(self.stages[i][0], self.rt.rank, unit_elems * self.elem)
             flat = [v for run in runs for v in run]
             got = self._ce_copies[key] = ((ctypes.c_longlong * max(1, len(flat)))(*flat),
@@ -588,7 +590,7 @@ class FusedRunner:
         if unit_elems == 0:
             return None
         nbytes = x.numel() * self.elem
-        if self._ce_safe[0] and nbytes >= CE_MIN_BYTES:
+        if self.algorithm == "auto" and self._ce_safe[0] and nbytes >= CE_MIN_BYTES:
             return None  # the copy-engine mode depends on a pool that may come later
         a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device

@@ -70,14 +70,14 @@ def test_one_copy_per_unit_a_peer_holds():
     assert ce_copies(stage, 1, 64) == ((0, 0, 0, 64),)
 
 
-def runner(program, axes, pool=True, algorithm="auto", debug=False):
+def runner(program, axes, pool=True, algorithm="auto", debug=False, same_size=True):
     (stage,) = stages(program, axes)
     r = object.__new__(FusedRunner)  # bypass the GPU runtime: only the choice is tested
     r.stages, r.algorithm, r.debug = [(stage, None)], algorithm, debug
     r.elem, r.vec, r.max_blocks = 2, 8, layout.MAX_BLOCKS
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES),
                            workspace_bytes=layout.DEFAULT_WORKSPACE_BYTES,
-                           pool=object() if pool else None, pool_same_size=True)
+                           pool=object() if pool else None, pool_same_size=same_size)
     r.tuned = {}
     r._stage_facts()
     return r
@@ -98,6 +98,7 @@ def test_auto_takes_the_copy_engines_for_copies_in_pool_groups_from_ce_min_bytes
                   runner("allgather(dp)", [("dp", 2), ("tp", 1)], algorithm="one_shot"),
                   runner("allgather(dp)", [("dp", 2), ("tp", 1)], algorithm="push"),
                   runner("allgather(dp)", [("dp", 2), ("tp", 1)], debug=True),
+                  runner("allgather(dp)", [("dp", 2), ("tp", 1)], same_size=False),
                   runner("allreduce(tp)", [("dp", 1), ("tp", 2)])):
         assert other._params(0, unit_elems, CE_MIN_BYTES)[0] != ALGO_CE
 

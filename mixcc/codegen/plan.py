@@ -255,7 +255,8 @@ class Plan:
                              f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
                              "fused.CE_MIN_BYTES for copies in a group with a registered "
                              "pool (mixcc.empty) when every input lies in it at one offset, "
-                             f"here {'yes' if ce_safe(st) else 'no'}; a fused epilogue runs in "
+                             f"here {'yes' if i == 0 and ce_safe(st) else 'no'} (first "
+                             "stages only); a fused epilogue runs in "
                              "ll (small calls whose rows fit its region) or the one-shot, or "
                              "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
                              "\"Intra-node algorithms\"")
