@@ -125,3 +125,38 @@ def test_the_copy_engine_launch_gets_the_pool_and_the_word_at_every_size(monkeyp
     assert r._pool_args(ce, 0, base + 4096, CE_MIN_BYTES, 0) == (0xABC0, 4096 // 16 + 1)
     monkeypatch.setattr("mixcc.runtime.pool_of", lambda p, n: (None, None))
     assert r._pool_args(ce, 0, 1 << 20, CE_MIN_BYTES, 0) == (0xABC0, 0)
+
+
+def test_the_launch_passes_the_copies_and_drops_the_word_of_an_overlapping_output(monkeypatch):
+    """_launch in the copy-engine mode calls mixcc_ce_launch with the stage's copies (bytes
+    of this rank's units) and the input's word; an output overlapping the input gets word
+    0, so that the clique runs the one-shot (the copy engines would overwrite what the
+    peers still read)."""
+    from mixcc import fused
+
+    r = runner("allgather(dp)", [("dp", 2), ("tp", 1)])
+    seen = []
+
+    class Lib:
+        class mixcc_ce_launch:  # noqa: N801 - stands in for the ctypes function
+            def __new__(cls, ref, copies, n, bases):
+                a = ref._obj
+                seen.append((a.algo, a.in_off, [copies[k] for k in range(4 * n)], bases))
+                return 0
+
+    x = torch.zeros(CE_MIN_BYTES // 2 // 1024 + 64, 1024, dtype=torch.bfloat16)
+    base = x.data_ptr() - 4096
+    r.stages = [(r.stages[0][0], Lib)]
+    r.rt = SimpleNamespace(
+        region_bytes=layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES), rank=1,
+        peers=x, epochs=x, err_dev=0, pool_same_size=True, pool_bases="bases",
+        pool_peers=SimpleNamespace(data_ptr=lambda: 0xABC0),
+        pool=SimpleNamespace(base=base, contains=lambda p, n: "in" if p >= base else None))
+    r._pools, r.timeout_ns, r.device, r._args, r._ce_copies = [r.rt.pool], 1, 0, {}, {}
+    monkeypatch.setattr(fused, "_current_stream", lambda device: 0)
+    out = torch.empty(2 * x.shape[0], 1024, dtype=torch.bfloat16)
+    r._launch(0, x, out, 1024, 0)
+    unit = x.numel() * 2
+    assert seen[-1] == (ALGO_CE, 4096 // 16 + 1, [0, 0, 0, unit], "bases")  # rank 1 gets r0's
+    r._launch(0, x, x.view(-1)[8:], 1024, 0)  # out overlaps x, 16 bytes on
+    assert seen[-1][:2] == (ALGO_CE, 0)
