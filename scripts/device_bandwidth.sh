@@ -6,7 +6,8 @@
 #   ar      allreduce 8 KiB..256 MiB per rank: auto, each fused algorithm, NCCL, torch
 #           symmetric memory two-shot (with and without its copy) and one-shot
 #   coll    allgather, reducescatter and both presets on dp=2,tp=1 and dp=1,tp=2
-#           (COLL_BACKENDS: mixcc's rows and NCCL's, default auto, one-shot, push)
+#           (COLL_BACKENDS: mixcc's rows and NCCL's, default auto, auto:registered (the
+#           copy engines for allgathers from 16 MiB), one-shot, push, and peer_copy)
 #   nodes   the two GPUs as two nodes (ranks_per_node 1): allreduce(dp), allgather(dp)
 #   regions the nodes programs from 4 MiB at several (IPC workspace, NVSHMEM workspace,
 #           pipeline depth): what bigger chunks give the cross-node stage (issue 14 item 5)
@@ -56,7 +57,7 @@ auto,auto:registered,fused:one_shot,fused:push,reference,symm_two_shot,symm_two_
     coll)
       bench coll_dp2 --mesh dp=2,tp=1 --program allgather --program reducescatter \
         --program allreduce_allgather --program reducescatter_allreduce \
-        --backend "${COLL_BACKENDS:-auto,fused:one_shot,fused:push,reference},nccl1"
+        --backend "${COLL_BACKENDS:-auto,auto:registered,fused:one_shot,fused:push,reference,peer_copy},nccl1"
       bench coll_tp2 --mesh dp=1,tp=2 --program allreduce_allgather \
         --program reducescatter_allreduce --backend \
         "${COLL_BACKENDS:-auto,fused:one_shot,fused:push,reference}" ;;
