@@ -101,6 +101,23 @@ class KernelOnly:
         return self.kernel(out)
 
 
+def _symm_buffer(shape: tuple[int, ...], dtype: torch.dtype,
+                 group: dist.ProcessGroup | None) -> tuple[torch.Tensor, object, str]:
+    """A torch symmetric-memory buffer of `shape` on the group, rendezvoused: (buffer, its
+    handle, the group's name); Unavailable where torch cannot make one."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    pg = group if group is not None else dist.group.WORLD
+    name = pg.group_name
+    try:  # collective: a failure here is the same on every rank (machine or torch)
+        buf = symm_mem.empty(shape, dtype=dtype, device=torch.device("cuda"))
+        hdl = symm_mem.rendezvous(buf, name)
+    except RuntimeError as e:
+        raise Unavailable(f"torch symmetric memory failed on this group "
+                          f"({dist.get_backend(group)}): {str(e).splitlines()[0]}") from None
+    return buf, hdl, name
+
+
 def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Size,
                        dtype: torch.dtype, group: dist.ProcessGroup | None = None, *,
                        copy: bool = True) -> Fn:
@@ -112,16 +129,7 @@ def symm_mem_allreduce(program: str, mesh: Mesh, algorithm: str, shape: torch.Si
     reason = _symm_refusal(program, mesh, dtype, nccl=nccl, one_gpu=one_gpu)
     if reason:
         raise Unavailable(reason)
-    import torch.distributed._symmetric_memory as symm_mem
-
-    pg = group if group is not None else dist.group.WORLD
-    name = pg.group_name
-    try:  # collective: a failure here is the same on every rank (machine or torch)
-        buf = symm_mem.empty(shape, dtype=dtype, device=torch.device("cuda"))
-        symm_mem.rendezvous(buf, name)
-    except RuntimeError as e:
-        raise Unavailable(f"torch symmetric memory failed on this group "
-                          f"({dist.get_backend(group)}): {str(e).splitlines()[0]}") from None
+    buf, _, name = _symm_buffer(shape, dtype, group)
     ops = torch.ops.symm_mem
     if algorithm == "one_shot":
         def one_shot(out: torch.Tensor) -> torch.Tensor:
@@ -156,16 +164,8 @@ def peer_copy(mesh: Mesh, shape: torch.Size, dtype: torch.dtype, bus_factor: flo
                                 and "nccl" in str(dist.get_backend(group)))
     if reason:
         raise Unavailable(reason)
-    import torch.distributed._symmetric_memory as symm_mem
-
-    pg = group if group is not None else dist.group.WORLD
     elems = max(1, round(shape.numel() * bus_factor))
-    try:  # collective, as in symm_mem_allreduce
-        buf = symm_mem.empty((elems,), dtype=dtype, device=torch.device("cuda"))
-        hdl = symm_mem.rendezvous(buf, pg.group_name)
-    except RuntimeError as e:
-        raise Unavailable(f"torch symmetric memory failed on this group: "
-                          f"{str(e).splitlines()[0]}") from None
+    buf, hdl, _ = _symm_buffer((elems,), dtype, group)
     peer = hdl.get_buffer(1 - dist.get_rank(group), (elems,), dtype)
     local = torch.empty_like(buf)
 

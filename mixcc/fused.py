@@ -30,6 +30,7 @@ from .codegen.plan import (
     grid,
     hier_cols,
     intra_cols,
+    ll_auto,
     ll_cols,
     ll_safe,
     push_auto,
@@ -310,7 +311,7 @@ class FusedRunner:
         self._ll_safe = [st is not None and ll_safe(st) and ll_cols(st, self.elem) >= self.vec
                          for st in intra]
         # (debug mode: _params and _epilogue_algorithm keep LL off)
-        self._ll_auto = [safe and st.lmap.world_size == 2
+        self._ll_auto = [safe and ll_auto(st)
                          for safe, st in zip(self._ll_safe, intra, strict=True)]
         # the copy-engine mode: only the first stage's input can lie in a registered pool
         self._ce_safe = [i == 0 and st is not None and ce_safe(st) and not self.debug

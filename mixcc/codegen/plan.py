@@ -108,6 +108,12 @@ def ll_safe(stage: IntraStage) -> bool:
                                     for r in stage.push_schedule.ranks)
 
 
+def ll_auto(stage: IntraStage) -> bool:
+    """Whether auto may take LL for this stage up to fused.LL_MAX_BYTES: the case measured
+    (two ranks) where LL can run; more ranks were not measured."""
+    return stage.lmap.world_size == 2 and ll_safe(stage)
+
+
 def ll_cols(stage: IntraStage, elem: int, rows: bool = False) -> int:
     """Columns of every unit one block sends per LL chunk: a sender's area of an LL chunk
     (`rows`: of the whole LL region, where a fused epilogue keeps rows whole) holds
@@ -246,10 +252,9 @@ class Plan:
             ops = "; ".join(str(o) for o in st.ops)
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
             if isinstance(st, IntraStage):
-                ll_auto = st.lmap.world_size == 2 and ll_safe(st)
                 lines.append("    algorithm (auto): ll up to fused.LL_MAX_BYTES per rank in "
                              "two-rank stages it can run, here "
-                             f"{'yes' if ll_auto else 'no'}; else one_shot; two_shot past 1 "
+                             f"{'yes' if ll_auto(st) else 'no'}; else one_shot; two_shot past 1 "
                              "MiB where a rank reads several peers; push from "
                              "fused.PUSH_MIN_BYTES in two-rank stages that push can run, here "
                              f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
