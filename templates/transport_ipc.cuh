@@ -118,5 +118,35 @@ __device__ __forceinline__ bool ll_wait(const uint4* p, unsigned epoch, unsigned
   return true;
 }
 
+// Poll N lines at once: every load is in flight before the first is checked, so lines
+// that have arrived cost one trip to memory together instead of one each (a thread's
+// lines are otherwise read one after the other: each check waits for its load); a line
+// not there yet is then polled alone by ll_wait. live[i] false: line i is not read. The
+// data words of line i into d[2i], d[2i + 1] (zero where not read or after a timeout).
+template <int N, typename Blame>
+__device__ __forceinline__ bool ll_wait_n(const uint4* const (&p)[N], const bool (&live)[N],
+                                          unsigned epoch, unsigned (&d)[2 * N],
+                                          uint64_t timeout_ns, ErrorRecord* err, int rank,
+                                          int peer, int stage, int block, Blame blame) {
+  uint4 v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (live[i]) v[i] = ll_load(p[i]);
+  bool ok = true;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    d[2 * i] = d[2 * i + 1] = 0;
+    if (!live[i] || !ok) continue;
+    if (v[i].y == epoch && v[i].w == epoch) {
+      d[2 * i] = v[i].x;
+      d[2 * i + 1] = v[i].z;
+    } else {
+      ok = ll_wait(p[i], epoch, d[2 * i], d[2 * i + 1], timeout_ns, err, rank, peer, stage,
+                   block, blame);
+    }
+  }
+  return ok;
+}
+
 }  // namespace ipc
 }  // namespace mixcc
