@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import baselines, presets
+from . import trace as tracing
 from .api import compile as mixcc_compile
 from .ir.build import build
 from .ir.parser import parse
@@ -175,7 +176,8 @@ class Progress:
             self.shown = False
 
 
-def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
+def repeat_times(fn, iters: int, repeats: int, mode: str, trace: str | None = None
+                 ) -> list[float]:
     """Seconds per call of each of `repeats` runs of `iters` calls, after a warm-up.
 
     mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU, or
@@ -184,6 +186,7 @@ def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
     only once every peer has entered it); "host": host time to issue one eager call,
     without waiting for the GPU (ranks sharing a GPU without MPS: their device times
     are not meaningful); "cpu": host clock. Every repeat starts after a barrier.
+    `trace` (mode "graph"): then one more replay is recorded there (mixcc/trace.py).
     """
     for _ in range(3):
         fn()
@@ -222,6 +225,11 @@ def repeat_times(fn, iters: int, repeats: int, mode: str) -> list[float]:
         times.append((time.perf_counter() - t0) / iters)
     if mode != "cpu":
         torch.cuda.synchronize()
+    if trace is not None and mode == "graph":
+        dist.barrier()
+        lead.replay()
+        tracing.record(graph.replay, trace)
+        tracing.write_summary(trace, iters)
     return times
 
 
@@ -404,7 +412,9 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
             print("note: several ranks share one GPU without MPS, so their device times are "
                   "not meaningful; GPU rows report the host time to issue one eager call, "
                   "reference rows the gloo time on CPU tensors.", file=sys.stderr)
-        elif mps:
+        if cfg.get("trace") and not device_times:
+            print("note: --trace records CUDA-graph rows only; none here", file=sys.stderr)
+        if mps:
             print("note: ranks share the GPU under MPS: GPU rows are device times of CUDA "
                   "graphs; reference and nccl1 rows time gloo on CPU tensors (timing cpu) "
                   "and are not compared with them.", file=sys.stderr)
@@ -456,9 +466,12 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                         expect = exact[prog](on(device_for("reference")).double())
                     timing = ("graph" if device_times else "host") \
                         if device.type == "cuda" else "cpu"
-                    t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
-                                                           timing, cfg, group_device)
                     nbytes = x.numel() * x.element_size()
+                    trace = None if not cfg.get("trace") or timing != "graph" else \
+                        os.path.join(cfg["trace"],
+                                     tracing.slug(prog, be, mode, nbytes, f"r{rank}") + ".json")
+                    t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
+                                                           timing, cfg, group_device, trace)
                     t_bw = math.nan if timing == "host" else t_med  # issue time: no bandwidth
                     group_rows.append(Row(
                         prog, be, mode, timing, dtype_name, world, mesh_spec(mesh),
@@ -480,10 +493,11 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
 
 
 def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor | None,
-             timing: str, cfg: dict, group_device: torch.device
+             timing: str, cfg: dict, group_device: torch.device, trace: str | None = None
              ) -> tuple[float, float, float, int]:
     """(median, min, max) seconds per call over repeats, each the max over ranks, and the
-    wrong elements summed over ranks (-1 for the reference itself)."""
+    wrong elements summed over ranks (-1 for the reference itself); `trace`: see
+    repeat_times."""
     baseline = be in baselines.BASELINES
     coll = ref if be == "reference" else fn
     if be == "auto:registered":  # the same data, inside its group's registered pool
@@ -513,7 +527,7 @@ def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor 
     def call(fn=fn, coll=coll, xin=xin, out=out):
         return fn(xin, out) if baseline else coll(xin, out=out)
 
-    times = _max_over_ranks(repeat_times(call, cfg["iters"], cfg["repeats"], timing),
+    times = _max_over_ranks(repeat_times(call, cfg["iters"], cfg["repeats"], timing, trace),
                             group_device)
     return statistics.median(times), min(times), max(times), errors
 

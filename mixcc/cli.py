@@ -288,6 +288,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
             "iters": args.iters or (20 if gpus else 5),
             "repeats": args.repeats or (10 if gpus else 5),
             "out": args.out,
+            "trace": args.trace,
             "pg": "nccl" if nccl else "gloo",
             "mps": mps_on,
             "fused_options": fused_options,
@@ -307,6 +308,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench, launch, mps
 
     runs, skipped = bench_config(args)
+    if args.trace:
+        try:
+            os.makedirs(args.trace, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--trace {args.trace}: {e}") from None
     if not launch.under_torchrun() or os.environ.get("RANK") == "0":
         for line in skipped:
             print(f"skip: {line}", file=sys.stderr)
@@ -493,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None,
                    help="write OUT.csv, OUT.json (and OUT_<program>_w<world>.png with "
                         "mixcc[plot])")
+    b.add_argument("--trace", default=None, metavar="DIR",
+                   help="GPU rows: record one more replay of each row's CUDA graph with the "
+                        "torch profiler into DIR (a Chrome trace and a summary per row and "
+                        "rank: each kernel's and copy's time per call, and the idle time)")
     b.set_defaults(fn=_cmd_bench)
 
     pb = sub.add_parser("prebuild", help="compile the fused kernels of programs ahead of time")
