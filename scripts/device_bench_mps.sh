@@ -22,13 +22,15 @@ set -u -o pipefail
 source "$(dirname "$0")/device_env.sh"
 # The full sweep takes more than one 10-minute device call (measured 2026-11-25: worlds 2
 # and 4 of the allreduce step alone about 8 minutes). Split it with STEPS (allreduce,
-# combined, nccl1) and AR_WORLDS / C_WORLDS, e.g. STEPS=allreduce AR_WORLDS=8.
+# combined, nccl1) and AR_WORLDS / C_WORLDS, e.g. STEPS=allreduce AR_WORLDS=8, or shorten
+# it with REPEATS (default 10), MAX (the largest size, default 64M) and AR_BACKENDS (the
+# allreduce step's --backend list).
 if [ "${1:-}" = "--quick" ]; then
   AR_WORLDS=${AR_WORLDS:-2,4}; C_WORLDS=${C_WORLDS:-4}; MAX=256K; NCCL1_MAX=64K
   TIMES=(--iters 5 --repeats 3)
 else
-  AR_WORLDS=${AR_WORLDS:-2,4,8}; C_WORLDS=${C_WORLDS:-4,8}; MAX=64M; NCCL1_MAX=1M
-  TIMES=(--iters 20 --repeats 10)
+  AR_WORLDS=${AR_WORLDS:-2,4,8}; C_WORLDS=${C_WORLDS:-4,8}; MAX=${MAX:-64M}; NCCL1_MAX=1M
+  TIMES=(--iters 20 --repeats "${REPEATS:-10}")
 fi
 STEPS=${STEPS:-allreduce,combined,nccl1}
 nvidia-smi -L; nvcc --version | tail -1
@@ -51,14 +53,14 @@ step() {  # name, then mixcc bench arguments
   local name=$1; shift
   case ",$STEPS," in *",${name#bench_mps_},"*) ;; *) echo "$name: skipped (STEPS)"; return;; esac
   python3 -m mixcc bench --dtype bfloat16 --hidden 1024 --min-bytes 16K "${TIMES[@]}" \
-    --out "$OUT/$name" "$@" 2>&1 | grep -v "^\[\|FutureWarning\|warnings.warn" \
+    --out "$OUT/$name" "$@" 2>&1 | grep --line-buffered -v "^\[\|FutureWarning\|warnings.warn" \
     > "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "$name: exit $rc at ${SECONDS} s"
   [ "$rc" -eq 0 ] || tail -n 20 "$OUT/$name.log"
 }
 step bench_mps_allreduce --world-size "$AR_WORLDS" --program 'allreduce(world)' \
-  --max-bytes "$MAX" --backend fused,fused:one_shot,fused:two_shot,symm_one_shot,symm_two_shot,symm_one_shot_nocopy,symm_two_shot_nocopy
+  --max-bytes "$MAX" --backend "${AR_BACKENDS:-fused,fused:one_shot,fused:two_shot,symm_one_shot,symm_two_shot,symm_one_shot_nocopy,symm_two_shot_nocopy}"
 step bench_mps_combined --world-size "$C_WORLDS" --program allreduce_allgather \
   --program reducescatter_allreduce --max-bytes "$MAX" --backend fused,separate
 step bench_mps_nccl1 --world-size "$C_WORLDS" --program allreduce_allgather \

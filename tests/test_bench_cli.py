@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from fake_cuda import fake_graph_timing
 
 import mixcc
 from mixcc import baselines, bench, cli, launch
@@ -493,61 +494,7 @@ def test_graph_timing_replays_a_one_call_graph_before_each_timed_replay(monkeypa
     """repeat_times' graph mode with torch.cuda faked: the order of captures, replays and
     events, and seconds per call from the events (the real thing needs a GPU)."""
     log: list[str] = []
-    capturing: list = []
-
-    class Graph:
-        def __init__(self):
-            self.calls = 0
-
-        def pool(self):
-            return "pool"
-
-        def replay(self):
-            log.append(f"replay {self.calls}")
-
-    class Capture:
-        def __init__(self, g, pool=None, stream=None):
-            self.g = g
-
-        def __enter__(self):
-            capturing.append(self.g)
-
-        def __exit__(self, *exc):
-            capturing.pop()
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            log.append("record")
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 2.0  # ms
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    import contextlib
-
-    def fn():
-        if capturing:
-            capturing[-1].calls += 1
-        else:
-            log.append("eager")
-
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(dist, "barrier", lambda: log.append("barrier"))
+    fn = fake_graph_timing(monkeypatch, log)
     times = bench.repeat_times(fn, 4, 2, "graph")
     assert times == [2.0 / 1e3 / 4] * 2
     assert log == ["eager"] * 3 + ["replay 4", "replay 1"] + [

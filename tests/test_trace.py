@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from fake_cuda import fake_graph_timing
 
 from mixcc import trace
 
@@ -50,56 +51,10 @@ def test_slug_is_a_file_name():
 def test_bench_records_one_replay_after_the_timed_ones(monkeypatch, tmp_path):
     """repeat_times(trace=...) with torch.cuda faked: after the timed repeats, a barrier,
     the one-call graph, then the recorded replay of the timed graph and its summary."""
-    import contextlib
-
-    import torch.distributed as dist
-
     from mixcc import bench
 
     log: list[str] = []
-
-    class Graph:
-        def __init__(self):
-            self.calls = 0
-
-        def pool(self):
-            return "pool"
-
-        def replay(self):
-            log.append(f"replay {self.calls}")
-
-    capturing: list = []
-
-    class Capture:
-        def __init__(self, g, pool=None, stream=None):
-            self.g = g
-
-        def __enter__(self):
-            capturing.append(self.g)
-
-        def __exit__(self, *exc):
-            capturing.pop()
-
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, other):
-            return 1.0
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    def fn():
-        if capturing:
-            capturing[-1].calls += 1
+    fn = fake_graph_timing(monkeypatch, log, elapsed_ms=1.0)
 
     def record(replay, path):
         log.append("record:")
@@ -107,14 +62,6 @@ def test_bench_records_one_replay_after_the_timed_ones(monkeypatch, tmp_path):
         with open(path, "w") as f:
             json.dump({"traceEvents": [_event("k", 0, 3), _event("k", 4, 3)]}, f)
 
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", Capture)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(dist, "barrier", lambda: log.append("barrier"))
     monkeypatch.setattr(bench.tracing, "record", record)
     path = tmp_path / "row.json"
     bench.repeat_times(fn, 2, 1, "graph", trace=str(path))
