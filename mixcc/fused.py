@@ -32,7 +32,6 @@ from .codegen.plan import (
     intra_cols,
     ll_auto,
     ll_cols,
-    ll_row_split,
     ll_safe,
     push_auto,
     push_cols,
@@ -282,17 +281,10 @@ class FusedRunner:
             self.stages.append((stage, lib))
             hashes.append(src_hash)
             occupancy = min(occupancy, blocks_per_sm(lib))
-        # LL rows split over clusters of blocks (plan.ll_row_split): only with clusters
-        # (sm_90 on) and a GPU per rank (the blocks of ranks sharing a GPU must all be
-        # resident, and a cluster needs free SMs of one GPC at once)
-        clusters = torch.cuda.get_device_capability(self.device)[0] >= 9 \
-            and self.rt.ranks_on_device == 1
         if self.rt.world > 1:  # every rank must launch the same grid: agree on the fewest
             everyone: list = [None] * self.rt.world
-            dist.all_gather_object(everyone, (occupancy, clusters), group=group)
-            occupancy = min(o for o, _ in everyone)
-            clusters = all(c for _, c in everyone)
-        self._row_split = clusters
+            dist.all_gather_object(everyone, occupancy, group=group)
+            occupancy = min(everyone)
         self.block_cap = block_cap(occupancy, self.rt.sms_per_rank)
         self.max_blocks = min(options["max_blocks"] or layout.MAX_BLOCKS, self.block_cap)
         self._stage_facts()
@@ -393,10 +385,8 @@ class FusedRunner:
         if hidden:
             algo = self._epilogue_algorithm(i, nbytes, hidden)
             cols = self._epilogue_cols(stage, algo)
-            split = ll_row_split(unit_elems // hidden, hidden, self.elem, self.max_blocks) \
-                if algo == "ll" and self._row_split else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
-                                               self.max_blocks, split)
+                                               self.max_blocks)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks
         if self._ce_mode(i, nbytes):  # on the one-shot's grid: it runs where the CE cannot
             cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)

@@ -4,7 +4,6 @@
 // block in fp32 registers: thread `lt` of the group holds packs lt, lt + tpr, ... Every
 // thread of the block calls each op, live or not, because rmsnorm synchronises the block.
 #pragma once
-#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 #include "mixcc_vec.cuh"
 
@@ -13,14 +12,9 @@ namespace mixcc {
 template <typename T, int VEC, int PACKS>
 struct Row {
   float v[PACKS][VEC];
-  int lt, tpr, P, H;  // P: the packs of the row this block holds; H: the row's width
-  long long off;  // element offset of the row (its part in this block) in output-shaped tensors
+  int lt, tpr, P, H;
+  long long off;  // element offset of the row in output-shaped tensors
   bool live;      // this thread's group holds a row in this pass
-  // A row split over the `split` blocks of a cluster (the LL row pass, plan.ll_row_split):
-  // this block holds columns c0 .. c0 + P x VEC of it; `phase` counts the kernel's
-  // cluster exchanges (cluster_sum).
-  int split = 1, c0 = 0;
-  int* phase = nullptr;
   __device__ __forceinline__ bool has(int k) const { return live && lt + k * tpr < P; }
   __device__ __forceinline__ int col(int k) const { return (lt + k * tpr) * VEC; }
 };
@@ -41,46 +35,13 @@ __device__ __forceinline__ float group_sum(float s, int tpr, float* red) {
   return t;
 }
 
-// The sum of `s` (the same on every thread of the block) over the `split` blocks of this
-// block's cluster, which share a row, added in cluster rank order so that each of them
-// gets the same value; every thread of each block calls it. Two slots taken in turn by
-// the kernel's exchanges (`phase` counts them): a block writes a slot again only after
-// the barrier of the exchange in between, which every block reaches after its reads of
-// that slot.
-__device__ __forceinline__ float cluster_sum(float s, int split, int& phase) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ float slot[2];
-  cooperative_groups::cluster_group cl = cooperative_groups::this_cluster();
-  const int k = phase++ & 1;
-  if (threadIdx.x == 0) slot[k] = s;
-  cl.sync();
-  float t = 0.f;
-  for (int b = 0; b < split; ++b) t += *cl.map_shared_rank(&slot[k], b);
-  return t;
-#else
-  __trap();  // clusters need sm_90; the host splits rows only there (fused.py)
-  return s;
-#endif
-}
-
-// Every thread of the cluster: a block of a split row passes it before it leaves, since
-// its sibling may still be reading its slots (a block's shared memory must outlive the
-// cluster's reads of it).
-__device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __trap();
-#endif
-}
-
 // The packs of a named tensor this thread's row needs, loaded ahead of use (the kernel
 // issues these loads with the reduction's, so that their latencies overlap): ROW, an
 // output-shaped tensor (the row's own elements); else a [H] tensor (the row's columns).
 template <bool ROW, typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void* t,
                                          Pack<T, VEC> (&p)[PACKS]) {
-  const T* base = static_cast<const T*>(t) + (ROW ? r.off : r.c0);
+  const T* base = static_cast<const T*>(t) + (ROW ? r.off : 0);
 #pragma unroll
   for (int k = 0; k < PACKS; ++k)
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
@@ -116,7 +77,6 @@ __device__ __forceinline__ void epi_rmsnorm(Row<T, VEC, PACKS>& r, const Pack<T,
 #pragma unroll
       for (int e = 0; e < VEC; ++e) ss = fmaf(r.v[k][e], r.v[k][e], ss);
   ss = group_sum<THREADS>(ss, r.tpr, red);
-  if (r.split > 1) ss = cluster_sum(ss, r.split, *r.phase);
   const float s = rsqrtf(ss / (float)r.H + eps);
 #pragma unroll
   for (int k = 0; k < PACKS; ++k)

@@ -41,7 +41,6 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(workspace),
                            workspace_bytes=workspace, pool=None)
     r.debug = False
-    r._row_split = False  # FusedRunner: sm_90 and a GPU per rank
     r._stage_facts()
     r._nccl = True
     r._nccl_from = hier_nccl_min_bytes(coll.plan, ())
@@ -308,26 +307,6 @@ def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
     assert not small.epilogue_hidden(torch.Size((5, 4096)), kw(5, 4096, dtype))
     other = {**kw(5, hidden, dtype), "w": torch.ones(hidden, dtype=torch.float64)}
     assert not r.epilogue_hidden(torch.Size((5, hidden)), other)  # a named tensor's dtype
-
-
-@pytest.mark.parametrize("dtype,hidden,rows,max_blocks,split", [
-    (BF, 8192, 1, 128, 2), (BF, 8192, 16, 128, 2), (BF, 8192, 16, 31, 1),
-    (BF, 4096, 8, 128, 1), (torch.float32, 4096, 3, 128, 2), (torch.float16, 6144, 5, 128, 2)])
-def test_ll_rows_split_over_a_cluster_where_a_row_is_two_packs_per_thread(
-        dtype, hidden, rows, max_blocks, split):
-    """plan.ll_row_split through _params: two blocks per row (half a row each, one chunk)
-    where a row needs two packs per thread and the grid holds two blocks per row; never
-    without clusters (_row_split False: before sm_90, or ranks sharing a GPU)."""
-    r = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype)
-    r.max_blocks = max_blocks
-    unit = rows * hidden
-    assert r._params(0, unit, unit * r.elem, hidden) == (3, hidden, 1, rows)
-    r._row_split = True
-    algo, cols, chunks, blocks = r._params(0, unit, unit * r.elem, hidden)
-    assert algo == 3 and cols * split == hidden
-    assert (chunks, blocks) == ((1, rows * 2) if split == 2 else (1, rows))
-    r.algorithm = "one_shot"  # the one-shot's rows stay whole
-    assert r._params(0, unit, unit * r.elem, hidden)[1] % hidden == 0
 
 
 @pytest.mark.parametrize("dtype", [BF, torch.float32])

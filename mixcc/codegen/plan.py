@@ -217,26 +217,13 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = Fals
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
-def ll_row_split(rows: int, hidden: int, elem: int, max_blocks: int) -> int:
-    """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): 2
-    where a row is more than one 16-byte pack per thread of a block and two blocks per
-    row fit the grid (a cluster of two then shares the row's sum of squares), else 1. A
-    block that holds a whole row of 8192 bf16 sends and polls 32 KiB of lines alone:
-    7.7 us at one row against 5.4 for 4096 (docs/PERF.md, 2026-11-30 eighth session)."""
-    vec = max(1, 16 // elem)
-    return 2 if hidden // vec > layout.THREADS and 2 * rows <= max_blocks else 1
-
-
-def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int,
-             split: int = 1) -> tuple[int, int, int]:
+def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int
+             ) -> tuple[int, int, int]:
     """grid() for a fused epilogue: the same, but every chunk holds whole rows of `hidden`
     columns (hidden divides unit_elems and cols >= hidden), so a block owns each of its
-    rows entirely (docs/DESIGN.md, "Epilogues"); or with `split` (ll_row_split) one
-    chunk where `split` consecutive blocks hold one row, hidden / split columns each."""
+    rows entirely (docs/DESIGN.md, "Epilogues")."""
     vec = max(1, 16 // elem)
     rows = unit_elems // hidden
-    if split > 1:
-        return rows * split, 1, hidden // split
     per_chunk = cols // hidden
     nblocks = max(1, min(max_blocks, rows, math.ceil(unit_elems / (layout.THREADS * vec))))
     chunks = math.ceil(rows / (nblocks * per_chunk))
