@@ -226,10 +226,9 @@ def repeat_times(fn, iters: int, repeats: int, mode: str, trace: str | None = No
     if mode != "cpu":
         torch.cuda.synchronize()
     if trace is not None and mode == "graph":
-        dist.barrier()
-        lead.replay()
-        tracing.record(graph.replay, trace)
-        tracing.write_summary(trace, iters)
+        dist.barrier()  # the one-call graph inside the recording takes up the ranks' skew
+        tracing.record(lambda: (lead.replay(), graph.replay()), trace)  # (profiler start too)
+        tracing.write_summary(trace, iters, lead=1)
     return times
 
 
@@ -469,7 +468,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                     nbytes = x.numel() * x.element_size()
                     trace = None if not cfg.get("trace") or timing != "graph" else \
                         os.path.join(cfg["trace"],
-                                     tracing.slug(prog, be, mode, nbytes, f"r{rank}") + ".json")
+                                     tracing.slug(prog, mesh_spec(mesh), be, mode, nbytes,
+                                                  f"w{world}", f"r{rank}") + ".json")
                     t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
                                                            timing, cfg, group_device, trace)
                     t_bw = math.nan if timing == "host" else t_med  # issue time: no bandwidth

@@ -24,7 +24,7 @@ source "$(dirname "$0")/device_env.sh"
 # and 4 of the allreduce step alone about 8 minutes). Split it with STEPS (allreduce,
 # combined, nccl1) and AR_WORLDS / C_WORLDS, e.g. STEPS=allreduce AR_WORLDS=8, or shorten
 # it with REPEATS (default 10), MAX (the largest size, default 64M) and AR_BACKENDS (the
-# allreduce step's --backend list).
+# allreduce step's --backend list); --quick keeps its own REPEATS and MAX.
 if [ "${1:-}" = "--quick" ]; then
   AR_WORLDS=${AR_WORLDS:-2,4}; C_WORLDS=${C_WORLDS:-4}; MAX=256K; NCCL1_MAX=64K
   TIMES=(--iters 5 --repeats 3)

@@ -122,7 +122,8 @@ __device__ __forceinline__ bool ll_wait(const uint4* p, unsigned epoch, unsigned
 // that have arrived cost one trip to memory together instead of one each (a thread's
 // lines are otherwise read one after the other: each check waits for its load); a line
 // not there yet is then polled alone by ll_wait. live[i] false: line i is not read. The
-// data words of line i into d[2i], d[2i + 1] (zero where not read or after a timeout).
+// data words of line i into d[2i], d[2i + 1] (zero where not read: not live, or after
+// a line timed out).
 template <int N, typename Blame>
 __device__ __forceinline__ bool ll_wait_n(const uint4* const (&p)[N], const bool (&live)[N],
                                           unsigned epoch, unsigned (&d)[2 * N],

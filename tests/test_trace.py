@@ -36,6 +36,17 @@ def test_summary_counts_per_call_and_the_idle_time_between_activities():
     assert lines[-1] == "span 75.00 us/call, busy 39.00, idle 36.00 (2 calls)"
 
 
+def test_summary_leaves_out_the_calls_before_the_timed_ones_when_it_can_tell_them():
+    events = [_event("void k<1>(Args (*)(int))", 10.0 * i, 2) for i in range(3)]
+    lines = trace.summarize({"traceEvents": events}, calls=2, lead=1).splitlines()
+    assert lines[1].split() == ["k", "1.00", "2.00", "2.00"]
+    assert lines[-1] == "span 6.00 us/call, busy 2.00, idle 4.00 (2 calls)"
+    odd = trace.summarize({"traceEvents": events[:2] + [_event("Memset", 25, 1, "gpu_memset"),
+                                                       _event("k", 30, 2)]}, calls=2, lead=1)
+    assert odd.splitlines()[-1].endswith(
+        "(3 calls) (the 1 earlier call(s) could not be told apart: counted in)")
+
+
 def test_summary_of_a_trace_without_gpu_activity_says_so(tmp_path):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": []}))
@@ -56,16 +67,17 @@ def test_bench_records_one_replay_after_the_timed_ones(monkeypatch, tmp_path):
     log: list[str] = []
     fn = fake_graph_timing(monkeypatch, log, elapsed_ms=1.0)
 
-    def record(replay, path):
+    def record(steps, path):
         log.append("record:")
-        replay()
-        with open(path, "w") as f:
-            json.dump({"traceEvents": [_event("k", 0, 3), _event("k", 4, 3)]}, f)
+        steps()
+        with open(path, "w") as f:  # the one-call graph's kernel, then the timed graph's
+            json.dump({"traceEvents": [_event("k", 0, 3), _event("k", 10, 3),
+                                       _event("k", 14, 3)]}, f)
 
     monkeypatch.setattr(bench.tracing, "record", record)
     path = tmp_path / "row.json"
     bench.repeat_times(fn, 2, 1, "graph", trace=str(path))
-    assert log[-4:] == ["barrier", "replay 1", "record:", "replay 2"]
+    assert log[-4:] == ["barrier", "record:", "replay 1", "replay 2"]
     assert (tmp_path / "row.txt").read_text().splitlines()[-1] == \
         "span 3.50 us/call, busy 3.00, idle 0.50 (2 calls)"
 
