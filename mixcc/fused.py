@@ -112,7 +112,8 @@ LL_EPI_MAX_BYTES = LL_MAX_BYTES
 # 8 MiB against auto's 35.4 without it, and won from 16 MiB: 64.2 against 67.8, 111.2
 # against 122.1 at 32 MiB, 380.6 against 435.2 at 128 MiB (the copy engine alone, both
 # ranks at once: 26.4, 48.9, 94.2 and 363.5; the mode's own cost, about 15-17 us at
-# every size, was not found).
+# every size: its two barriers and the launch gaps around the copy, per a profiler trace
+# in the eighth session).
 CE_MIN_BYTES = 16 << 20
 ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
 ALGO_CE = 4  # the one-shot in the copy-engine mode (mixcc_ce_launch), auto's only
@@ -329,12 +330,18 @@ class FusedRunner:
 
                     cuda_check(rc, "mixcc_ce_init")
 
+    def _ce_candidate(self, i: int, nbytes: int) -> bool:
+        """Whether auto would run intra stage i of a call with `nbytes` per rank in the
+        copy-engine mode once its group has a registered pool (CE_MIN_BYTES)."""
+        return self.algorithm == "auto" and self._ce_safe[i] and nbytes >= CE_MIN_BYTES
+
     def _ce_mode(self, i: int, nbytes: int) -> bool:
         """Whether auto runs intra stage i of a call with `nbytes` per rank in the
-        copy-engine mode (CE_MIN_BYTES): the same on every rank (the pool is made
-        collectively; the size and the stage are the same everywhere)."""
-        return (self.algorithm == "auto" and self._ce_safe[i] and nbytes >= CE_MIN_BYTES
-                and self.rt.pool is not None and self.rt.pool_same_size)
+        copy-engine mode: a candidate, in a group with a pool of one size on every rank;
+        the same on every rank (the pool is made collectively; the size and the stage are
+        the same everywhere)."""
+        return (self._ce_candidate(i, nbytes) and self.rt.pool is not None
+                and self.rt.pool_same_size)
 
     def _set_epilogue(self, plan: Plan, epilogue: tuple) -> None:
         """The epilogue fused into the last stage's kernel where the plan allows it (else
@@ -591,7 +598,7 @@ class FusedRunner:
         if unit_elems == 0:
             return None
         nbytes = x.numel() * self.elem
-        if self.algorithm == "auto" and self._ce_safe[0] and nbytes >= CE_MIN_BYTES:
+        if self._ce_candidate(0, nbytes):
             return None  # the copy-engine mode depends on a pool that may come later
         a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device

@@ -18,7 +18,7 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def slug(*parts: object) -> str:
-    """A file name from a row's program, backend, mode and size."""
+    """A file name from a row's parts (program, mesh, backend, mode, size, world, rank)."""
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(str(p) for p in parts)).strip("_")
 
 
