@@ -24,12 +24,12 @@ def test_summary_counts_per_call_and_the_idle_time_between_activities():
                    _event("Memcpy PtoP (Device -> Device)", t + 5, 30, "gpu_memcpy"),
                    _event("void (anonymous namespace)::ce_local_kernel<8>(LaunchArgs)",
                           t + 6, 10),
-                   _event("ce_done_kernel", t + 45, 5)]
+                   _event("stage_kernel", t + 45, 5)]
     events += [{"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 0, "dur": 999},
                {"ph": "i", "cat": "kernel", "name": "marker", "ts": 1}]
     lines = trace.summarize({"traceEvents": events}, calls=2).splitlines()
     rows = {ln.split()[0]: ln.split()[1:] for ln in lines[1:-1]}
-    assert list(rows) == ["Memcpy", "ce_local_kernel", "ce_done_kernel", "ce_start_kernel"]
+    assert list(rows) == ["Memcpy", "ce_local_kernel", "stage_kernel", "ce_start_kernel"]
     assert rows["Memcpy"][-3:] == ["1.00", "30.00", "30.00"]
     assert rows["ce_local_kernel"] == ["1.00", "10.00", "10.00"]
     # per call: span 0..50 (the second call's from 100 to 150); busy 4 + 30 + 5 = 39
