@@ -15,6 +15,7 @@ dtype, size and timing kind with no wrong elements (add_ratios).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import re
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import TextIO
@@ -470,8 +472,12 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                         os.path.join(cfg["trace"],
                                      tracing.slug(prog, mesh_spec(mesh), be, mode, nbytes,
                                                   f"w{world}", f"r{rank}") + ".json")
-                    t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
-                                                           timing, cfg, group_device, trace)
+                    label = f"{prog} | {be} | {mode} | rows {nrows} | world {world}"
+                    limit = cfg.get("row_timeout_s")
+                    with row_watchdog(ROW_TIMEOUT_S if limit is None else limit, label, rank):
+                        t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
+                                                               timing, cfg, group_device,
+                                                               trace)
                     t_bw = math.nan if timing == "host" else t_med  # issue time: no bandwidth
                     group_rows.append(Row(
                         prog, be, mode, timing, dtype_name, world, mesh_spec(mesh),
@@ -490,6 +496,40 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     if rank == 0:
         progress.clear()
     return rows_out
+
+
+# A row that runs this long is taken for hung: a kernel that never ends cannot be stopped
+# from Python, so the rank says which row and leaves (its peers are then ended by the
+# launcher). The ninth session's run of torch's symmetric-memory two-shot at world 8 under
+# MPS never returned from 4 MiB (docs/PERF.md); mixcc's own waits time out in seconds.
+# The slowest row measured (world 8 under MPS, 64 MiB, 20 calls x 3 repeats plus the
+# graph capture) took well under a minute.
+ROW_TIMEOUT_S = 300.0
+
+
+@contextlib.contextmanager
+def row_watchdog(seconds: float, label: str, rank: int, exit=None):
+    """Inside it: if the block has not finished after `seconds` (0: never), print which
+    row hung and end this process with exit(3) (os._exit: a hung kernel holds the GIL's
+    other thread in a CUDA call, so nothing short of it ends the process)."""
+    if seconds <= 0:
+        yield
+        return
+
+    def fire() -> None:
+        print(f"error: mixcc bench: rank {rank}: the row '{label}' has run for {seconds:.0f} s "
+              "and is taken for hung (a kernel that never ends, e.g. a baseline whose blocks "
+              "do not all fit on a shared GPU); leaving. --row-timeout sets the limit",
+              file=sys.stderr, flush=True)
+        (exit or os._exit)(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor | None,

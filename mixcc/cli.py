@@ -289,6 +289,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
             "repeats": args.repeats or (10 if gpus else 5),
             "out": args.out,
             "trace": args.trace,
+            "row_timeout_s": args.row_timeout,
             "pg": "nccl" if nccl else "gloo",
             "mps": mps_on,
             "fused_options": fused_options,
@@ -503,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU rows: record one more replay of each row's CUDA graph with the "
                         "torch profiler into DIR (a Chrome trace and a summary per row and "
                         "rank: each kernel's and copy's time per call, and the idle time)")
+    b.add_argument("--row-timeout", type=float, default=None, metavar="S",
+                   help="a row still running after S seconds is taken for hung: the rank "
+                        "names it and leaves (default 300, mixcc/bench.py ROW_TIMEOUT_S; "
+                        "0: no limit)")
     b.set_defaults(fn=_cmd_bench)
 
     pb = sub.add_parser("prebuild", help="compile the fused kernels of programs ahead of time")

@@ -23,8 +23,9 @@ source "$(dirname "$0")/device_env.sh"
 # The full sweep takes more than one 10-minute device call (measured 2026-11-25: worlds 2
 # and 4 of the allreduce step alone about 8 minutes). Split it with STEPS (allreduce,
 # combined, nccl1) and AR_WORLDS / C_WORLDS, e.g. STEPS=allreduce AR_WORLDS=8, or shorten
-# it with REPEATS (default 10), MAX (the largest size, default 64M) and AR_BACKENDS (the
-# allreduce step's --backend list); --quick keeps its own REPEATS and MAX.
+# it with REPEATS (default 10), MIN and MAX (the smallest and largest size, default 16K
+# and 64M) and AR_BACKENDS (the allreduce step's --backend list); --quick keeps its own
+# REPEATS and MAX.
 if [ "${1:-}" = "--quick" ]; then
   AR_WORLDS=${AR_WORLDS:-2,4}; C_WORLDS=${C_WORLDS:-4}; MAX=256K; NCCL1_MAX=64K
   TIMES=(--iters 5 --repeats 3)
@@ -52,7 +53,7 @@ echo "prebuild: ${SECONDS} s ($(cat "$OUT"/prebuild_tp*.log | grep -c 'built in'
 step() {  # name, then mixcc bench arguments
   local name=$1; shift
   case ",$STEPS," in *",${name#bench_mps_},"*) ;; *) echo "$name: skipped (STEPS)"; return;; esac
-  python3 -m mixcc bench --dtype bfloat16 --hidden 1024 --min-bytes 16K "${TIMES[@]}" \
+  python3 -m mixcc bench --dtype bfloat16 --hidden 1024 --min-bytes "${MIN:-16K}" "${TIMES[@]}" \
     --out "$OUT/$name" "$@" 2>&1 | grep --line-buffered -v "^\[\|FutureWarning\|warnings.warn" \
     > "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}

@@ -528,3 +528,31 @@ def test_registered_rows_run_on_a_group_of_their_own(rank_pool):
 
     assert rank_pool.run(rank_pool.size, bench_registered_group) == \
         {r: "" for r in range(rank_pool.size)}
+
+
+def test_a_row_that_runs_past_its_limit_is_named_and_ends_the_rank(capsys):
+    import time
+
+    codes: list[int] = []
+    with bench.row_watchdog(0.05, "allreduce(world) | symm_two_shot | oop | rows 8", 3,
+                            exit=codes.append):
+        time.sleep(0.5)
+    assert codes == [3]
+    err = capsys.readouterr().err
+    assert err.startswith("error: mixcc bench: rank 3: the row 'allreduce(world) | "
+                          "symm_two_shot | oop | rows 8' has run for 0 s and is taken for hung")
+    for limit in (5.0, 0.0):  # a row that ends in time, and no limit
+        with bench.row_watchdog(limit, "r", 0, exit=codes.append):
+            time.sleep(0.1)
+    time.sleep(0.1)
+    assert codes == [3]
+
+
+def test_bench_with_a_row_limit_too_short_says_which_row_and_fails(tmp_path):
+    proc = _run_bench("--program", "allreduce", "--backend", "reference",
+                      "--row-timeout", "0.000001", tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "the row 'allreduce(tp) | reference | oop | rows 1 | world 4' has run for 0 s " \
+           "and is taken for hung" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("the process died (exit code 3) "
+                                                         "without a Python exception")
