@@ -510,8 +510,8 @@ ROW_TIMEOUT_S = 300.0
 @contextlib.contextmanager
 def row_watchdog(seconds: float, label: str, rank: int, exit=None):
     """Inside it: if the block has not finished after `seconds` (0: never), print which
-    row hung and end this process with exit(3) (os._exit: a hung kernel holds the GIL's
-    other thread in a CUDA call, so nothing short of it ends the process)."""
+    row hung and end this process with exit(3) (os._exit by default: the main thread may
+    sit in a CUDA call that never returns, so nothing less ends the process)."""
     if seconds <= 0:
         yield
         return
