@@ -210,6 +210,15 @@ __device__ __forceinline__ const unsigned* blame_word(unsigned* flags_of_r) {
   return flags_of_r + MAX_BLOCKS * 2 * MAX_RANKS + MAX_BLOCKS * MAX_RANKS * 2;
 }
 
+// spin_until's blame reader for peer p: p's blame word, read (volatile) only when the
+// spin asks, after its flags pointer (the IPC mapping of every rank's flags).
+template <int MAX_RANKS, int MAX_BLOCKS>
+__device__ __forceinline__ auto blame_of(unsigned* const* flags, int p) {
+  return [flags, p] {
+    return *(volatile const unsigned*)blame_word<MAX_RANKS, MAX_BLOCKS>(flags[p]);
+  };
+}
+
 // Rank r's debug fingerprint words: uint64 [MAX_BLOCKS][MAX_RANKS] right after its
 // flags (mixcc/codegen/layout.py).
 template <int MAX_RANKS, int MAX_BLOCKS>
