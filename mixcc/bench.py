@@ -366,7 +366,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
 
     `cfg` is checked by the CLI before any process starts: mesh_axes, ranks_per_node,
     pairs [(program text, backend)], dtype, hidden, min_rows, max_rows (or min_bytes,
-    max_bytes), iters, repeats, mps (ranks sharing a GPU run under MPS).
+    max_bytes), iters, repeats, mps (ranks sharing a GPU run under MPS), trace,
+    row_timeout_s (None: ROW_TIMEOUT_S).
     """
     mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
     dtype = DTYPES[cfg["dtype"]]
@@ -376,6 +377,7 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     cuda = has_cuda and "nccl" in pg
     gpu_shared = has_cuda and not cuda  # several ranks share GPUs (gloo)
     mps = gpu_shared and bool(cfg.get("mps"))
+    row_limit = ROW_TIMEOUT_S if cfg.get("row_timeout_s") is None else cfg["row_timeout_s"]
     if gpu_shared:  # torch symmetric memory refuses peers on one device without it
         os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
     device_times = cuda or mps  # CUDA-graph device times mean something
@@ -473,8 +475,7 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                                      tracing.slug(prog, mesh_spec(mesh), be, mode, nbytes,
                                                   f"w{world}", f"r{rank}") + ".json")
                     label = f"{prog} | {be} | {mode} | rows {nrows} | world {world}"
-                    limit = cfg.get("row_timeout_s")
-                    with row_watchdog(ROW_TIMEOUT_S if limit is None else limit, label, rank):
+                    with row_watchdog(row_limit, label, rank):
                         t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
                                                                timing, cfg, group_device,
                                                                trace)
