@@ -68,6 +68,19 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned lo
   return v;
 }
 
+// GPU scope, for words that blocks of one rank exchange through its own memory (a fused
+// epilogue's row split over blocks): release orders the writer's earlier accesses before
+// the word, acquire the reader's later ones after it; no other GPU reads them.
+__device__ __forceinline__ void st_release_gpu64(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long ld_acquire_gpu64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Blame words (docs/DESIGN.md, "Reliability"): 1 + the rank this rank's timed-out wait
 // blames, with BLAME_FINAL once its error record is written. A rank that times out first
 // publishes a tentative word, then listens for BLAME_GRACE_NS to the word of the peer it

@@ -13,7 +13,7 @@ import torch
 import mixcc
 from mixcc import fused, tune
 from mixcc.codegen import layout
-from mixcc.codegen.plan import ll_cols
+from mixcc.codegen.plan import ll_cols, ll_row_split, row_grid
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
     HIER_STAGED_NCCL_MIN_BYTES,
@@ -297,7 +297,11 @@ def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
         algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
         ll = ll_cols(r.stages[0][0], r.elem, True)
         assert algo == (3 if hidden <= ll else 0)
-        assert cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden and blocks <= 5
+        if algo == 3:  # LL: a 4096-wide row over two blocks of the plain call's 2048 columns
+            assert ll_cols(r.stages[0][0], r.elem) == 2048
+            assert (blocks, chunks, cols) == (10, 1, 2048)
+        else:
+            assert cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden and blocks <= 5
         assert cols * r.elem <= (ll * r.elem if algo == 3 else
                                  layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES))
         r.algorithm = "one_shot"
@@ -471,7 +475,8 @@ def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
     (h1, p1, *grid1), (h2, p2, *grid2), (h3, _, *grid3) = seen
     assert h1 == 4096 and p1 == res.data_ptr() and h2 == 0 and h3 == 0
     # auto's LL at this size: the fallback runs the plain LL kernel on the same grid
-    assert grid1 == grid2 and grid1[0] == 3 and grid1[1] % 4096 == 0
+    # (its rows split over two blocks of 2048 columns, plan.ll_row_split)
+    assert grid1 == grid2 and grid1[0] == 3 and grid1[1] == 2048
     assert grid3[1] % 8 == 0  # the plain grid need not keep rows whole
 
 
@@ -485,3 +490,20 @@ def test_an_epilogue_keeps_the_tuning_key_of_its_collective():
     last = coll.plan.stages[-1]
     assert fused.tuning_key(last, BF) == tune.source_hash(render_stage(plain, BF))
     assert render_stage(last, BF, coll.ir.epilogue) != render_stage(plain, BF)
+
+
+@pytest.mark.parametrize("hidden,rows,blocks,expect", [
+    (8192, 1, 128, 4), (8192, 32, 128, 4), (8192, 40, 128, 2), (8192, 64, 128, 2),
+    (8192, 200, 128, 1), (4096, 3, 128, 2), (7168, 2, 128, 4), (8192, 5, 16, 2),
+    (1024, 8, 128, 1), (2056, 1, 128, 1), (6144, 1, 128, 3)])
+def test_ll_rows_split_over_the_plain_calls_blocks_while_the_grid_holds_them(
+        hidden, rows, blocks, expect):
+    """plan.ll_row_split: a row over as many blocks as the plain LL call spreads it (2048
+    bf16 columns per block at two ranks), at most ROW_SPLIT_MAX, in equal parts of whole
+    16-byte packs, every row's blocks within the grid; else fewer, down to one."""
+    st = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF).stages[0][0]
+    n = ll_row_split(st, rows, hidden, 2, blocks)
+    assert n == expect
+    assert hidden % n == 0 and hidden // n % 8 == 0 and (n == 1 or rows * n <= blocks)
+    assert row_grid(rows * hidden, 8192, hidden, 2, blocks, n) == \
+        ((rows * n, 1, hidden // n) if n > 1 else row_grid(rows * hidden, 8192, hidden, 2, blocks))

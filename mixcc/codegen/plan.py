@@ -217,13 +217,32 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = Fals
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
-def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int
-             ) -> tuple[int, int, int]:
+def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_blocks: int
+                 ) -> int:
+    """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): as
+    many as the plain LL call spreads a row over (its chunk's columns per block, ll_cols),
+    at most layout.ROW_SPLIT_MAX, each holding whole packs of an equal part, while every
+    row's blocks fit the grid; else 1 (a block per row). A block that holds a whole row of
+    8192 bf16 sends and receives 32 KiB of lines alone: its polls ended 3.1 us after its
+    sends against 1.1 us for the plain call's quarter rows (docs/PERF.md, ninth session)."""
+    vec = max(1, 16 // elem)
+    cols = ll_cols(stage, elem)
+    n = min(layout.ROW_SPLIT_MAX, -(-hidden // cols)) if cols > 0 else 1
+    while n > 1 and (hidden % n or hidden // n % vec or rows * n > max_blocks):
+        n -= 1
+    return n
+
+
+def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int,
+             split: int = 1) -> tuple[int, int, int]:
     """grid() for a fused epilogue: the same, but every chunk holds whole rows of `hidden`
     columns (hidden divides unit_elems and cols >= hidden), so a block owns each of its
-    rows entirely (docs/DESIGN.md, "Epilogues")."""
+    rows entirely (docs/DESIGN.md, "Epilogues"); or with `split` > 1 (ll_row_split) one
+    chunk in which `split` consecutive blocks hold a row, hidden / split columns each."""
     vec = max(1, 16 // elem)
     rows = unit_elems // hidden
+    if split > 1:
+        return rows * split, 1, hidden // split
     per_chunk = cols // hidden
     nblocks = max(1, min(max_blocks, rows, math.ceil(unit_elems / (layout.THREADS * vec))))
     chunks = math.ceil(rows / (nblocks * per_chunk))
