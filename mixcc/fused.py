@@ -393,8 +393,9 @@ class FusedRunner:
         if hidden:
             algo = self._epilogue_algorithm(i, nbytes, hidden)
             cols = self._epilogue_cols(stage, algo)
+            norms = sum(e.op == "rmsnorm" for e in self.epilogue)
             split = ll_row_split(stage, unit_elems // hidden, hidden, self.elem,
-                                 self.max_blocks) if algo == "ll" else 1
+                                 self.max_blocks, norms) if algo == "ll" else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks, split)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks

@@ -21,8 +21,8 @@ struct RowShare {
   unsigned tag = 0;
   uint64_t timeout_ns = 0;
   ErrorRecord* err = nullptr;
-  int rank = 0;
-  const unsigned* blame = nullptr;  // this rank's blame word
+  int rank = 0, peer = 0;            // a timed-out exchange blames `peer`: the row's lines
+  const unsigned* blame = nullptr;  // come from it (its blame word)
 };
 
 template <typename T, int VEC, int PACKS>
@@ -55,7 +55,7 @@ __device__ __forceinline__ bool share_sum(float& s, const RowShare& sh) {
       if (b != sh.j) {
         const unsigned long long* w = sh.slots + b;
         ok &= spin_until([w] { return (unsigned)(ld_acquire_gpu64(w) >> 32); }, sh.tag,
-                         sh.timeout_ns, sh.err, sh.rank, sh.rank, STAGE_ROW_SUM,
+                         sh.timeout_ns, sh.err, sh.rank, sh.peer, STAGE_ROW_SUM,
                          (int)blockIdx.x, [&] { return *(volatile const unsigned*)sh.blame; });
         v = __uint_as_float((unsigned)ld_acquire_gpu64(w));
       }

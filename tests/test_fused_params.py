@@ -507,3 +507,18 @@ def test_ll_rows_split_over_the_plain_calls_blocks_while_the_grid_holds_them(
     assert hidden % n == 0 and hidden // n % 8 == 0 and (n == 1 or rows * n <= blocks)
     assert row_grid(rows * hidden, 8192, hidden, 2, blocks, n) == \
         ((rows * n, 1, hidden // n) if n > 1 else row_grid(rows * hidden, 8192, hidden, 2, blocks))
+
+
+def test_rows_split_only_where_the_row_pass_exchanges_once():
+    """The split rows' slots serve one exchange per kernel (stage_kernel.cu.j2,
+    ll_epilogue_pass): two output units per rank (allreduce + allgather on dp=2, tp=1) or
+    two rmsnorm statements keep whole rows."""
+    one = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128) == 4
+    assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128, norms=2) == 1
+    two = epi_runner("allreduce(tp); allgather(dp); add(res); rmsnorm(w)", {"dp": 2, "tp": 1}, BF)
+    assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128) == 1
+    algo, cols, chunks, blocks = two._params(0, 8192, 8192 * 2, 8192)
+    assert algo == 3 and cols >= 8192  # LL, whole rows
+    norms2 = epi_runner(LAYER + "; rmsnorm(w)", {"dp": 1, "tp": 2}, BF)
+    assert norms2._params(0, 8192, 8192 * 2, 8192)[1] >= 8192
