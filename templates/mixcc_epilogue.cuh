@@ -40,24 +40,25 @@ struct Row {
 
 // The sum of `s` (the same on every thread of the block) over a split row's n blocks,
 // added in block order so that each of them gets the same value: thread 0 publishes its
-// block's (tag, s) with release and acquires the others' (spin_until: a timeout is
-// recorded, never waited out); the block reads the total from shared memory. False when a
+// block's (tag, s) in one relaxed 64-bit word and spins on the others' (spin_until: a
+// timeout is recorded, never waited out); the block reads the total from shared memory. False when a
 // wait timed out. Every thread of the block calls it.
 __device__ __forceinline__ bool share_sum(float& s, const RowShare& sh) {
   __shared__ float total;
   __shared__ int good;
   if (threadIdx.x == 0) {
-    st_release_gpu64(sh.slots + sh.j, ((unsigned long long)sh.tag << 32) | __float_as_uint(s));
+    st_relaxed_gpu64(sh.slots + sh.j, ((unsigned long long)sh.tag << 32) | __float_as_uint(s));
     float t = 0.f;
     int ok = 1;
     for (int b = 0; b < sh.n; ++b) {
       float v = s;
       if (b != sh.j) {
         const unsigned long long* w = sh.slots + b;
-        ok &= spin_until([w] { return (unsigned)(ld_acquire_gpu64(w) >> 32); }, sh.tag,
-                         sh.timeout_ns, sh.err, sh.rank, sh.peer, STAGE_ROW_SUM,
+        unsigned long long word = 0;  // the tag and the sum, read together
+        ok &= spin_until([w, &word] { word = ld_relaxed_gpu64(w); return (unsigned)(word >> 32); },
+                         sh.tag, sh.timeout_ns, sh.err, sh.rank, sh.peer, STAGE_ROW_SUM,
                          (int)blockIdx.x, [&] { return *(volatile const unsigned*)sh.blame; });
-        v = __uint_as_float((unsigned)ld_acquire_gpu64(w));
+        v = __uint_as_float((unsigned)word);
       }
       t += v;
     }

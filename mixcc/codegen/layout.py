@@ -82,9 +82,10 @@ SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
 SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
-# A fused epilogue's row is held by at most this many blocks of the LL kernel (its
-# 8192-bf16 rows by four, as the plain LL call spreads them: docs/PERF.md, ninth session).
-ROW_SPLIT_MAX = 4
+# A fused epilogue's row is held by at most this many blocks of the LL kernel. Two, as
+# measured on two H200s (docs/PERF.md, tenth session): 8192-bf16 rows over four blocks ran
+# the quant epilogue 0.3-1.4 us slower than over two, which beat whole rows at 1-16 rows.
+ROW_SPLIT_MAX = 2
 ROWSUM_OFFSET = REG_OFFSET + REG_BYTES
 ROWSUM_BYTES = MAX_BLOCKS * ROW_SPLIT_MAX * 8
 LL_OFFSET = (ROWSUM_OFFSET + ROWSUM_BYTES + 4095) // 4096 * 4096
