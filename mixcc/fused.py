@@ -32,6 +32,7 @@ from .codegen.plan import (
     intra_cols,
     ll_auto,
     ll_cols,
+    ll_row_split,
     ll_safe,
     push_auto,
     push_cols,
@@ -392,8 +393,11 @@ class FusedRunner:
         if hidden:
             algo = self._epilogue_algorithm(i, nbytes, hidden)
             cols = self._epilogue_cols(stage, algo)
+            norms = sum(e.op == "rmsnorm" for e in self.epilogue)
+            split = ll_row_split(stage, unit_elems // hidden, hidden, self.elem,
+                                 self.max_blocks, norms) if algo == "ll" else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
-                                               self.max_blocks)
+                                               self.max_blocks, split)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks
         if self._ce_mode(i, nbytes):  # on the one-shot's grid: it runs where the CE cannot
             cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)

@@ -546,7 +546,7 @@ def _store():
 
 # Stage codes of the device error record (templates/mixcc_sync.cuh).
 STAGE_NAMES = ("input", "result", "inter-node data", "inter-node credit", "push data",
-               "push credit", "LL data", "copy-engine words")
+               "push credit", "LL data", "copy-engine words", "epilogue row sum")
 
 _RUNTIMES: dict[tuple[int, int], Runtime] = {}
 

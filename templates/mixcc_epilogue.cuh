@@ -5,19 +5,72 @@
 // thread of the block calls each op, live or not, because rmsnorm synchronises the block.
 #pragma once
 #include <cuda_fp8.h>
+#include "mixcc_sync.cuh"
 #include "mixcc_vec.cuh"
 
 namespace mixcc {
 
+constexpr int STAGE_ROW_SUM = 8;  // the error record's stage code (mixcc/runtime.py STAGE_NAMES)
+
+// A row split over n blocks of one rank (the LL row pass, plan.ll_row_split): this block
+// holds its j-th part; the parts' sums of squares meet in the first block's slots of the
+// rank's workspace (layout.py, ROWSUM_OFFSET), tagged with that block's epoch for the call.
+struct RowShare {
+  int n = 1, j = 0;
+  unsigned long long* slots = nullptr;
+  unsigned tag = 0;
+  uint64_t timeout_ns = 0;
+  ErrorRecord* err = nullptr;
+  int rank = 0, peer = 0;            // a timed-out exchange blames `peer`: the row's lines
+  const unsigned* blame = nullptr;  // come from it (its blame word)
+};
+
 template <typename T, int VEC, int PACKS>
 struct Row {
   float v[PACKS][VEC];
-  int lt, tpr, P, H;
-  long long off;  // element offset of the row in output-shaped tensors
-  bool live;      // this thread's group holds a row in this pass
+  int lt, tpr, P, H;  // P: the packs of the row this block holds; H: the row's width
+  int c0 = 0;         // the first column of the row this block holds (a split row)
+  long long off;      // element offset of the row (this block's part) in output-shaped tensors
+  bool live;          // this thread's group holds a row in this pass
+  bool failed = false;  // a split row's sum did not arrive: nothing is output
+  RowShare share;
   __device__ __forceinline__ bool has(int k) const { return live && lt + k * tpr < P; }
   __device__ __forceinline__ int col(int k) const { return (lt + k * tpr) * VEC; }
 };
+
+// The sum of `s` (the same on every thread of the block) over a split row's n blocks,
+// added in block order so that each of them gets the same value: thread 0 publishes its
+// block's (tag, s) in one relaxed 64-bit word and spins on the others' (spin_until: a
+// timeout is recorded, never waited out); the block reads the total from shared memory. False when a
+// wait timed out. Every thread of the block calls it.
+__device__ __forceinline__ bool share_sum(float& s, const RowShare& sh) {
+  __shared__ float total;
+  __shared__ int good;
+  if (threadIdx.x == 0) {
+    st_relaxed_gpu64(sh.slots + sh.j, ((unsigned long long)sh.tag << 32) | __float_as_uint(s));
+    float t = 0.f;
+    int ok = 1;
+    for (int b = 0; b < sh.n; ++b) {
+      float v = s;
+      if (b != sh.j) {
+        const unsigned long long* w = sh.slots + b;
+        unsigned long long word = 0;  // the tag and the sum, read together
+        ok &= spin_until([w, &word] { word = ld_relaxed_gpu64(w); return (unsigned)(word >> 32); },
+                         sh.tag, sh.timeout_ns, sh.err, sh.rank, sh.peer, STAGE_ROW_SUM,
+                         (int)blockIdx.x, [&] { return *(volatile const unsigned*)sh.blame; });
+        v = __uint_as_float((unsigned)word);
+      }
+      t += v;
+    }
+    total = t;
+    good = ok;
+  }
+  __syncthreads();
+  s = total;
+  const bool ok = good != 0;
+  __syncthreads();  // total and good are reused by the next call
+  return ok;
+}
 
 // The sum of `s` over the thread's row group, the same on each of its threads, in one
 // fixed order: a butterfly within each warp, then the group's warps in index order.
@@ -41,7 +94,7 @@ __device__ __forceinline__ float group_sum(float s, int tpr, float* red) {
 template <bool ROW, typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_load(const Row<T, VEC, PACKS>& r, const void* t,
                                          Pack<T, VEC> (&p)[PACKS]) {
-  const T* base = static_cast<const T*>(t) + (ROW ? r.off : 0);
+  const T* base = static_cast<const T*>(t) + (ROW ? r.off : r.c0);
 #pragma unroll
   for (int k = 0; k < PACKS; ++k)
     if (r.has(k)) p[k] = load<T, VEC>(base + r.col(k));
@@ -66,7 +119,8 @@ __device__ __forceinline__ void epi_store(Row<T, VEC, PACKS>& r, const void* t) 
     if (r.has(k)) store_f32<T, VEC>(p + r.col(k), r.v[k]);
 }
 
-// rmsnorm(W, eps): v = v * rsqrt(mean(v^2 over the row) + eps) * W
+// rmsnorm(W, eps): v = v * rsqrt(mean(v^2 over the row) + eps) * W (a split row: the
+// mean over its blocks' parts, share_sum)
 template <int THREADS, typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_rmsnorm(Row<T, VEC, PACKS>& r, const Pack<T, VEC> (&w)[PACKS],
                                             float eps, float* red) {
@@ -77,6 +131,7 @@ __device__ __forceinline__ void epi_rmsnorm(Row<T, VEC, PACKS>& r, const Pack<T,
 #pragma unroll
       for (int e = 0; e < VEC; ++e) ss = fmaf(r.v[k][e], r.v[k][e], ss);
   ss = group_sum<THREADS>(ss, r.tpr, red);
+  if (r.share.n > 1 && !share_sum(ss, r.share)) r.failed = true;
   const float s = rsqrtf(ss / (float)r.H + eps);
 #pragma unroll
   for (int k = 0; k < PACKS; ++k)
@@ -98,6 +153,7 @@ __device__ __forceinline__ void epi_quant(Row<T, VEC, PACKS>& r, float scale) {
 // saturating to the largest finite value, NaN kept) after quant.
 template <bool FP8, typename T, int VEC, int PACKS>
 __device__ __forceinline__ void epi_output(const Row<T, VEC, PACKS>& r, void* out) {
+  if (r.failed) return;
 #pragma unroll
   for (int k = 0; k < PACKS; ++k) {
     if (!r.has(k)) continue;

@@ -28,7 +28,7 @@ namespace ipc {
 
 // L: the module's layout constants, rendered from mixcc/codegen/layout.py
 // (render.ipc_layout_struct): MAX_RANKS, MAX_BLOCKS, NSETS, PUSH_FLAG_OFFSET,
-// SENT_OFFSET, REG_OFFSET. T: the element type. A: the launch arguments (peers,
+// SENT_OFFSET, REG_OFFSET, ROWSUM_OFFSET, ROW_SPLIT_MAX. T: the element type. A: the launch arguments (peers,
 // data_off, region_bytes).
 template <typename L, typename T>
 struct Workspace {
@@ -72,6 +72,12 @@ struct Workspace {
   // Registered-input words of the rank whose workspace is `ws`: [block][src].
   static __device__ __forceinline__ unsigned long long* reg_words(unsigned* ws) {
     return reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(ws) + L::REG_OFFSET);
+  }
+
+  // The row-sum slots of the rank whose workspace is `ws`: [leader block][j] (local).
+  static __device__ __forceinline__ unsigned long long* rowsum_slots(unsigned* ws, int leader) {
+    return reinterpret_cast<unsigned long long*>(reinterpret_cast<char*>(ws) +
+                                                 L::ROWSUM_OFFSET) + leader * L::ROW_SPLIT_MAX;
   }
 
   // The epoch at which this rank last pushed into set `set` of rank dst (a local word).

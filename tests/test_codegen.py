@@ -347,7 +347,7 @@ def test_ipc_layout_struct_matches_layout():
 
     text = ipc_layout_struct()
     for name in ("MAX_RANKS", "MAX_BLOCKS", "NSETS", "PUSH_FLAG_OFFSET", "SENT_OFFSET",
-                 "REG_OFFSET"):
+                 "REG_OFFSET", "ROW_SPLIT_MAX", "ROWSUM_OFFSET", "LL_OFFSET"):
         assert re.search(rf"\b{name} = {getattr(layout, name)};", text), name
     for st0 in (stages("allreduce(tp)", {"tp": 2})[0],
                 stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)[0]):

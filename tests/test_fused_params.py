@@ -13,7 +13,7 @@ import torch
 import mixcc
 from mixcc import fused, tune
 from mixcc.codegen import layout
-from mixcc.codegen.plan import ll_cols
+from mixcc.codegen.plan import ll_cols, ll_row_split, row_grid
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
     HIER_STAGED_NCCL_MIN_BYTES,
@@ -297,6 +297,7 @@ def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
         algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
         ll = ll_cols(r.stages[0][0], r.elem, True)
         assert algo == (3 if hidden <= ll else 0)
+        # whole rows (a block each): rows of 8 KiB and less are not split (ll_row_split)
         assert cols % hidden == 0 and blocks * chunks * cols >= 5 * hidden and blocks <= 5
         assert cols * r.elem <= (ll * r.elem if algo == 3 else
                                  layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES))
@@ -485,3 +486,41 @@ def test_an_epilogue_keeps_the_tuning_key_of_its_collective():
     last = coll.plan.stages[-1]
     assert fused.tuning_key(last, BF) == tune.source_hash(render_stage(plain, BF))
     assert render_stage(last, BF, coll.ir.epilogue) != render_stage(plain, BF)
+
+
+@pytest.mark.parametrize("hidden,elem,rows,blocks,expect", [
+    (8192, 2, 1, 128, 2), (8192, 2, 64, 128, 2), (8192, 2, 65, 128, 1),
+    (8192, 2, 200, 128, 1), (8192, 2, 5, 8, 1), (4096, 2, 3, 128, 1), (7168, 2, 2, 128, 1),
+    (4096, 4, 2, 128, 2), (16384, 2, 1, 128, 2), (8200, 2, 1, 128, 1)])
+def test_ll_rows_split_over_the_plain_calls_blocks_while_the_grid_holds_them(
+        hidden, elem, rows, blocks, expect):
+    """plan.ll_row_split: rows of at least ROW_SPLIT_MIN_BYTES over as many blocks as the
+    plain LL call spreads them (2048 bf16 columns per block at two ranks), at most
+    ROW_SPLIT_MAX, in equal parts of whole 16-byte packs, every row's blocks within the
+    grid; else one block per row."""
+    dtype = BF if elem == 2 else torch.float32
+    st = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype).stages[0][0]
+    n = ll_row_split(st, rows, hidden, elem, blocks)
+    assert n == expect
+    vec = 16 // elem
+    assert hidden % n == 0 and hidden // n % vec == 0 and (n == 1 or rows * n <= blocks)
+    whole = row_grid(rows * hidden, 16384 // elem * 2, hidden, elem, blocks)
+    assert row_grid(rows * hidden, 16384 // elem * 2, hidden, elem, blocks, n) == \
+        ((rows * n, 1, hidden // n) if n > 1 else whole)
+
+
+def test_rows_split_only_where_the_row_pass_exchanges_once():
+    """The split rows' slots serve one exchange per kernel (stage_kernel.cu.j2,
+    ll_epilogue_pass): two output units per rank (allreduce + allgather on dp=2, tp=1) or
+    two rmsnorm statements keep whole rows."""
+    one = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128) == 2
+    assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128, norms=2) == 1
+    algo, cols, chunks, blocks = one._params(0, 8192, 8192 * 2, 8192)
+    assert (algo, cols, chunks, blocks) == (3, 4096, 1, 2)  # LL, a row over two blocks
+    two = epi_runner("allreduce(tp); allgather(dp); add(res); rmsnorm(w)", {"dp": 2, "tp": 1}, BF)
+    assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128) == 1
+    algo, cols, chunks, blocks = two._params(0, 8192, 8192 * 2, 8192)
+    assert algo == 3 and cols >= 8192  # LL, whole rows
+    norms2 = epi_runner(LAYER + "; rmsnorm(w)", {"dp": 1, "tp": 2}, BF)
+    assert norms2._params(0, 8192, 8192 * 2, 8192)[1] >= 8192

@@ -19,6 +19,10 @@ IPC workspace, one per rank, fixed size:
                     input, else src's input lies in its registered pool at byte offset
                     (word - 1) * 16 and peers read it there (docs/DESIGN.md, "Registered
                     buffers")
+  [ROWSUM_OFFSET]   uint64 [MAX_BLOCKS][ROW_SPLIT_MAX], local: the sums of squares of a
+                    fused epilogue's row split over blocks of the LL kernel (docs/DESIGN.md,
+                    "Epilogues"), slot [L][j] = (tag << 32) | float bits from the row's
+                    j-th block, L its first block, tag the leader's epoch of that call
   [LL_OFFSET]       the LL area: LL_SETS sets x MAX_BLOCKS regions of LL_REGION_BYTES, each
                     cut into world-1 sender areas as a push region is (area (src - dst -
                     1) mod world belongs to sender src). Peers write 16-byte lines there,
@@ -78,7 +82,13 @@ SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
 SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
-LL_OFFSET = (REG_OFFSET + REG_BYTES + 4095) // 4096 * 4096
+# A fused epilogue's row is held by at most this many blocks of the LL kernel. Two, as
+# measured on two H200s (docs/PERF.md, tenth session): 8192-bf16 rows over four blocks ran
+# the quant epilogue 0.3-1.4 us slower than over two, which beat whole rows at 1-16 rows.
+ROW_SPLIT_MAX = 2
+ROWSUM_OFFSET = REG_OFFSET + REG_BYTES
+ROWSUM_BYTES = MAX_BLOCKS * ROW_SPLIT_MAX * 8
+LL_OFFSET = (ROWSUM_OFFSET + ROWSUM_BYTES + 4095) // 4096 * 4096
 # A block's LL region per set, shared by the world-1 senders: 32 KiB of lines carry 16 KiB
 # of data, so that at two ranks a block holds a whole row of 8192 bf16 elements for a fused
 # epilogue. Without an epilogue a chunk uses LL_CHUNK_BYTES of it: 8 KiB of lines, 4 KiB

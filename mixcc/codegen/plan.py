@@ -217,13 +217,47 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = Fals
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
-def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int
-             ) -> tuple[int, int, int]:
+# Rows below this many bytes keep one block each in the LL kernel's fused epilogue: at
+# 4096 bf16 (8 KiB) rows over two blocks ran the layer's epilogue no faster and with quant
+# 1.1-1.3 us slower than whole rows; at 8192 (16 KiB) 0.2-1.6 us faster, from 1 to 16 rows
+# (two H200s, docs/PERF.md, tenth session). Widths in between were not measured.
+ROW_SPLIT_MIN_BYTES = 16 << 10
+
+
+def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_blocks: int,
+                 norms: int = 1) -> int:
+    """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): for
+    rows of at least ROW_SPLIT_MIN_BYTES, as many as the plain LL call spreads a row over
+    (its chunk's columns per block, ll_cols), at most layout.ROW_SPLIT_MAX, each holding
+    whole packs of an equal part, while every row's blocks fit the grid; else 1 (a block
+    per row). A block that holds a whole row of 8192 bf16 sends and receives 32 KiB of
+    lines alone: its polls ended 3.1 us after its sends against 1.1 us for the plain
+    call's quarter rows (docs/PERF.md, ninth session); the split rows' blocks then add
+    their sums of squares through the workspace, which costs part of that back.
+    Only where the row pass exchanges sums once per kernel (the slots and their tag serve
+    one exchange): one output unit per rank and at most one rmsnorm statement (`norms`)."""
+    if norms > 1 or any(len(r.reduce) != 1 for r in stage.push_schedule.ranks):
+        return 1
+    if hidden * elem < ROW_SPLIT_MIN_BYTES:
+        return 1
+    vec = max(1, 16 // elem)
+    cols = ll_cols(stage, elem)
+    n = min(layout.ROW_SPLIT_MAX, -(-hidden // cols)) if cols > 0 else 1
+    while n > 1 and (hidden % n or hidden // n % vec or rows * n > max_blocks):
+        n -= 1
+    return n
+
+
+def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int,
+             split: int = 1) -> tuple[int, int, int]:
     """grid() for a fused epilogue: the same, but every chunk holds whole rows of `hidden`
     columns (hidden divides unit_elems and cols >= hidden), so a block owns each of its
-    rows entirely (docs/DESIGN.md, "Epilogues")."""
+    rows entirely (docs/DESIGN.md, "Epilogues"); or with `split` > 1 (ll_row_split) one
+    chunk in which `split` consecutive blocks hold a row, hidden / split columns each."""
     vec = max(1, 16 // elem)
     rows = unit_elems // hidden
+    if split > 1:
+        return rows * split, 1, hidden // split
     per_chunk = cols // hidden
     nblocks = max(1, min(max_blocks, rows, math.ceil(unit_elems / (layout.THREADS * vec))))
     chunks = math.ceil(rows / (nblocks * per_chunk))

@@ -106,9 +106,11 @@ def ipc_layout_struct() -> str:
     """The IPC workspace's layout constants (mixcc/codegen/layout.py) as the C++ traits
     struct that templates/transport_ipc.cuh addresses the workspace with."""
     ints = {"MAX_RANKS": layout.MAX_RANKS, "MAX_BLOCKS": layout.MAX_BLOCKS,
-            "NSETS": layout.NSETS, "LL_SETS": layout.LL_SETS}
+            "NSETS": layout.NSETS, "LL_SETS": layout.LL_SETS,
+            "ROW_SPLIT_MAX": layout.ROW_SPLIT_MAX}
     offsets = {"PUSH_FLAG_OFFSET": layout.PUSH_FLAG_OFFSET, "SENT_OFFSET": layout.SENT_OFFSET,
-               "REG_OFFSET": layout.REG_OFFSET, "LL_OFFSET": layout.LL_OFFSET,
+               "REG_OFFSET": layout.REG_OFFSET, "ROWSUM_OFFSET": layout.ROWSUM_OFFSET,
+               "LL_OFFSET": layout.LL_OFFSET,
                "LL_REGION_BYTES": layout.LL_REGION_BYTES}
     return _traits("IpcLayout", ints, offsets)
 

@@ -133,3 +133,35 @@ def test_four_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
     if rpn == 4:
         todo += cases(programs, rpn, "two_shot")[1::3] + cases(programs, rpn, "ll")[2::9]
     spawn_ranks(epilogue_task, 4, todo, gpus=1, nvshmem=rpn < 4)
+
+
+def split_task(rank: int, world: int, case_list: list[tuple]) -> None:
+    """epilogue_task, and the LL grid of each case splits its rows of 16 KiB over two
+    blocks (plan.ll_row_split), smaller rows not."""
+    import mixcc
+    from mixcc.fused import ALGORITHMS
+
+    from tasks import DTYPES
+
+    for program, axes, _, rows, hidden, dtype_name, _, algorithm in case_list:
+        coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=DTYPES[dtype_name],
+                             backend="fused", algorithm=algorithm)
+        x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
+        r = coll._fused_runner(x)
+        algo, cols, chunks, blocks = r._params(0, rows * hidden, x.nbytes, hidden)
+        split = 2 if hidden * x.element_size() >= 16 << 10 else 1
+        assert ALGORITHMS[algo] == "ll" and (cols, chunks, blocks)[1:] == (1, rows * split) \
+            and (split == 1 or cols == hidden // split), (rank, hidden, rows, cols, blocks)
+    epilogue_task(rank, world, case_list)
+
+
+def test_two_gpus_split_rows(spawn_ranks) -> None:
+    """LL's row pass with rows split over two blocks (the sums of squares through the
+    rank's workspace): 8192-wide bf16 / fp16 and 4096-wide fp32 rows, 1, 3 and 16 of them,
+    graph replay at 3, and 4096-wide bf16 rows (whole); out of place, as auto runs them
+    at these sizes."""
+    p = Placement(2, 2)
+    shapes = [(8192, "bfloat16"), (8192, "float16"), (4096, "float32"), (4096, "bfloat16")]
+    todo = [(prog, [("dp", 1), ("tp", 2)], None, rows, hidden, dtype, rows == 3, "auto")
+            for prog in (LAYER, QUANT) for hidden, dtype in shapes for rows in (1, 3, 16)]
+    spawn_ranks(split_task, 2, todo, gpus=p.gpus)

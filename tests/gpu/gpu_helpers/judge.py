@@ -10,7 +10,7 @@ import signal
 # Stage names of the device error record (mixcc.runtime.STAGE_NAMES; a CPU test keeps
 # the two equal).
 STAGES = ("input", "result", "inter-node data", "inter-node credit", "push data",
-          "push credit", "LL data", "copy-engine words")
+          "push credit", "LL data", "copy-engine words", "epilogue row sum")
 # What must never appear in a rank's log (stderr and stdout together).
 BAD_LOG = (("CUDA error", re.compile(r"CUDA error")),
            ("illegal", re.compile(r"illegal", re.I)),
