@@ -246,6 +246,28 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def separate_oracle(program: str, mesh: Mesh, dtype: torch.dtype):
+    """The exact result of `program` run as separate calls (the `separate` baseline): each
+    statement in float64 on the reference backend, its result rounded to `dtype` before
+    the next, as the intermediate tensors between the calls are. A fused program rounds
+    once, at the end; a chain of calls rounds after each, and a sum of rounded partial
+    sums can leave `count_wrong`'s one rounding of the exact result (2026-11-30, world 8:
+    reducescatter(dp) then allreduce(tp) did, in 2e-5 of the elements). Collective
+    (it compiles): call it in the same order on every rank. Returns fn(x) -> float64."""
+    colls = [mixcc_compile(str(s), mesh, dtype=torch.float64, backend="reference")
+             for s in parse(program).stmts]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = x.double()
+        for i, c in enumerate(colls):
+            y = c(y)
+            if i + 1 < len(colls):
+                y = y.to(dtype).double()
+        return y
+
+    return run
+
+
 def count_wrong(got: torch.Tensor, expect: torch.Tensor) -> int:
     """Elements of `got` outside the rounding of its dtype around `expect` (the exact,
     float64 result in `mixcc bench`); a NaN counts unless the exact result is NaN there."""
@@ -395,6 +417,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     entries = _entries(cfg, mesh, dtype, refs, skipped)
     exact = {prog: mixcc_compile(prog, mesh, dtype=torch.float64, backend="reference")
              for prog in entries}  # compile is collective: the same order on every rank
+    stepwise = {prog: separate_oracle(prog, mesh, dtype) for prog, es in entries.items()
+                if any(be == "separate" for be, _, _ in es)}
     hidden = cfg["hidden"]
     elem = torch.empty((), dtype=dtype).element_size()
     size_lists = {}
@@ -444,6 +468,7 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                 return inputs[dev]
 
             expect: torch.Tensor | None = None
+            expect_separate: torch.Tensor | None = None
             group_rows: list[Row] = []
             for be, obj, modes in es:
                 device = device_for(be)
@@ -467,6 +492,11 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                         # the exact result: the reference backend in float64, so that
                         # #wrong counts a backend's own errors, not the reference's roundings
                         expect = exact[prog](on(device_for("reference")).double())
+                    want = expect
+                    if be == "separate":  # rounded to the dtype between its calls
+                        if expect_separate is None:
+                            expect_separate = stepwise[prog](on(device_for("reference")))
+                        want = expect_separate
                     timing = ("graph" if device_times else "host") \
                         if device.type == "cuda" else "cpu"
                     nbytes = x.numel() * x.element_size()
@@ -476,7 +506,7 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                                                   f"w{world}", f"r{rank}") + ".json")
                     label = f"{prog} | {be} | {mode} | rows {nrows} | world {world}"
                     with row_watchdog(row_limit, label, rank):
-                        t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, expect,
+                        t_med, t_min, t_max, errors = _measure(be, fn, mode, x, ref, want,
                                                                timing, cfg, group_device,
                                                                trace)
                     t_bw = math.nan if timing == "host" else t_med  # issue time: no bandwidth

@@ -176,3 +176,35 @@ def bench_registered_group(rank: int, world: int, group) -> str:
     if dist.get_world_size(reg[0]) != world:
         return f"the registered group has {dist.get_world_size(reg[0])} ranks"
     return ""
+
+
+def bench_separate_oracle(rank: int, world: int, group) -> str:
+    """bench.separate_oracle (the `separate` baseline's exact result) against the oracle
+    run statement by statement with the rounding to bf16 between: reducescatter(dp) then
+    allreduce(tp) on dp=2, tp=4, with one element planted where that rounding matters (a
+    partial sum 1000 + 1.5 rounds to 1000, and the partials then cancel)."""
+    from mixcc import bench
+
+    assert group is None and world == 8, "run on the whole pool of eight"
+    program, axes = "reducescatter(dp); allreduce(tp)", [("dp", 2), ("tp", 4)]
+    dtype = torch.bfloat16
+    inputs = [make_input(7, r, 16, 64, dtype) for r in range(world)]
+    for r, v in {0: 1000.0, 4: 1.5, 1: -1000.0, 5: 0.0, 2: 0.0, 6: 0.0, 3: 0.0, 7: 0.0}.items():
+        inputs[r][0, 0] = v  # ranks r and r + 4 pair in dp; row 0 goes to dp 0
+    vals = inputs
+    for i, (coll, ax, op) in enumerate(statements(program)):
+        stmt = f"{coll}({'*'.join(ax)}{'' if op == 'sum' else ', op=' + op})"
+        vals = expected(stmt, axes, vals)[0]
+        if i + 1 < len(statements(program)):
+            vals = [v.to(dtype) for v in vals]
+    mine = vals[rank]
+    got = bench.separate_oracle(program, mixcc.Mesh(dict(axes)), dtype)(inputs[rank].clone())
+    if got.dtype != torch.float64 or not torch.allclose(got, mine, rtol=1e-12, atol=1e-12):
+        return f"separate_oracle differs from the stepwise oracle: {(got - mine).abs().max()}"
+    once = expected(program, axes, inputs)[0][rank]
+    chain = mine.to(dtype)  # what a right chain of calls returns (the last sum rounded once)
+    if bench.count_wrong(chain, got) != 0:
+        return "a right chain of calls counted wrong against separate_oracle"
+    if rank in (0, 1, 2, 3) and bench.count_wrong(chain, once) == 0:
+        return "the planted element did not leave one rounding of the exact result"
+    return ""

@@ -530,6 +530,13 @@ def test_registered_rows_run_on_a_group_of_their_own(rank_pool):
         {r: "" for r in range(rank_pool.size)}
 
 
+def test_separate_rows_are_judged_with_a_rounding_per_call(rank_pool):
+    from tasks import bench_separate_oracle
+
+    assert rank_pool.run(rank_pool.size, bench_separate_oracle) == \
+        {r: "" for r in range(rank_pool.size)}
+
+
 def test_a_row_that_runs_past_its_limit_is_named_and_ends_the_rank(capsys):
     import time
 
