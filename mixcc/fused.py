@@ -103,7 +103,9 @@ LL_MAX_BYTES = 256 << 10
 # 5.7-8.9 us on LL at 4096 wide and 1-32 rows and 6.9-9.7 at 8192 wide and 1-16 rows (up
 # to 256 KiB), where the one-shot's row pass had taken 7.8-9.4 and 9.7-10.7 in the fourth
 # session's run; the rows above ran the one-shot in both runs and matched within noise.
-# A side-by-side run of the two kernels above 256 KiB has not been made.
+# Side by side above 256 KiB (tenth session, docs/PERF.md): at 512 KiB LL tied the
+# one-shot (8192-wide layer at 32 rows: 11.25 against 11.39 us), from 1 MiB it lost
+# 1.2-2.3x (64-256 rows); at 4096 wide and 64 rows (512 KiB) it lost 1.1x.
 LL_EPI_MAX_BYTES = LL_MAX_BYTES
 # auto moves a copy stage (plan.ce_safe: allgather) by the copy engines from CE_MIN_BYTES
 # per rank in a group with a registered pool, when every member of a clique passes an
