@@ -25,6 +25,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TextIO
 
@@ -246,7 +247,8 @@ def _sum_over_ranks(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def separate_oracle(program: str, mesh: Mesh, dtype: torch.dtype):
+def separate_oracle(program: str, mesh: Mesh, dtype: torch.dtype
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exact result of `program` run as separate calls (the `separate` baseline): each
     statement in float64 on the reference backend, its result rounded to `dtype` before
     the next, as the intermediate tensors between the calls are. A fused program rounds
