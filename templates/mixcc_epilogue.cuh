@@ -41,8 +41,8 @@ struct Row {
 // The sum of `s` (the same on every thread of the block) over a split row's n blocks,
 // added in block order so that each of them gets the same value: thread 0 publishes its
 // block's (tag, s) in one relaxed 64-bit word and spins on the others' (spin_until: a
-// timeout is recorded, never waited out); the block reads the total from shared memory. False when a
-// wait timed out. Every thread of the block calls it.
+// timeout is recorded, never waited out); the block reads the total from shared memory.
+// False when a wait timed out. Every thread of the block calls it.
 __device__ __forceinline__ bool share_sum(float& s, const RowShare& sh) {
   __shared__ float total;
   __shared__ int good;

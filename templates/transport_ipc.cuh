@@ -28,8 +28,8 @@ namespace ipc {
 
 // L: the module's layout constants, rendered from mixcc/codegen/layout.py
 // (render.ipc_layout_struct): MAX_RANKS, MAX_BLOCKS, NSETS, PUSH_FLAG_OFFSET,
-// SENT_OFFSET, REG_OFFSET, ROWSUM_OFFSET, ROW_SPLIT_MAX. T: the element type. A: the launch arguments (peers,
-// data_off, region_bytes).
+// SENT_OFFSET, REG_OFFSET, ROWSUM_OFFSET, ROW_SPLIT_MAX. T: the element type. A: the
+// launch arguments (peers, data_off, region_bytes).
 template <typename L, typename T>
 struct Workspace {
   // Rank r's pull region of (set, block).
