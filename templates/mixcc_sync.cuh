@@ -71,8 +71,8 @@ __device__ __forceinline__ unsigned long long ld_acquire_sys64(const unsigned lo
 // GPU scope, relaxed, for words that blocks of one rank exchange through its own memory
 // (a fused epilogue's row split over blocks): each word carries its value and its tag in
 // one single-copy-atomic access and publishes nothing else, so no ordering is needed.
-// (Release was measured to cost 2-2.5 us per row there: it waits for the thread's
-// earlier stores, the LL lines it sent to the peer over NVLink among them.)
+// (A release store would also wait for the thread's earlier stores, the LL lines it sent
+// to the peer over NVLink among them: docs/DESIGN.md, "Rows split over blocks".)
 __device__ __forceinline__ void st_relaxed_gpu64(unsigned long long* p, unsigned long long v) {
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
