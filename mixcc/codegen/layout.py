@@ -84,7 +84,7 @@ REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 # A fused epilogue's row is held by at most this many blocks of the LL kernel. Two, as
 # measured on two H200s (docs/PERF.md, tenth session): 8192-bf16 rows over four blocks ran
-# the quant epilogue 0.3-1.4 us slower than over two, which beat whole rows at 1-16 rows.
+# the quant epilogue 0.7-1.4 us slower than over two, which beat whole rows at 1-16 rows.
 ROW_SPLIT_MAX = 2
 ROWSUM_OFFSET = REG_OFFSET + REG_BYTES
 ROWSUM_BYTES = MAX_BLOCKS * ROW_SPLIT_MAX * 8
