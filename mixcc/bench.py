@@ -179,59 +179,76 @@ class Progress:
             self.shown = False
 
 
+def capture_graphs(fn, iters: int) -> tuple[object, object]:
+    """(graph, lead): CUDA graphs of `iters` calls of fn and of one call (sharing a memory
+    pool), captured on a side stream after three warm-up calls and replayed once each."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph, lead = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(iters):
+                fn()
+        with torch.cuda.graph(lead, pool=graph.pool(), stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    lead.replay()
+    torch.cuda.synchronize()
+    return graph, lead
+
+
+def time_replay(graph, lead, iters: int) -> float:
+    """Seconds per call of one replay of `graph` (of `iters` calls), after a barrier and a
+    replay of the one-call graph `lead`, so that the ranks leave the barrier's skew behind
+    them (a collective returns only once every peer has entered it)."""
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    lead.replay()
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
 def repeat_times(fn, iters: int, repeats: int, mode: str, trace: str | None = None
                  ) -> list[float]:
     """Seconds per call of each of `repeats` runs of `iters` calls, after a warm-up.
 
     mode "graph": CUDA graph of `iters` calls timed with events (one rank per GPU, or
-    ranks sharing a GPU under MPS); each timed replay follows a replay of a one-call
-    graph, so that the ranks leave the barrier's skew behind them (a collective returns
-    only once every peer has entered it); "host": host time to issue one eager call,
-    without waiting for the GPU (ranks sharing a GPU without MPS: their device times
-    are not meaningful); "cpu": host clock. Every repeat starts after a barrier.
-    `trace` (mode "graph"): then one more replay is recorded there (mixcc/trace.py).
+    ranks sharing a GPU under MPS), each replay as time_replay times it; "host": host time
+    to issue one eager call, without waiting for the GPU (ranks sharing a GPU without MPS:
+    their device times are not meaningful); "cpu": host clock. Every repeat starts after
+    a barrier. `trace` (mode "graph"): then one more replay is recorded there
+    (mixcc/trace.py).
     """
+    if mode == "graph":
+        graph, lead = capture_graphs(fn, iters)
+        times = [time_replay(graph, lead, iters) for _ in range(repeats)]
+        torch.cuda.synchronize()
+        if trace is not None:
+            dist.barrier()  # the one-call graph inside the recording takes up the ranks' skew
+            tracing.record(lambda: (lead.replay(), graph.replay()), trace)  # (profiler too)
+            tracing.write_summary(trace, iters, lead=1)
+        return times
     for _ in range(3):
         fn()
-    if mode == "graph":
-        torch.cuda.synchronize()
-        graph, lead = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            with torch.cuda.graph(graph, stream=stream):
-                for _ in range(iters):
-                    fn()
-            with torch.cuda.graph(lead, pool=graph.pool(), stream=stream):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        lead.replay()
-        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         if mode != "cpu":
             torch.cuda.synchronize()
         dist.barrier()
-        if mode == "graph":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            lead.replay()
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / iters)
-            continue
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
         times.append((time.perf_counter() - t0) / iters)
     if mode != "cpu":
         torch.cuda.synchronize()
-    if trace is not None and mode == "graph":
-        dist.barrier()  # the one-call graph inside the recording takes up the ranks' skew
-        tracing.record(lambda: (lead.replay(), graph.replay()), trace)  # (profiler start too)
-        tracing.write_summary(trace, iters, lead=1)
     return times
 
 

@@ -2,7 +2,9 @@
 [/ quant] with its epilogue fused into the kernel, against the best unfused chains a user
 could write: mixcc's collective, or NCCL's, followed by the same epilogue compiled by
 torch.compile (inductor). One process per GPU on NCCL, CUDA graphs of `iters` calls, the
-median of `repeats` (each the max over ranks), as `mixcc bench` times. A fourth column
+median of `repeats` (each the max over ranks), as `mixcc bench` times; the columns' repeats
+interleaved (one replay of each column per round, the order turning from round to round),
+so that a drift of the clocks during a row reaches every column alike. A fourth column
 times mixcc's collective alone, with no epilogue: the floor under any fused kernel, so
 that (mixcc+compiled - alone) is what the unfused epilogue costs and fusion can save.
 
@@ -75,7 +77,7 @@ def _candidates(fused, plain, nccl, epi, x: torch.Tensor, kw: dict) -> dict:
 
 def run(rank: int, world: int, cfg: dict) -> None:
     import mixcc
-    from mixcc.bench import _max_over_ranks, repeat_times
+    from mixcc.bench import _max_over_ranks, capture_graphs, time_replay
 
     torch._dynamo.config.cache_size_limit = 256
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -106,10 +108,14 @@ def run(rank: int, world: int, cfg: dict) -> None:
                 runner = fused._fused_runner(x)
                 is_fused = bool(runner.epilogue_hidden(fused.output_shape(x.shape), kw))
                 fns = _candidates(fused, plain, nccl, epi, x, kw)
-                times = {}
-                for col in COLUMNS:
-                    t = repeat_times(fns[col], cfg["iters"], cfg["repeats"], "graph")
-                    times[col] = statistics.median(_max_over_ranks(t, dev)) * 1e6
+                graphs = {c: capture_graphs(fns[c], cfg["iters"]) for c in COLUMNS}
+                got: dict[str, list[float]] = {c: [] for c in COLUMNS}
+                for k in range(cfg["repeats"]):
+                    for col in COLUMNS[k % len(COLUMNS):] + COLUMNS[:k % len(COLUMNS)]:
+                        got[col].append(time_replay(*graphs[col], cfg["iters"]))
+                del graphs
+                times = {c: statistics.median(_max_over_ranks(got[c], dev)) * 1e6
+                         for c in COLUMNS}
                 rows_out.append({"case": name, "program": program, "hidden": hidden,
                                  "algorithm": cfg.get("algorithm", "auto"),
                                  "rows": rows, "bytes": x.numel() * x.element_size(),
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", default="4096,8192", help="comma list")
     ap.add_argument("--max-rows", type=int, default=512)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--algorithm", default="auto", choices=("auto", "one_shot", "two_shot", "ll"),
                     help="the fused kernel's one-node algorithm (the epilogue runs after "
                          "the one-shot's reduction, in the two-shot's gather, or in LL's "
