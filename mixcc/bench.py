@@ -46,10 +46,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # mixcc's own rows: backend name -> the `algorithm` compile option. "auto" is the compile
 # default (backend="auto": fused kernels, or NCCL where the tuning table measured it
 # faster); "auto:registered" the same with the input in a registered buffer
-# (mixcc.empty, filled outside the timing); the others force the fused backend.
+# (mixcc.empty, filled outside the timing); the others force the fused backend
+# ("fused:one_shot:registered": the one-shot on a registered input).
 FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
          "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push",
-         "fused:ll": "ll"}
+         "fused:ll": "ll", "fused:one_shot:registered": "one_shot"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
 # backends that run on CUDA tensors only
 GPU_ONLY = (*FUSED, *baselines.SYMM, *baselines.LINK, "separate")
@@ -366,7 +367,7 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
     """Per program: (backend, compiled collective / shape-free baseline fn / None, modes).
     Compiling is collective: every rank walks the same pairs in the same order."""
     out: dict[str, list[tuple[str, object, list[str]]]] = {}
-    # auto:registered runs in a group of its own (the same ranks): a group with a
+    # the :registered rows run in a group of their own (the same ranks): a group with a
     # registered pool runs the registered-input protocol on its large one-shot calls, and
     # the other backends' rows must not pay for it
     reg_group = None
@@ -387,13 +388,13 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
         elif be == "reference":
             obj = ref
         else:
-            if be == "auto:registered" and reg_group is None:
+            if be.endswith(":registered") and reg_group is None:
                 reg_group = dist.new_group(list(range(dist.get_world_size())))
             try:  # the same verdict on every rank: it depends on the program and machine
                 obj = mixcc_compile(prog, mesh, dtype=dtype,
                                     backend="auto" if be.startswith("auto") else "fused",
                                     algorithm=FUSED[be],
-                                    group=reg_group if be == "auto:registered" else None,
+                                    group=reg_group if be.endswith(":registered") else None,
                                     **cfg.get("fused_options", {}))
             except ValueError as e:
                 skipped.append(f"{be}: {e}")
@@ -590,7 +591,7 @@ def _measure(be: str, fn, mode: str, x: torch.Tensor, ref, expect: torch.Tensor 
     repeat_times."""
     baseline = be in baselines.BASELINES
     coll = ref if be == "reference" else fn
-    if be == "auto:registered":  # the same data, inside its group's registered pool
+    if be.endswith(":registered"):  # the same data, inside its group's registered pool
         from .buffers import empty
 
         x = empty(x.shape, x.dtype, group=fn.group).copy_(x)

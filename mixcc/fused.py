@@ -32,6 +32,7 @@ from .codegen.plan import (
     intra_cols,
     ll_auto,
     ll_cols,
+    ll_roles,
     ll_row_split,
     ll_safe,
     push_auto,
@@ -65,6 +66,14 @@ from .overlap import overlaps, overlaps_partly, same_elements
 # machines with more than two GPUs have not been measured: `mixcc tune` decides there).
 ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
 PUSH_MIN_BYTES = 32 << 20
+# In a group with a registered pool (mixcc.empty) auto keeps the one-shot up to
+# POOL_PUSH_MIN_BYTES: on a registered input it reads its peers in place, and with every
+# input in place its chunks after the first pass no barrier (templates/stage_kernel.cu.j2,
+# REG_CLIQUES). On two H200s (docs/PERF.md, eleventh session; allreduce bf16, us) it ran
+# 111.0 / 212.1 / 411.2 / 808.4 at 32 / 64 / 128 / 256 MiB against push's 117.5 / 217.2 /
+# 410.9 / 792.9; an ordinary input in such a group pays for it (the one-shot staged:
+# 118.6 / 222.5 at 32 / 64 MiB, 1-2% over push).
+POOL_PUSH_MIN_BYTES = 128 << 20
 # auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
 # reference backend where the group has NCCL, from these many bytes per rank:
 # - one rank per node, no fused epilogue (the kernel reads and writes in place: DIRECT in
@@ -359,13 +368,15 @@ class FusedRunner:
 
     def default_algorithm(self, i: int, nbytes: int) -> str:
         """auto's choice for intra stage i without a tuning-table entry (see
-        ONE_SHOT_MAX_BYTES_WIDE): LL up to LL_MAX_BYTES and push from PUSH_MIN_BYTES where
-        they were measured to win,
+        ONE_SHOT_MAX_BYTES_WIDE): LL up to LL_MAX_BYTES and push from PUSH_MIN_BYTES (in a
+        group with a registered pool from POOL_PUSH_MIN_BYTES) where they were measured to
+        win,
         the two-shot where a rank reads from several peers at a large size and the two-shot
         splits a reduction, else the one-shot."""
         if self._ll_auto[i] and nbytes <= LL_MAX_BYTES:
             return "ll"
-        if self._push_auto[i] and nbytes >= PUSH_MIN_BYTES:
+        if self._push_auto[i] and nbytes >= (PUSH_MIN_BYTES if self.rt.pool is None
+                                             else POOL_PUSH_MIN_BYTES):
             return "push"
         if self._push_width[i] > 1 and nbytes > ONE_SHOT_MAX_BYTES_WIDE \
                 and self._shares_reduction[i]:
@@ -385,12 +396,14 @@ class FusedRunner:
         return self._nccl_from is not None and nbytes >= self._nccl_from
 
     def _params(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
-                ) -> tuple[int, int, int, int]:
-        """(algorithm code, columns per block, chunks, blocks) for intra stage i; the same on
-        every rank for the same shape, as the barriers require. A tuning-table entry
-        decides when there is one; else default_algorithm. With `hidden` (a fused
+                ) -> tuple[int, int, int, int, int]:
+        """(algorithm code, columns per block, chunks, blocks, roles) for intra stage i; the
+        same on every rank for the same shape, as the barriers require. A tuning-table
+        entry decides when there is one; else default_algorithm. With `hidden` (a fused
         epilogue's row width, the last stage only) the one-shot on whole rows, or the
-        two-shot where algorithm='two_shot' asked for it (its result slots in fp32)."""
+        two-shot where algorithm='two_shot' asked for it (its result slots in fp32); on LL
+        its rows split over blocks (ll_row_split) or its output units on blocks of their
+        own (ll_roles, where one chunk holds every row)."""
         stage = self.stages[i][0]
         if hidden:
             algo = self._epilogue_algorithm(i, nbytes, hidden)
@@ -398,14 +411,20 @@ class FusedRunner:
             norms = sum(e.op == "rmsnorm" for e in self.epilogue)
             split = ll_row_split(stage, unit_elems // hidden, hidden, self.elem,
                                  self.max_blocks, norms) if algo == "ll" else 1
+            roles = ll_roles(stage) if algo == "ll" and split == 1 else 1
+            if 1 < roles <= self.max_blocks:
+                nblocks, n_chunks, c = row_grid(unit_elems, cols, hidden, self.elem,
+                                                self.max_blocks // roles)
+                if n_chunks == 1:
+                    return ALGORITHMS.index(algo), c, 1, nblocks * roles, roles
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks, split)
-            return ALGORITHMS.index(algo), cols, n_chunks, nblocks
+            return ALGORITHMS.index(algo), cols, n_chunks, nblocks, 1
         if self._ce_mode(i, nbytes):  # on the one-shot's grid: it runs where the CE cannot
             cols = intra_cols(stage, False, self.elem, self.rt.region_bytes)
             if cols >= self.vec:
                 nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, self.max_blocks)
-                return ALGO_CE, cols, n_chunks, nblocks
+                return ALGO_CE, cols, n_chunks, nblocks, 1
         choice = self._tuned(i, nbytes)
         if self.algorithm != "auto":
             algo = self.algorithm
@@ -456,7 +475,7 @@ class FusedRunner:
             if self.vec <= choice.chunk_cols <= cols:
                 cols = choice.chunk_cols // self.vec * self.vec
         nblocks, n_chunks, cols = grid(unit_elems, cols, self.elem, blocks, algo == "ll")
-        return ALGORITHMS.index(algo), cols, n_chunks, nblocks
+        return ALGORITHMS.index(algo), cols, n_chunks, nblocks, 1
 
     def _make_args(self, i: int, unit_elems: int, nbytes: int, hidden: int = 0
                    ) -> abi.LaunchArgs:
@@ -469,7 +488,8 @@ class FusedRunner:
         a.data_off, a.region_bytes, a.err = layout.DATA_OFFSET, self.rt.region_bytes, \
             self.rt.err_dev
         if isinstance(stage, IntraStage):
-            a.algo, a.cols, a.n_chunks, a.nblocks = self._params(i, unit_elems, nbytes, hidden)
+            a.algo, a.cols, a.n_chunks, a.nblocks, a.roles = self._params(i, unit_elems, nbytes,
+                                                                          hidden)
             return a
         cols = self._epilogue_cols(stage) if hidden else \
             hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
@@ -604,8 +624,9 @@ class FusedRunner:
         if unit_elems == 0:
             return None
         nbytes = x.numel() * self.elem
-        if self._ce_candidate(0, nbytes):
-            return None  # the copy-engine mode depends on a pool that may come later
+        if self._ce_candidate(0, nbytes) or (self._push_auto[0] and self.algorithm == "auto"
+                                             and PUSH_MIN_BYTES <= nbytes < POOL_PUSH_MIN_BYTES):
+            return None  # the copy engines and push depend on a pool that may come later
         a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
         pool_args = self._pool_args

@@ -22,7 +22,7 @@ sys.path[:0] = [os.path.join(HERE, "..", "tests", "gpu"), os.path.join(HERE, "..
 from gpu_helpers import ladder  # noqa: E402
 from gpu_helpers.ranks import env_int  # noqa: E402
 from test_block_cap_gpu import BLOCK_CAP_PROGRAM  # noqa: E402
-from test_epilogue_gpu import AR_AG, LAYER, QUANT, WORLD8  # noqa: E402
+from test_epilogue_gpu import AR_AG, LAYER, QUANT, STORE_AG, WORLD8  # noqa: E402
 from test_nan_gpu import MESHES, PROGRAMS  # noqa: E402
 
 
@@ -44,7 +44,8 @@ def main() -> None:
     extra += [(BLOCK_CAP_PROGRAM, [("dp", 2), ("tp", 4)], 8)]
     # the epilogue tests' programs (test_epilogue_gpu.py): two GPUs, and four ranks
     extra += [(LAYER, [("dp", 1), ("tp", 2)], 2), (QUANT, [("dp", 1), ("tp", 2)], 2),
-              (AR_AG, [("dp", 2), ("tp", 1)], 2)] if 2 in worlds else []
+              (AR_AG, [("dp", 2), ("tp", 1)], 2), (STORE_AG, [("dp", 2), ("tp", 1)], 2)] \
+        if 2 in worlds else []
     extra += [(prog, [("dp", 2), ("tp", 2)], rpn) for prog in (LAYER, AR_AG)
               for rpn in (4, 2)] + [(QUANT, [("dp", 1), ("tp", 4)], 4)] if 4 in worlds else []
     # the epilogue in the hierarchical kernel: the two GPUs as two nodes, two nodes of two

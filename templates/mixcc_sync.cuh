@@ -254,13 +254,15 @@ template <int MAX_RANKS, int MAX_BLOCKS>
 __device__ __forceinline__ bool block_barrier(unsigned* const* flags, int rank,
                                               const int* nbrs, int n_nbrs, int block,
                                               int stage, unsigned epoch, uint64_t timeout_ns,
-                                              ErrorRecord* err, unsigned fp) {
+                                              ErrorRecord* err, unsigned fp,
+                                              const int* skip = nullptr) {
   __shared__ int failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();  // all staging writes of this block precede the release below
   const int slot = (block * 2 + stage) * MAX_RANKS;
   const bool check = fp != 0 && stage == 0;
-  if ((int)threadIdx.x < n_nbrs) {
+  // *skip (shared, read after the __syncthreads above): the block alone, no neighbour
+  if ((int)threadIdx.x < n_nbrs && !(skip && *(const volatile int*)skip)) {
     const int p = nbrs[threadIdx.x];
     if (check)
       st_release_sys64(fp_words<MAX_RANKS, MAX_BLOCKS>(flags[p]) + block * MAX_RANKS + rank,

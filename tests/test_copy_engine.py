@@ -91,7 +91,7 @@ def test_auto_takes_the_copy_engines_for_copies_in_pool_groups_from_ce_min_bytes
     nblocks, n_chunks, cols = grid(unit_elems, cols, 2, layout.MAX_BLOCKS)
     # on the one-shot's grid: the kernel runs the one-shot in full where the copy
     # engines cannot (a rank whose input is not registered, or offsets that differ)
-    assert r._params(0, unit_elems, CE_MIN_BYTES) == (ALGO_CE, cols, n_chunks, nblocks)
+    assert r._params(0, unit_elems, CE_MIN_BYTES) == (ALGO_CE, cols, n_chunks, nblocks, 1)
     assert r._params(0, unit_elems, PUSH_MIN_BYTES)[0] == ALGO_CE
     assert r._params(0, unit_elems // 2, CE_MIN_BYTES // 2)[0] != ALGO_CE
     for other in (runner("allgather(dp)", [("dp", 2), ("tp", 1)], pool=False),

@@ -13,11 +13,12 @@ import torch
 import mixcc
 from mixcc import fused, tune
 from mixcc.codegen import layout
-from mixcc.codegen.plan import ll_cols, ll_row_split, row_grid
+from mixcc.codegen.plan import ll_cols, ll_roles, ll_row_split, row_grid
 from mixcc.fused import (
     HIER_NCCL_MIN_BYTES,
     HIER_STAGED_NCCL_MIN_BYTES,
     ONE_SHOT_MAX_BYTES_WIDE,
+    POOL_PUSH_MIN_BYTES,
     PUSH_MIN_BYTES,
     FusedRunner,
     block_cap,
@@ -57,7 +58,7 @@ def test_chunks_cover_every_column(unit_elems, dtype, workspace):
     for algorithm in ("auto", "one_shot", "two_shot", "push", "ll"):
         r.algorithm = algorithm
         for nbytes in (unit_elems * 2 * r.elem, 64 << 20):
-            algo, cols, n_chunks, nblocks = r._params(0, unit_elems, nbytes)
+            algo, cols, n_chunks, nblocks, _ = r._params(0, unit_elems, nbytes)
             assert cols % r.vec == 0 and cols > 0
             assert 1 <= nblocks <= layout.MAX_BLOCKS
             assert n_chunks * nblocks * cols >= unit_elems > (n_chunks - 1) * nblocks * cols
@@ -90,6 +91,15 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
         r2 = runner(prog, {"dp": 2, "tp": 1}, torch.bfloat16)
         assert r2._params(0, 1 << 24, PUSH_MIN_BYTES - 1)[0] == 0
         assert r2._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 2
+    # in a group with a registered pool the one-shot (inputs read in place) up to
+    # POOL_PUSH_MIN_BYTES; the eager fast path steps aside where the pool decides
+    pooled = runner("allreduce(tp)", {"tp": 2}, torch.bfloat16)
+    x = torch.empty(1 << 24, dtype=torch.bfloat16)
+    pooled.rt.pool = object()
+    assert pooled._params(0, 1 << 24, PUSH_MIN_BYTES)[0] == 0
+    assert pooled._params(0, 1 << 25, POOL_PUSH_MIN_BYTES - 1)[0] == 0
+    assert pooled._params(0, 1 << 26, POOL_PUSH_MIN_BYTES)[0] == 2
+    assert pooled.fast_call(x.view(-1, 4096), x.view(-1, 4096).shape) is None
     # a workspace too small for push's sender areas: auto (and a table's push) keep the
     # one-shot instead of raising; only algorithm="push" refuses
     tiny = layout.MIN_WORKSPACE_BYTES
@@ -120,7 +130,7 @@ def test_ll_up_to_its_size_where_it_can_run():
     for prog in ("allreduce(tp)", "reducescatter(tp)", "allgather(tp)"):
         two = runner(prog, {"tp": 2}, torch.bfloat16)
         assert two._params(0, 4096, 8192)[0] == 3
-        algo, cols, n_chunks, nblocks = two._params(0, 1 << 17, 1 << 18)
+        algo, cols, n_chunks, nblocks, _ = two._params(0, 1 << 17, 1 << 18)
         assert algo == 3 and n_chunks == 1 and nblocks * cols >= 1 << 17
         assert cols * 2 * two.elem * two.stages[0][0].push_schedule.slots <= \
             layout.sender_area_bytes(layout.LL_CHUNK_BYTES, 2)
@@ -135,7 +145,7 @@ def test_ll_up_to_its_size_where_it_can_run():
             two._params(0, 4096, 8192)
     # a large call on LL takes several chunks of the fixed LL area
     forced = runner("allreduce(tp)", {"tp": 2}, torch.float32, "ll")
-    algo, cols, n_chunks, nblocks = forced._params(0, 1 << 24, 1 << 26)
+    algo, cols, n_chunks, nblocks, _ = forced._params(0, 1 << 24, 1 << 26)
     assert algo == 3 and n_chunks > 1 and cols == ll_cols(forced.stages[0][0], forced.elem) == 1024
     # four ranks: not measured, the one-shot stays; algorithm="ll" runs it
     four = runner("allreduce(tp)", {"tp": 4}, torch.bfloat16)
@@ -238,7 +248,7 @@ def test_tuned_entry_decides_algorithm_blocks_and_chunk():
     nbytes = 7168 * 64 * 2
     entry = {(0, tune.bucket(nbytes)): tune.Choice("two_shot", 6, 1024)}
     r = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, tuned=entry)
-    algo, cols, n_chunks, nblocks = r._params(0, 7168 * 64, nbytes)
+    algo, cols, n_chunks, nblocks, _ = r._params(0, 7168 * 64, nbytes)
     assert (algo, nblocks) == (1, 6) and cols <= 1024
     assert n_chunks * nblocks * cols >= 7168 * 64
     # another size bucket has no entry: the heuristic (one-shot for small messages)
@@ -246,7 +256,7 @@ def test_tuned_entry_decides_algorithm_blocks_and_chunk():
     # a fixed algorithm or block cap still wins over the table
     forced = runner("allreduce(tp)", {"tp": 8}, torch.bfloat16, "one_shot", max_blocks=4,
                     tuned=entry)
-    algo, _, _, nblocks = forced._params(0, 7168 * 64, nbytes)
+    algo, _, _, nblocks, _ = forced._params(0, 7168 * 64, nbytes)
     assert (algo, nblocks) == (0, 4)
 
 
@@ -294,7 +304,7 @@ def test_epilogue_rows_decide_from_the_shape(dtype, hidden, fused):
     r = epi_runner(LAYER, {"dp": 1, "tp": 2}, dtype)
     assert bool(r.epilogue_hidden(torch.Size((5, hidden)), kw(5, hidden, dtype))) == fused
     if fused:  # whole rows: LL where its region holds a row (a small call), else the one-shot
-        algo, cols, chunks, blocks = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
+        algo, cols, chunks, blocks, roles = r._params(0, 5 * hidden, 5 * hidden * r.elem, hidden)
         ll = ll_cols(r.stages[0][0], r.elem, True)
         assert algo == (3 if hidden <= ll else 0)
         # whole rows (a block each): rows of 8 KiB and less are not split (ll_row_split)
@@ -329,7 +339,7 @@ def test_an_epilogue_runs_in_the_two_shot_when_asked_with_fp32_result_slots(dtyp
     assert r._params(last, unit, unit * r.elem, hidden)[0] == 0
     r.algorithm = "two_shot"
     assert slots > 0 and r.epilogue_hidden(torch.Size((rows, hidden)), kw(rows, hidden, dtype))
-    algo, cols, chunks, blocks = r._params(last, unit, unit * r.elem, hidden)
+    algo, cols, chunks, blocks, roles = r._params(last, unit, unit * r.elem, hidden)
     assert algo == 1 and cols % hidden == 0 and blocks * chunks * cols >= unit
     per_col = stage.lmap.in_units * r.elem + slots * 4
     most = r._epilogue_cols(stage)  # the region's columns: no fewer, no more
@@ -516,11 +526,58 @@ def test_rows_split_only_where_the_row_pass_exchanges_once():
     one = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
     assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128) == 2
     assert ll_row_split(one.stages[0][0], 1, 8192, 2, 128, norms=2) == 1
-    algo, cols, chunks, blocks = one._params(0, 8192, 8192 * 2, 8192)
-    assert (algo, cols, chunks, blocks) == (3, 4096, 1, 2)  # LL, a row over two blocks
+    algo, cols, chunks, blocks, roles = one._params(0, 8192, 8192 * 2, 8192)
+    assert (algo, cols, chunks, blocks, roles) == (3, 4096, 1, 2, 1)  # LL, a row over two blocks
     two = epi_runner("allreduce(tp); allgather(dp); add(res); rmsnorm(w)", {"dp": 2, "tp": 1}, BF)
     assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128) == 1
-    algo, cols, chunks, blocks = two._params(0, 8192, 8192 * 2, 8192)
-    assert algo == 3 and cols >= 8192  # LL, whole rows
+    algo, cols, chunks, blocks, roles = two._params(0, 8192, 8192 * 2, 8192)
+    assert algo == 3 and cols >= 8192  # LL, whole rows (each output unit on a block of its own)
     norms2 = epi_runner(LAYER + "; rmsnorm(w)", {"dp": 1, "tp": 2}, BF)
     assert norms2._params(0, 8192, 8192 * 2, 8192)[1] >= 8192
+
+
+def test_output_units_get_blocks_of_their_own_in_one_ll_chunk():
+    """plan.ll_roles: allreduce + allgather on dp=2,tp=1 puts each of a rank's two output
+    units on blocks of its own (two per row) when the call fits one LL chunk; a grid that
+    needs more chunks, the one-shot, and programs of one output unit keep roles 1; the
+    role masks close the push table (render.push_table)."""
+    from mixcc.codegen.render import push_table
+    from mixcc.codegen.schedule import role_sends
+
+    prog = "allreduce(tp); allgather(dp); add(res); rmsnorm(w)"
+    two = epi_runner(prog, {"dp": 2, "tp": 1}, BF)
+    st = two.stages[0][0]
+    assert ll_roles(st) == 2
+    for rows in (1, 3, 16):
+        assert two._params(0, 4096 * rows, 4096 * rows * 2, 4096)[2:] == (1, 2 * rows, 2)
+    # 1024 rows of 128: one chunk still (64 rows per block), 32 blocks per unit
+    assert two._params(0, 128 * 1024, 128 * 1024 * 2, 128)[2:] == (1, 64, 2)
+    # past LL's size the one-shot: no roles
+    assert two._params(0, 8192 * 64, 8192 * 64 * 2, 8192)[::4] == (0, 1)
+    # rank 0 sends its unit from its entry-0 block; rank 1 from its entry-1 block
+    assert role_sends(st.push_schedule) == (((0,), ()), ((), (0,)))
+    flat, offsets, _ = push_table(st.push_schedule)
+    assert flat[offsets[1] - 2:offsets[1]] == [1, 0] and flat[-2:] == [0, 1]
+    one = epi_runner(LAYER, {"dp": 1, "tp": 2}, BF)
+    assert ll_roles(one.stages[0][0]) == 1
+    assert one._params(0, 4096, 8192, 4096)[4] == 1
+
+
+def test_roles_never_split_an_in_place_call_between_blocks():
+    """Where input and output units match in number (a call may run in place), no entry's
+    block may read the input unit another entry's block writes: two ranks, two units,
+    out[j] = in[j] summed over the ranks keeps blocks per unit; out[j] = in[1 - j] (each
+    entry's block would read the unit the other's writes) does not."""
+    from mixcc.codegen.schedule import TERM_INPUT, TERM_SLOT, PushRank, PushSchedule
+
+    def stage(swap: bool) -> SimpleNamespace:
+        ranks = []
+        for r in range(2):
+            sends = ((1 - r, 0, 0, 0), (1 - r, 1, 0, 1))
+            pairs = ((0, 1), (1, 0)) if swap else ((0, 0), (1, 1))  # (out unit, in unit)
+            reduce = tuple((j, ((TERM_INPUT, u, 0, 1), (TERM_SLOT, 0, u, 1))) for j, u in pairs)
+            ranks.append(PushRank((1 - r,), (1 - r,), sends, reduce, True))
+        return SimpleNamespace(push_schedule=PushSchedule(2, 2, tuple(ranks)))
+
+    assert ll_roles(stage(False)) == 2
+    assert ll_roles(stage(True)) == 1

@@ -38,6 +38,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("fp", "unsigned int"),  # debug mode: this call's fingerprint (0: off; mixcc/debug.py)
     ("pool_peers", "char* const*"),  # registered pool base of every rank (0: none)
     ("in_off", "long long"),  # one-shot: 0, or 1 + the input's offset in my pool / 16
+    ("roles", "int"),  # LL: blocks per column chunk, one per output unit (0, 1: one in all)
     ("epi_h", "long long"),  # fused epilogue: the row width (0: off; mixcc/ops.py)
     *((f"epi{i}", "const void*") for i in range(6)),  # its tensors, by slot (ops.EPI_SLOTS)
 )

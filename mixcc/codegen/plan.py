@@ -22,7 +22,7 @@ from ..ir.nodes import Op
 from . import layout
 from .hier import HierSchedule
 from .linear_map import LinearMap
-from .schedule import PushSchedule, Schedule
+from .schedule import TERM_INPUT, PushSchedule, Schedule, role_sends
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,25 @@ def ll_cols(stage: IntraStage, elem: int, rows: bool = False) -> int:
     return area // (stage.push_schedule.slots * 2 * elem) // vec * vec
 
 
+def cliques(stage: IntraStage) -> bool:
+    """Whether the one-shot's ranks form cliques (each rank's neighbours plus itself are the
+    same set for all of them), so that every member of a clique sees every member's
+    registered-input word and all of them take the same path: the copy engines
+    (ce_safe), or the one-shot's chunks without barriers when every input lies in its
+    pool (templates/stage_kernel.cu.j2, REG_CLIQUES)."""
+    ranks = stage.schedules["one_shot"].ranks
+    groups = [frozenset((r, *rs.neighbors)) for r, rs in enumerate(ranks)]
+    return all(len(g) > 1 and all(groups[p] == g for p in g) for g in groups)
+
+
 def ce_safe(stage: IntraStage) -> bool:
     """Whether the copy engines may move this stage (docs/DESIGN.md, "Copy engines"): a
     pure copy (every output unit is one input unit with coefficient 1: an allgather) among
-    ranks that form cliques (each rank's one-shot neighbours plus itself are the same set
-    for all of them), so that every member of a clique sees every member's
-    registered-input word and all of them take the same path."""
-    lmap, ranks = stage.lmap, stage.schedules["one_shot"].ranks
+    ranks that form cliques."""
+    lmap = stage.lmap
     if any(len(terms) != 1 or terms[0][2] != 1 for unit in lmap.out_units for terms in unit):
         return False
-    groups = [frozenset((r, *rs.neighbors)) for r, rs in enumerate(ranks)]
-    return all(len(g) > 1 and all(groups[p] == g for p in g) for g in groups)
+    return cliques(stage)
 
 
 def ce_copies(stage: IntraStage, rank: int, unit_bytes: int) -> tuple[tuple[int, ...], ...]:
@@ -248,6 +256,31 @@ def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_block
     return n
 
 
+def ll_roles(stage: IntraStage) -> int:
+    """Blocks per chunk of columns in the LL kernel's fused epilogue: one per output unit
+    (reduce entry) of a rank, each sending what its consumers' same entry reads
+    (schedule.role_sends) and running that entry's row pass (docs/DESIGN.md, "Output units
+    over blocks"); or 1, every block holding all of them. More than one where every rank
+    has the same number n > 1 of entries, at most 31 sends (the role masks' bits), and a
+    call in place cannot race: where input and output units match in number (the only
+    shape that runs in place), no entry's block reads the input unit that another entry's
+    block writes. The host runs it only in one chunk (a block that reads nothing from a
+    peer would otherwise run a chunk ahead of it: the LL sets' order holds between calls,
+    through the kernel's end, docs/DESIGN.md)."""
+    sched = stage.push_schedule
+    n = {len(r.reduce) for r in sched.ranks}
+    if len(n) != 1 or min(n) < 2 or any(len(r.sends) > 31 for r in sched.ranks):
+        return 1
+    if sched.in_units == min(n):
+        for pr, roles in zip(sched.ranks, role_sends(sched), strict=True):
+            for i, (j, _) in enumerate(pr.reduce):
+                for i2, (_, terms) in enumerate(pr.reduce):
+                    if i2 != i and ((TERM_INPUT, j) in {t[:2] for t in terms} or
+                                    any(pr.sends[k][1] == j for k in roles[i2])):
+                        return 1
+    return min(n)
+
+
 def row_grid(unit_elems: int, cols: int, hidden: int, elem: int, max_blocks: int,
              split: int = 1) -> tuple[int, int, int]:
     """grid() for a fused epilogue: the same, but every chunk holds whole rows of `hidden`
@@ -290,13 +323,16 @@ class Plan:
                              "two-rank stages it can run, here "
                              f"{'yes' if ll_auto(st) else 'no'}; else one_shot; two_shot past 1 "
                              "MiB where a rank reads several peers; push from "
-                             "fused.PUSH_MIN_BYTES in two-rank stages that push can run, here "
+                             "fused.PUSH_MIN_BYTES (fused.POOL_PUSH_MIN_BYTES in a group "
+                             "with a registered pool) in two-rank stages that push can run, here "
                              f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
                              "fused.CE_MIN_BYTES for copies in a group with a registered "
                              "pool (mixcc.empty) when every input lies in it at one offset, "
                              f"here {'yes' if i == 0 and ce_safe(st) else 'no'} (first "
                              "stages only); a fused epilogue runs in "
-                             "ll (small calls whose rows fit its region) or the one-shot, or "
+                             "ll (small calls whose rows fit its region; its output units "
+                             "on blocks of their own in one chunk, here "
+                             f"{'yes' if ll_roles(st) > 1 else 'no'}) or the one-shot, or "
                              "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
                              "\"Intra-node algorithms\"")
                 if elem:

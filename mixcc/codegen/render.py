@@ -15,8 +15,8 @@ from .. import ops
 from ..paths import templates_dir
 from . import abi, layout
 from .hier import hier_table
-from .plan import HierStage, IntraStage, Stage
-from .schedule import PushSchedule, Schedule
+from .plan import HierStage, IntraStage, Stage, cliques, ll_roles
+from .schedule import PushSchedule, Schedule, role_sends
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 OP_ENUMS = {"sum": "kSum", "max": "kMax", "min": "kMin"}
@@ -53,11 +53,14 @@ def schedule_table(sched: Schedule) -> tuple[list[int], list[int], int]:
 def push_table(sched: PushSchedule) -> tuple[list[int], list[int], int]:
     """(flat int table, per-rank offsets, max terms) of a push schedule, as the template's
     push kernel reads it: [n_dst, dsts.., n_src, srcs.., n_send, {dst, unit, area, slot} x
-    n_send, n_reduce, {out unit, n_terms, {kind, a, b, coef} x n_terms} x n_reduce]."""
+    n_send, n_reduce, {out unit, n_terms, {kind, a, b, coef} x n_terms} x n_reduce, role
+    masks x n_reduce]: bit k of entry i's mask says that the LL kernel's block of entry i
+    sends send k where output units have blocks of their own (schedule.role_sends; all 0
+    for ranks of more than 31 sends, which plan.ll_roles keeps off that path)."""
     flat: list[int] = []
     offsets = []
     max_terms = 1
-    for pr in sched.ranks:
+    for pr, roles in zip(sched.ranks, role_sends(sched), strict=True):
         offsets.append(len(flat))
         flat += [len(pr.dsts), *pr.dsts, len(pr.srcs), *pr.srcs, len(pr.sends)]
         for send in pr.sends:
@@ -68,6 +71,7 @@ def push_table(sched: PushSchedule) -> tuple[list[int], list[int], int]:
             for term in terms:
                 flat += list(term)
             max_terms = max(max_terms, len(terms))
+        flat += [sum(1 << k for k in ks) if len(pr.sends) <= 31 else 0 for ks in roles]
     return flat, offsets, max_terms
 
 
@@ -151,7 +155,8 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     scheds.append({"name": "Push", "table": _ints(flat), "offsets": _ints(offsets),
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
-        schedules=scheds, **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)
+        schedules=scheds, ll_roles=ll_roles(stage), reg_cliques=cliques(stage),
+        **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)
 
 
 def _epilogue_ctx(epilogue: tuple, vec: int) -> dict:

@@ -181,6 +181,26 @@ class PushSchedule:
         return "\n".join(lines)
 
 
+def role_sends(sched: PushSchedule) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """Per rank, per reduce entry i: the indices of the rank's sends that its consumers'
+    entry i reads. Where each output unit has blocks of its own (plan.ll_roles), the block
+    of entry i sends these, into the regions of its consumers' blocks of entry i (a send
+    that several entries read goes to each of their blocks)."""
+    out = []
+    for pr in sched.ranks:
+        per = []
+        for i in range(len(pr.reduce)):
+            need = []
+            for k, (dst, _, area, slot) in enumerate(pr.sends):
+                theirs = sched.ranks[dst].reduce
+                if i < len(theirs) and (TERM_SLOT, area, slot) in \
+                        {t[:3] for t in theirs[i][1]}:
+                    need.append(k)
+            per.append(tuple(need))
+        out.append(tuple(per))
+    return tuple(out)
+
+
 def push_area(src: int, dst: int, world: int) -> int:
     """The index of sender `src`'s area in consumer `dst`'s push region (layout.py)."""
     return (src - dst - 1) % world

@@ -148,10 +148,11 @@ def split_task(rank: int, world: int, case_list: list[tuple]) -> None:
                              backend="fused", algorithm=algorithm)
         x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
         r = coll._fused_runner(x)
-        algo, cols, chunks, blocks = r._params(0, rows * hidden, x.nbytes, hidden)
+        algo, cols, chunks, blocks, roles = r._params(0, rows * hidden, x.nbytes, hidden)
         split = 2 if hidden * x.element_size() >= 16 << 10 else 1
         assert ALGORITHMS[algo] == "ll" and (cols, chunks, blocks)[1:] == (1, rows * split) \
-            and (split == 1 or cols == hidden // split), (rank, hidden, rows, cols, blocks)
+            and (split == 1 or cols == hidden // split) and roles == 1, \
+            (rank, hidden, rows, cols, blocks)
     epilogue_task(rank, world, case_list)
 
 
@@ -165,3 +166,81 @@ def test_two_gpus_split_rows(spawn_ranks) -> None:
     todo = [(prog, [("dp", 1), ("tp", 2)], None, rows, hidden, dtype, rows == 3, "auto")
             for prog in (LAYER, QUANT) for hidden, dtype in shapes for rows in (1, 3, 16)]
     spawn_ranks(split_task, 2, todo, gpus=p.gpus)
+
+
+def roles_task(rank: int, world: int, case_list: list[tuple]) -> None:
+    """epilogue_task, and each case's LL grid holds every output unit on blocks of its own
+    (plan.ll_roles: two per row on dp=2,tp=1)."""
+    import mixcc
+    from mixcc.fused import ALGORITHMS
+
+    from tasks import DTYPES
+
+    for program, axes, _, rows, hidden, dtype_name, _, algorithm in case_list:
+        coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=DTYPES[dtype_name],
+                             backend="fused", algorithm=algorithm)
+        x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
+        r = coll._fused_runner(x)
+        algo, _, chunks, blocks, roles = r._params(0, rows * hidden, x.nbytes, hidden)
+        assert (ALGORITHMS[algo], chunks, blocks, roles) == ("ll", 1, 2 * rows, 2), \
+            (rank, hidden, rows, ALGORITHMS[algo], chunks, blocks, roles)
+    epilogue_task(rank, world, case_list)
+
+
+def test_two_gpus_output_units_on_blocks(spawn_ranks) -> None:
+    """LL's row pass with each output unit on blocks of its own (allreduce + allgather on
+    dp=2,tp=1: one block sends this rank's rows and normalises them, another normalises
+    the peer's as they arrive): 4096- and 8192-wide bf16, 8192 fp16 and 4096 fp32 rows, 1,
+    3 and 16 of them, graph replay at 3; as auto runs them at these sizes."""
+    p = Placement(2, 2)
+    shapes = [(4096, "bfloat16"), (8192, "bfloat16"), (8192, "float16"), (4096, "float32")]
+    todo = [(AR_AG, [("dp", 2), ("tp", 1)], None, rows, hidden, dtype, rows == 3, "auto")
+            for hidden, dtype in shapes for rows in (1, 3, 16)]
+    spawn_ranks(roles_task, 2, todo, gpus=p.gpus)
+
+
+STORE_AG = "allgather(dp); add(residual); store(residual); rmsnorm(weight)"
+
+
+def mixed_paths_task(rank: int, world: int, cfg: dict) -> None:
+    """Rank 0 runs the plain LL kernel on the epilogue's grid (FusedRunner.
+    epilogue_fallback, as a rank whose tensors alias does), rank 1 the statements in the
+    kernel: both on the grid with output units on blocks of their own. Rank 0's gathered
+    rows, rank 1's output and stored residual against a float64 oracle."""
+    import torch.distributed as dist
+
+    import mixcc
+
+    rows, hidden, dtype = cfg["rows"], cfg["hidden"], torch.bfloat16
+    coll = mixcc.compile(STORE_AG, mixcc.Mesh({"dp": 2, "tp": 1}), dtype=dtype,
+                         backend="fused")
+    g = torch.Generator().manual_seed(7 + rank)
+    xs = torch.randn(rows, hidden, generator=g).to(dtype)
+    rs = (torch.randn(2 * rows, hidden, generator=g) * 0.5).to(dtype)
+    w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    allx = [torch.empty_like(xs, device="cuda") for _ in range(world)]
+    dist.all_gather(allx, xs.cuda())
+    gathered = torch.cat([t.cpu() for t in allx])
+    x = xs.cuda()
+    runner = coll._fused_runner(x)
+    _, _, chunks, blocks, roles = runner._params(0, rows * hidden, x.nbytes, hidden)
+    assert (chunks, blocks, roles) == (1, 2 * rows, 2), (chunks, blocks, roles)
+    if rank == 0:
+        y = runner.epilogue_fallback(x, coll.output_shape(x.shape), hidden)
+        torch.cuda.synchronize()
+        assert torch.equal(y.cpu(), gathered), "rank 0: the plain kernel's rows differ"
+        return
+    r = rs.cuda()
+    out = coll(x, residual=r, weight=w.cuda())
+    torch.cuda.synchronize()
+    v = gathered.double() + rs.double()
+    want = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + 1e-6) * w.double()
+    assert torch.equal(r.cpu(), v.to(dtype)), "rank 1: residual differs"
+    err = (out.cpu().double() - want).abs().max().item()
+    assert err <= 2 ** -7 * want.abs().max().item(), f"rank 1: output off by {err}"
+
+
+def test_two_gpus_output_units_on_blocks_mixed_paths(spawn_ranks) -> None:
+    p = Placement(2, 2)
+    for rows in (1, 3):
+        spawn_ranks(mixed_paths_task, 2, {"rows": rows, "hidden": 4096}, gpus=p.gpus)

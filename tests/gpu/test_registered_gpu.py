@@ -1,8 +1,9 @@
 """Registered buffers on two GPUs (issue 14, item 3): an input from mixcc.empty is read in
 place by the one-shot (no staging copy) from REG_MIN_BYTES per rank, staged below it, and
 gives the same bits as an ordinary input, with different offsets on the two ranks,
-several chunks, graph replay with new data, inputs rewritten right after each call, in
-place; a closed runtime's buffer is refused."""
+several chunks (with every input in place, the chunks after the first pass no barrier),
+one rank's input registered and the other's not, graph replay with new data, inputs
+rewritten right after each call, in place; a closed runtime's buffer is refused."""
 
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ def registered_task(rank: int, world: int) -> None:
         y = x.clone()
         assert torch.equal(coll(x, out=x), staged) and torch.equal(x, staged)  # in place
         x.copy_(y)
+
+    # one rank's input registered, the other's an ordinary tensor: the chunks after the
+    # first keep their barriers on both (a rank reads the other's staged region)
+    x = mixcc.empty((big, 1024), torch.bfloat16)
+    x.copy_(fresh(big))
+    assert torch.equal(coll(x if rank == 0 else x.clone()), exact(x)), (rank, "mixed")
 
     # rewritten right after each call: the last barrier keeps peers from reading new data
     x = mixcc.empty((big, 1024), torch.bfloat16)
