@@ -51,8 +51,8 @@ def _bench_error(capsys, *argv: str) -> str:
      "reducescatter_allreduce) nor a program such as 'allreduce(tp)'; "
      "did you mean 'allreduce_allgather'?"),
     (["--backend", "bogus"], "--backend 'bogus' is not one of auto, auto:registered, fused, "
-                             "fused:one_shot, fused:two_shot, fused:push, fused:ll, reference, "
-                             "nccl1, symm_one_shot, "
+                             "fused:one_shot, fused:two_shot, fused:push, fused:ll, "
+                             "fused:one_shot:registered, reference, nccl1, symm_one_shot, "
                              "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
                              "peer_copy, separate"),
     (["--backend", "fused:three_shot"], "did you mean 'fused:two_shot'?"),
@@ -367,7 +367,8 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("comma list of auto, auto:registered, fused, fused:one_shot, fused:two_shot, "
-            "fused:push, fused:ll, reference, nccl1, symm_one_shot, symm_two_shot, "
+            "fused:push, fused:ll, fused:one_shot:registered, reference, nccl1, "
+            "symm_one_shot, symm_two_shot, "
             "symm_one_shot_nocopy, symm_two_shot_nocopy, peer_copy, separate") in text
     for b in bench.BACKENDS:
         try:
@@ -446,9 +447,10 @@ def test_combined_presets_compare_with_separate_nccl1_and_reference():
     bench.add_ratios(rows)
     assert [(r.best, round(r.ratio, 4)) for r in rows] == [
         ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
-    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 7 + [True] * 8
-    assert bench.BACKENDS[:7] == ("auto", "auto:registered", "fused", "fused:one_shot",
-                                  "fused:two_shot", "fused:push", "fused:ll")
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 8 + [True] * 8
+    assert bench.BACKENDS[:8] == ("auto", "auto:registered", "fused", "fused:one_shot",
+                                  "fused:two_shot", "fused:push", "fused:ll",
+                                  "fused:one_shot:registered")
 
 
 def test_rows_round_trip_through_json_and_plot_titles(tmp_path):

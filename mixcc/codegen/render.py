@@ -155,7 +155,8 @@ def render_stage(stage: Stage, dtype: torch.dtype, epilogue: tuple = ()) -> str:
     scheds.append({"name": "Push", "table": _ints(flat), "offsets": _ints(offsets),
                    "max_terms": max_terms})
     return _env().get_template("stage_kernel.cu.j2").render(
-        schedules=scheds, ll_roles=ll_roles(stage), reg_cliques=cliques(stage),
+        schedules=scheds, ll_roles=ll_roles(stage) if epilogue else 1,
+        reg_cliques=cliques(stage),
         **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)
 
 
