@@ -347,6 +347,14 @@ class FusedRunner:
         copy-engine mode once its group has a registered pool (CE_MIN_BYTES)."""
         return self.algorithm == "auto" and self._ce_safe[i] and nbytes >= CE_MIN_BYTES
 
+    def _pool_decides(self, i: int, nbytes: int) -> bool:
+        """Whether auto's kernel for intra stage i at `nbytes` per rank depends on whether
+        the group has a registered pool (which may come later): the copy-engine mode, or
+        the one-shot in place of push below POOL_PUSH_MIN_BYTES (default_algorithm)."""
+        return self._ce_candidate(i, nbytes) or (
+            self.algorithm == "auto" and self._push_auto[i]
+            and PUSH_MIN_BYTES <= nbytes < POOL_PUSH_MIN_BYTES)
+
     def _ce_mode(self, i: int, nbytes: int) -> bool:
         """Whether auto runs intra stage i of a call with `nbytes` per rank in the
         copy-engine mode: a candidate, in a group with a pool of one size on every rank;
@@ -624,9 +632,8 @@ class FusedRunner:
         if unit_elems == 0:
             return None
         nbytes = x.numel() * self.elem
-        if self._ce_candidate(0, nbytes) or (self._push_auto[0] and self.algorithm == "auto"
-                                             and PUSH_MIN_BYTES <= nbytes < POOL_PUSH_MIN_BYTES):
-            return None  # the copy engines and push depend on a pool that may come later
+        if self._pool_decides(0, nbytes):
+            return None  # the kernel depends on a pool that may come later
         a = self._cached_args(0, unit_elems, nbytes)
         ref, launch, rt, device = ctypes.byref(a), lib.mixcc_launch, self.rt, self.device
         pool_args = self._pool_args
