@@ -417,14 +417,17 @@ class FusedRunner:
             algo = self._epilogue_algorithm(i, nbytes, hidden)
             cols = self._epilogue_cols(stage, algo)
             norms = sum(e.op == "rmsnorm" for e in self.epilogue)
-            split = ll_row_split(stage, unit_elems // hidden, hidden, self.elem,
-                                 self.max_blocks, norms) if algo == "ll" else 1
-            roles = ll_roles(stage) if algo == "ll" and split == 1 else 1
+            rows = unit_elems // hidden
+            roles = ll_roles(stage) if algo == "ll" else 1
             if 1 < roles <= self.max_blocks:
+                split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks, norms,
+                                     roles)
                 nblocks, n_chunks, c = row_grid(unit_elems, cols, hidden, self.elem,
-                                                self.max_blocks // roles)
+                                                self.max_blocks // roles, split)
                 if n_chunks == 1:
                     return ALGORITHMS.index(algo), c, 1, nblocks * roles, roles
+            split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks,
+                                 norms) if algo == "ll" else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks, split)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks, 1

@@ -529,9 +529,13 @@ def test_rows_split_only_where_the_row_pass_exchanges_once():
     algo, cols, chunks, blocks, roles = one._params(0, 8192, 8192 * 2, 8192)
     assert (algo, cols, chunks, blocks, roles) == (3, 4096, 1, 2, 1)  # LL, a row over two blocks
     two = epi_runner("allreduce(tp); allgather(dp); add(res); rmsnorm(w)", {"dp": 2, "tp": 1}, BF)
-    assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128) == 1
-    algo, cols, chunks, blocks, roles = two._params(0, 8192, 8192 * 2, 8192)
-    assert algo == 3 and cols >= 8192  # LL, whole rows (each output unit on a block of its own)
+    assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128) == 1  # a block holds both units
+    # each output unit on blocks of its own: one unit per block, so its rows split too
+    assert ll_row_split(two.stages[0][0], 1, 8192, 2, 128, roles=2) == 2
+    assert ll_row_split(two.stages[0][0], 32, 8192, 2, 128, roles=2) == 2
+    assert ll_row_split(two.stages[0][0], 33, 8192, 2, 128, roles=2) == 1  # 132 blocks
+    assert two._params(0, 8192, 8192 * 2, 8192) == (3, 4096, 1, 4, 2)
+    assert two._params(0, 8192 * 3, 8192 * 6, 8192) == (3, 4096, 1, 12, 2)
     norms2 = epi_runner(LAYER + "; rmsnorm(w)", {"dp": 1, "tp": 2}, BF)
     assert norms2._params(0, 8192, 8192 * 2, 8192)[1] >= 8192
 

@@ -233,7 +233,7 @@ ROW_SPLIT_MIN_BYTES = 16 << 10
 
 
 def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_blocks: int,
-                 norms: int = 1) -> int:
+                 norms: int = 1, roles: int = 1) -> int:
     """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): for
     rows of at least ROW_SPLIT_MIN_BYTES, as many as the plain LL call spreads a row over
     (its chunk's columns per block, ll_cols), at most layout.ROW_SPLIT_MAX, each holding
@@ -243,15 +243,17 @@ def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_block
     call's quarter rows (docs/PERF.md, ninth session); the split rows' blocks then add
     their sums of squares through the workspace, which costs part of that back.
     Only where the row pass exchanges sums once per kernel (the slots and their tag serve
-    one exchange): one output unit per rank and at most one rmsnorm statement (`norms`)."""
-    if norms > 1 or any(len(r.reduce) != 1 for r in stage.push_schedule.ranks):
+    one exchange): one output unit per block (one per rank, or `roles` > 1: ll_roles, each
+    unit's rows on blocks of their own, `roles` x the blocks in the grid) and at most one
+    rmsnorm statement (`norms`)."""
+    if norms > 1 or any(len(r.reduce) != roles for r in stage.push_schedule.ranks):
         return 1
     if hidden * elem < ROW_SPLIT_MIN_BYTES:
         return 1
     vec = max(1, 16 // elem)
     cols = ll_cols(stage, elem)
     n = min(layout.ROW_SPLIT_MAX, -(-hidden // cols)) if cols > 0 else 1
-    while n > 1 and (hidden % n or hidden // n % vec or rows * n > max_blocks):
+    while n > 1 and (hidden % n or hidden // n % vec or rows * n * roles > max_blocks):
         n -= 1
     return n
 

@@ -19,6 +19,10 @@ import pytest
 import torch
 from gpu_helpers.ranks import Placement
 
+# two ranks on two GPUs (NCCL), and on one GPU under MPS (gloo), for the LL grids' tests
+TWO_RANKS = [pytest.param(Placement(2, 2), id="w2-2gpu"),
+             pytest.param(Placement(2, 1), id="w2-1gpu-mps")]
+
 LAYER = "allreduce(tp); add(residual); store(residual); rmsnorm(weight)"
 QUANT = LAYER + "; quant(fp8_e4m3, scale)"
 AR_AG = "allreduce(tp); allgather(dp); add(residual); rmsnorm(weight, eps=1e-5)"
@@ -135,33 +139,41 @@ def test_four_ranks_one_gpu_mps(spawn_ranks, rpn: int) -> None:
     spawn_ranks(epilogue_task, 4, todo, gpus=1, nvshmem=rpn < 4)
 
 
-def split_task(rank: int, world: int, case_list: list[tuple]) -> None:
-    """epilogue_task, and the LL grid of each case splits its rows of 16 KiB over two
-    blocks (plan.ll_row_split), smaller rows not."""
+def ll_grid(case: tuple) -> tuple[str, int, int, int, int, int]:
+    """(algorithm, columns, chunks, blocks, roles, split) of an epilogue case's first
+    launch as this rank's runner plans it; split: the blocks a row of 16 KiB takes."""
     import mixcc
     from mixcc.fused import ALGORITHMS
 
     from tasks import DTYPES
 
-    for program, axes, _, rows, hidden, dtype_name, _, algorithm in case_list:
-        coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=DTYPES[dtype_name],
-                             backend="fused", algorithm=algorithm)
-        x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
-        r = coll._fused_runner(x)
-        algo, cols, chunks, blocks, roles = r._params(0, rows * hidden, x.nbytes, hidden)
-        split = 2 if hidden * x.element_size() >= 16 << 10 else 1
-        assert ALGORITHMS[algo] == "ll" and (cols, chunks, blocks)[1:] == (1, rows * split) \
-            and (split == 1 or cols == hidden // split) and roles == 1, \
-            (rank, hidden, rows, cols, blocks)
+    program, axes, _, rows, hidden, dtype_name, _, algorithm = case
+    coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=DTYPES[dtype_name],
+                         backend="fused", algorithm=algorithm)
+    x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
+    algo, cols, chunks, blocks, roles = coll._fused_runner(x)._params(
+        0, rows * hidden, x.nbytes, hidden)
+    split = 2 if hidden * x.element_size() >= 16 << 10 else 1
+    return ALGORITHMS[algo], cols, chunks, blocks, roles, split
+
+
+def split_task(rank: int, world: int, case_list: list[tuple]) -> None:
+    """epilogue_task, and the LL grid of each case splits its rows of 16 KiB over two
+    blocks (plan.ll_row_split), smaller rows not."""
+    for case in case_list:
+        rows, hidden = case[3], case[4]
+        algo, cols, chunks, blocks, roles, split = ll_grid(case)
+        assert (algo, chunks, blocks, roles) == ("ll", 1, rows * split, 1) \
+            and (split == 1 or cols == hidden // split), (rank, hidden, rows, cols, blocks)
     epilogue_task(rank, world, case_list)
 
 
-def test_two_gpus_split_rows(spawn_ranks) -> None:
+@pytest.mark.parametrize("p", TWO_RANKS)
+def test_two_ranks_split_rows(spawn_ranks, p: Placement) -> None:
     """LL's row pass with rows split over two blocks (the sums of squares through the
     rank's workspace): 8192-wide bf16 / fp16 and 4096-wide fp32 rows, 1, 3 and 16 of them,
     graph replay at 3, and 4096-wide bf16 rows (whole); out of place, as auto runs them
     at these sizes."""
-    p = Placement(2, 2)
     shapes = [(8192, "bfloat16"), (8192, "float16"), (4096, "float32"), (4096, "bfloat16")]
     todo = [(prog, [("dp", 1), ("tp", 2)], None, rows, hidden, dtype, rows == 3, "auto")
             for prog in (LAYER, QUANT) for hidden, dtype in shapes for rows in (1, 3, 16)]
@@ -170,29 +182,24 @@ def test_two_gpus_split_rows(spawn_ranks) -> None:
 
 def roles_task(rank: int, world: int, case_list: list[tuple]) -> None:
     """epilogue_task, and each case's LL grid holds every output unit on blocks of its own
-    (plan.ll_roles: two per row on dp=2,tp=1)."""
-    import mixcc
-    from mixcc.fused import ALGORITHMS
-
-    from tasks import DTYPES
-
-    for program, axes, _, rows, hidden, dtype_name, _, algorithm in case_list:
-        coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=DTYPES[dtype_name],
-                             backend="fused", algorithm=algorithm)
-        x = torch.zeros(rows, hidden, dtype=DTYPES[dtype_name], device="cuda")
-        r = coll._fused_runner(x)
-        algo, _, chunks, blocks, roles = r._params(0, rows * hidden, x.nbytes, hidden)
-        assert (ALGORITHMS[algo], chunks, blocks, roles) == ("ll", 1, 2 * rows, 2), \
-            (rank, hidden, rows, ALGORITHMS[algo], chunks, blocks, roles)
+    (plan.ll_roles: two per row on dp=2,tp=1), rows of 16 KiB split over two blocks each
+    (plan.ll_row_split: four per row)."""
+    for case in case_list:
+        rows, hidden = case[3], case[4]
+        algo, cols, chunks, blocks, roles, split = ll_grid(case)
+        assert (algo, chunks, blocks, roles, cols) == \
+            ("ll", 1, 2 * split * rows, 2, hidden // split), \
+            (rank, hidden, rows, algo, chunks, blocks, roles, cols)
     epilogue_task(rank, world, case_list)
 
 
-def test_two_gpus_output_units_on_blocks(spawn_ranks) -> None:
+@pytest.mark.parametrize("p", TWO_RANKS)
+def test_two_ranks_output_units_on_blocks(spawn_ranks, p: Placement) -> None:
     """LL's row pass with each output unit on blocks of its own (allreduce + allgather on
     dp=2,tp=1: one block sends this rank's rows and normalises them, another normalises
     the peer's as they arrive): 4096- and 8192-wide bf16, 8192 fp16 and 4096 fp32 rows, 1,
-    3 and 16 of them, graph replay at 3; as auto runs them at these sizes."""
-    p = Placement(2, 2)
+    3 and 16 of them, graph replay at 3; as auto runs them at these sizes (rows of 16 KiB
+    over two blocks per unit, their sums of squares exchanged)."""
     shapes = [(4096, "bfloat16"), (8192, "bfloat16"), (8192, "float16"), (4096, "float32")]
     todo = [(AR_AG, [("dp", 2), ("tp", 1)], None, rows, hidden, dtype, rows == 3, "auto")
             for hidden, dtype in shapes for rows in (1, 3, 16)]
@@ -218,13 +225,14 @@ def mixed_paths_task(rank: int, world: int, cfg: dict) -> None:
     xs = torch.randn(rows, hidden, generator=g).to(dtype)
     rs = (torch.randn(2 * rows, hidden, generator=g) * 0.5).to(dtype)
     w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
-    allx = [torch.empty_like(xs, device="cuda") for _ in range(world)]
-    dist.all_gather(allx, xs.cuda())
-    gathered = torch.cat([t.cpu() for t in allx])
+    allx = [torch.empty_like(xs) for _ in range(world)]
+    dist.all_gather(allx, xs)  # CPU tensors: gloo, on either placement
+    gathered = torch.cat(allx)
     x = xs.cuda()
     runner = coll._fused_runner(x)
     _, _, chunks, blocks, roles = runner._params(0, rows * hidden, x.nbytes, hidden)
-    assert (chunks, blocks, roles) == (1, 2 * rows, 2), (chunks, blocks, roles)
+    split = 2 if hidden * x.element_size() >= 16 << 10 else 1  # plan.ll_row_split
+    assert (chunks, blocks, roles) == (1, 2 * split * rows, 2), (chunks, blocks, roles)
     if rank == 0:
         y = runner.epilogue_fallback(x, coll.output_shape(x.shape), hidden)
         torch.cuda.synchronize()
@@ -240,7 +248,9 @@ def mixed_paths_task(rank: int, world: int, cfg: dict) -> None:
     assert err <= 2 ** -7 * want.abs().max().item(), f"rank 1: output off by {err}"
 
 
-def test_two_gpus_output_units_on_blocks_mixed_paths(spawn_ranks) -> None:
-    p = Placement(2, 2)
-    for rows in (1, 3):
-        spawn_ranks(mixed_paths_task, 2, {"rows": rows, "hidden": 4096}, gpus=p.gpus)
+@pytest.mark.parametrize("p", TWO_RANKS)
+def test_two_ranks_output_units_on_blocks_mixed_paths(spawn_ranks, p: Placement) -> None:
+    """The plain kernel against the statements on one grid: rows of 4096 whole, and of
+    8192 split over two blocks per output unit."""
+    for rows, hidden in ((1, 4096), (3, 4096), (1, 8192), (3, 8192)):
+        spawn_ranks(mixed_paths_task, 2, {"rows": rows, "hidden": hidden}, gpus=p.gpus)
