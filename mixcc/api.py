@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import debug, fused, nvshmem, ops, torch_ops
+from . import debug, fused, nvshmem, ops, precision, torch_ops
 from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
@@ -18,7 +18,7 @@ from .ir.nodes import IR
 from .ir.parser import parse
 from .ir.passes import optimize
 from .mesh import Mesh
-from .overlap import overlaps_partly
+from .overlap import overlaps, overlaps_partly
 from .presets import resolve
 from .reference import ReferenceRunner
 
@@ -102,9 +102,9 @@ class Collective:
                    + self._epilogue_kernel()
                    + f"(rows kept whole per block) for rows of at most {ops.EPI_MAX_HIDDEN} "
                    "elements in 16-byte packs whose workspace region holds a row, with "
-                   "named tensors of x's dtype (misaligned ones through aligned copies); "
-                   "otherwise, or where a stored tensor aliases x or another named tensor, "
-                   "as torch ops after the kernels")
+                   "named tensors of x's dtype (misaligned or aliasing ones through "
+                   "copies); otherwise as torch ops after the kernels, from their fp32 "
+                   "result")
             epi = ("\nepilogue: " + "; ".join(str(e) for e in self.ir.epilogue)
                    + f" (row-wise in fp32 after the last stage; the reference backend runs "
                    f"it as torch ops; {how})")
@@ -117,7 +117,9 @@ class Collective:
             + self.plan.describe(elem, self.options["workspace_bytes"],
                                  self.options["symmetric_bytes"],
                                  self.options["pipeline_depth"])
-            + epi
+            + epi + "\n"
+            + precision.explain(self.plan, self.optimized_ir, self.options,
+                                fused.hier_nccl_min_bytes(self.plan, self.ir.epilogue))
         )
 
     # -- calls ------------------------------------------------------------------
@@ -238,8 +240,11 @@ class Collective:
                     "torch.distributed.init_process_group before running a collective"
                 )
             y = x.clone()
-        else:
+        elif x.is_cuda:  # NCCL: its own order, in the dtype (explain says so)
             y = self._reference.run(x)
+        else:  # gloo: in fp32 where the program sums 16-bit values, rounded once
+            y = self._reference.run(precision.accumulation_input(x, self.optimized_ir))
+            y = y.to(x.dtype)
         if out is None:
             return y.reshape(shape)
         out.copy_(y.reshape(shape))
@@ -266,14 +271,13 @@ class Collective:
             if hidden:  # the last stage's grid keeps rows whole, on every rank
                 if out is None:
                     out = torch.empty(shape, dtype=out_dtype, device=x.device)
-                res = runner.epilogue_call(x, out, shape, hidden, tensors)
-                if res is not None:  # fused into the kernel
-                    return res
-                y = runner.epilogue_fallback(x, shape, hidden)  # aliasing: torch ops
-            else:
-                y = runner(x, None, shape)
+                return runner.epilogue_call(x, out, shape, hidden, tensors)
+            # the torch ops below start from the collective's fp32 result (one rounding)
+            xw = precision.accumulation_input(x, self.optimized_ir)
+            y = self._fused_runner(xw)(xw, None, shape)
         else:
-            y = self._execute(x, None, backend, shape)
+            y = self._execute(precision.accumulation_input(x, self.optimized_ir), None,
+                              backend, shape)
         res = ops.run_epilogue(y, self.ir.epilogue, tensors, out_dtype)
         if out is None:
             return res
@@ -326,6 +330,15 @@ class Collective:
                     if other is not None and overlaps_partly(t, other):
                         raise ValueError(f"{e.name} (written by {e}) overlaps {what} "
                                          f"partially: pass {what} itself or a separate tensor")
+        stored: list[tuple[str, object]] = []  # (name, statement) of each store so far
+        for e in self.ir.epilogue:
+            if ops.EPILOGUES[e.op].writes:
+                stored.append((e.name, e))
+                continue
+            for name, st in stored:  # fused kernels read every tensor before any store
+                if name != e.name and overlaps(tensors[name], tensors[e.name]):
+                    raise ValueError(f"{e.name} (read by {e}) overlaps {name}, which {st} "
+                                     "writes before it: pass separate tensors")
 
     def _fused_runner(self, x: torch.Tensor) -> fused.FusedRunner:
         runner = self._fused.get(x.dtype)
@@ -393,6 +406,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
     multicast: bool = False,
     debug: bool | None = None,
     abort_on_error: bool | None = None,
+    batch_invariant: bool | None = None,
 ) -> Collective:
     """Compile `program` (text or preset name) for `mesh` over `group` (default WORLD).
 
@@ -414,6 +428,10 @@ def compile(  # noqa: A001 - the public name the contract asks for
     `multicast=True` asks for the NVLink multicast transport: it is refused when
     NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 or NVSHMEM_DISABLE_NVLS=1
     is set, and is not built otherwise; mixcc never creates a multicast object.
+    `batch_invariant` (default: MIXCC_BATCH_INVARIANT) makes the fused backend's results
+    bitwise independent of the number of rows, the algorithm, the chunking, the blocks and
+    the placement of ranks on nodes; auto then never hands a sum to NCCL (docs/DESIGN.md,
+    "Precision").
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -434,7 +452,8 @@ def compile(  # noqa: A001 - the public name the contract asks for
     if rows is not None:
         check_rows(ir, rows, text)
     optimized = optimize(ir, mesh)
-    plan = lower(optimized, mesh)
+    batch_invariant = precision.batch_invariant_enabled(batch_invariant)
+    plan = lower(optimized, mesh, batch_invariant)
     options = {
         "workspace_bytes": workspace_bytes,
         "algorithm": algorithm,
@@ -445,6 +464,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
         "multicast": multicast,
         "debug": debug,
         "abort_on_error": abort_on_error,
+        "batch_invariant": batch_invariant,
     }
     coll = Collective(text, mesh, ir, optimized, plan, dtype=dtype, group=group,
                       backend=backend, options=options)

@@ -257,6 +257,9 @@ class FusedRunner:
     """The fused kernels of one collective for one dtype, bound to the shared runtime
     (and to NVSHMEM when a stage crosses nodes)."""
 
+    batch_invariant = False  # options["batch_invariant"] (set in __init__)
+    _invariant_sums = False  # batch_invariant and the plan sums: never NCCL
+
     def __init__(self, plan: Plan, mesh, group: dist.ProcessGroup | None, options: dict,
                  dtype: torch.dtype, program: str = "", epilogue: tuple = ()):
         from .runtime import _POOLS, abort_enabled, get_runtime, native
@@ -304,6 +307,10 @@ class FusedRunner:
         self._ce_init()
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
         self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue)
+        # batch_invariant: no sum on NCCL, no LL row split (docs/DESIGN.md, "Precision")
+        self.batch_invariant = bool(options.get("batch_invariant"))
+        self._invariant_sums = self.batch_invariant and any(
+            st.coll in ("allreduce", "reducescatter") and st.redop == "sum" for st in plan.steps)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)
@@ -396,7 +403,7 @@ class FusedRunner:
         backend (NCCL): the tuning table's entry for this size says so, or, without one,
         nbytes reaches hier_nccl_min_bytes. Only on an NCCL group (the reference backend
         cannot run CUDA tensors on gloo)."""
-        if not self._nccl or self.algorithm != "auto":
+        if not self._nccl or self.algorithm != "auto" or self._invariant_sums:
             return False
         choice = self._tuned(0, nbytes)
         if choice is not None:
@@ -420,14 +427,14 @@ class FusedRunner:
             rows = unit_elems // hidden
             roles = ll_roles(stage) if algo == "ll" else 1
             if 1 < roles <= self.max_blocks:
-                split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks, norms,
-                                     roles)
+                split = 1 if self.batch_invariant else ll_row_split(
+                    stage, rows, hidden, self.elem, self.max_blocks, norms, roles)
                 nblocks, n_chunks, c = row_grid(unit_elems, cols, hidden, self.elem,
                                                 self.max_blocks // roles, split)
                 if n_chunks == 1:
                     return ALGORITHMS.index(algo), c, 1, nblocks * roles, roles
-            split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks,
-                                 norms) if algo == "ll" else 1
+            split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks, norms) \
+                if algo == "ll" and not self.batch_invariant else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks, split)
             return ALGORITHMS.index(algo), cols, n_chunks, nblocks, 1
@@ -587,8 +594,8 @@ class FusedRunner:
         a = self._cached_args(i, unit_elems, nbytes, hidden)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
         # the fused epilogue's row width; without its tensors on the epilogue's grid of a
-        # kernel with fp32 result slots, -1: the slots its peers read, no statements
-        # (epilogue_fallback)
+        # kernel with fp32 result slots, -1: the slots, no statements (no caller launches
+        # that since aliasing tensors go through copies in epilogue_call)
         a.epi_h = hidden if epi is not None else (-1 if hidden and self._fp32_slots(i) else 0)
         for j, t in enumerate(epi or ()):
             setattr(a, f"epi{j}", t.data_ptr())
@@ -761,50 +768,53 @@ class FusedRunner:
         two-shot's and the hierarchical kernel's owners (docs/DESIGN.md, "Epilogues")."""
         return isinstance(self.stages[i][0], HierStage) or self.algorithm == "two_shot"
 
-    def epilogue_fallback(self, x: torch.Tensor, shape: torch.Size, hidden: int
-                          ) -> torch.Tensor:
-        """The collective's output for a rank whose tensors alias (epilogue_call gave
-        None; the caller runs the torch ops on it), on the epilogue's grid as its peers:
-        the plain one-shot, or a kernel with fp32 result slots (its peers read them;
-        such a kernel is wide only, so a misaligned x goes through an aligned copy)."""
-        if self._fp32_slots(len(self.stages) - 1) and x.data_ptr() & 15:
-            x = x.clone()  # the allocator aligns it
-        return self(x, None, shape, hidden)
-
     def epilogue_call(self, x: torch.Tensor, out: torch.Tensor, shape: torch.Size,
-                      hidden: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+                      hidden: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the program with its epilogue inside the last stage's kernel (after
-        epilogue_hidden gave `hidden`); returns out, or None where the tensors alias in a
-        way the kernel cannot honour: a stored tensor overlapping x or another named
-        tensor (the kernel loads named tensors ahead of the statements; a peer may still
-        read a registered x), or a named tensor partly overlapping out (other blocks
-        write out while this one reads). A tensor that is not contiguous or not 16-byte
-        aligned goes through an aligned copy (and back, where the kernel writes it)."""
+        epilogue_hidden gave `hidden`); returns out. The kernel loads every named tensor
+        before its statements write, so a tensor it cannot use in place goes through an
+        aligned copy: one that is not contiguous or not 16-byte aligned, one partly
+        overlapping out, and a stored one overlapping x or another named tensor (a peer may
+        still read a registered x). Copies that the kernel writes go back in the order of
+        their last store, then out's copy where one of them overlapped out: the state the
+        statements run one after another leave (api checks that no statement reads what an
+        earlier store wrote through another name)."""
         writes, scales = self._epi_writes, self._epi_scales
         named = [(n, tensors[n]) for n in self._epi_slots]
-        for n, t in named:
-            if n in writes and (overlaps(t, x) or any(overlaps(t, u) for m, u in named if m != n)):
-                return None
-            if overlaps_partly(t, out):
-                return None
-        back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        last = {e.name: i for i, e in enumerate(self.epilogue) if ops.EPILOGUES[e.op].writes}
+        back: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (order, copy, target)
 
-        def aligned(t: torch.Tensor, written: bool) -> torch.Tensor:
-            if t.is_contiguous() and not t.data_ptr() & 15:
-                return t
+        def copy(t: torch.Tensor, order: int | None) -> torch.Tensor:
             c = t.clone(memory_format=torch.contiguous_format)  # the allocator aligns it
-            if written:
-                back.append((c, t))
+            if order is not None:  # written by the kernel: back after the call
+                back.append((order, c, t))
             return c
 
-        xa = aligned(x, False)
-        oa = xa if same_elements(out, x) else aligned(out, True)
+        def aligned(t: torch.Tensor, order: int | None) -> torch.Tensor:
+            return t if t.is_contiguous() and not t.data_ptr() & 15 else copy(t, order)
+
+        out_order = len(self.epilogue)  # out is written after every statement
+        xa = aligned(x, None)
+        oa = xa if same_elements(out, x) else aligned(out, out_order)
         if oa is xa and xa is not x:
-            back.append((xa, x))  # in place through the copy
-        slots = [t if n in scales else (oa if same_elements(t, out) else aligned(t, n in writes))
-                 for n, t in named]
+            back.append((out_order, xa, x))  # in place through the copy
+        slots = []
+        for n, t in named:
+            if n in scales:
+                slots.append(t)
+            elif n in writes and (overlaps(t, x) or overlaps_partly(t, out) or any(
+                    overlaps(t, u) for m, u in named if m != n)):
+                if overlaps_partly(t, out) and oa is out:
+                    oa = copy(out, out_order)  # out's elements must land after this copy's
+                slots.append(copy(t, last[n]))
+            elif same_elements(t, out):
+                slots.append(oa)
+            elif overlaps_partly(t, out):
+                slots.append(copy(t, None))
+            else:
+                slots.append(aligned(t, last.get(n) if n in writes else None))
         self(xa, oa, shape, hidden, slots)
-        for c, t in back:
+        for _, c, t in sorted(back, key=lambda e: e[0]):
             t.copy_(c)
         return out
 

@@ -41,6 +41,12 @@ __device__ __forceinline__ Pack<T, N> load_cg(const T* p) {
   if constexpr (sizeof(Pack<T, N>) == 16) {
     int4 q = __ldcg(reinterpret_cast<const int4*>(p));
     r = *reinterpret_cast<Pack<T, N>*>(&q);
+  } else if constexpr (sizeof(Pack<T, N>) % 16 == 0) {  // e.g. 8 fp32 values: 16 bytes at a time
+    int4 q[sizeof(Pack<T, N>) / 16];
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(Pack<T, N>) / 16); ++i)
+      q[i] = __ldcg(reinterpret_cast<const int4*>(p) + i);
+    memcpy(&r, q, sizeof(r));
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) {

@@ -367,6 +367,9 @@ def test_sym_layout_struct_matches_layout():
         assert re.search(rf"\b{name} = {getattr(layout, name)};", text), name
     (st0,) = stages("allreduce_allgather", {"dp": 2, "tp": 2}, rpn=2)
     src = render_stage(st0, torch.bfloat16)
-    assert text in src and "mixcc::nvs::SymWorkspace<SymLayout, T>" in src
+    assert text in src and "mixcc::nvs::SymWorkspace<SymLayout, PartT>" in src
+    assert "using PartT = __nv_bfloat16;" in src  # a node's part is a final by itself
+    (st1,) = stages("allreduce(tp*dp)", {"dp": 2, "tp": 2}, rpn=2)
+    assert "using PartT = float;" in render_stage(st1, torch.bfloat16)  # parts are added
     one_node = render_stage(stages("allreduce(tp)", {"tp": 2})[0], torch.bfloat16)
     assert "SymWorkspace" not in one_node

@@ -76,9 +76,15 @@ def parse_rank(flat: list[int], t: int, nodes: int) -> tuple[dict, int]:
             "recv": recv}, t
 
 
-def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray],
-                   cols: int) -> list[np.ndarray]:
-    """Outputs of every rank (n_out x cols), NaN where the tables never write."""
+def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray], cols: int,
+                   part=None, final=None) -> list[np.ndarray]:
+    """Outputs of every rank (n_out x cols), NaN where the tables never write. Arithmetic
+    in the inputs' dtype (float32 inputs: the kernel's fp32 accumulation, term by term);
+    `part` and `final`, when given, round each reduced part and each final's share as the
+    kernel stores them (its part type, its output dtype)."""
+    dt = rank_inputs[0].dtype
+    part = part or (lambda a: a)
+    final = final or (lambda a: a)
     flat, offsets, max_terms, max_src = hier_table(sched)
     world, nodes, L, redop = len(offsets), sched.nodes, sched.local, sched.redop
     assert world == nodes * L
@@ -118,8 +124,8 @@ def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray],
                     assert s // L == n, f"rank {r} (node {n}) reduces rank {s} of another node"
                     assert s == r or s in tab["nbrs"], f"rank {r} reads rank {s} unsynced"
                     acc = _reduce(acc, rank_inputs[s][unit, lo:hi], coef, redop)
-                slot = np.full(cols, np.nan)
-                slot[lo:hi] = acc
+                slot = np.full(cols, np.nan, dtype=dt)
+                slot[lo:hi] = part(acc)
                 sent[r][(m, k)] = slot
 
     # 2. transfer: rank (n, i) puts its parts for node m to rank (m, i) (rail-aligned)
@@ -151,8 +157,9 @@ def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray],
         for f, srcs in enumerate(tab["finals"]):
             assert 0 < len(srcs) <= max_src, f"rank {r} final {f}: {len(srcs)} sources"
             src_nodes = [nn for nn, _ in srcs]
-            assert src_nodes == sorted(set(src_nodes)), \
+            assert src_nodes == sorted(src_nodes), \
                 f"rank {r} final {f}: sources not in node order: {srcs}"
+            assert len(set(srcs)) == len(srcs), f"rank {r} final {f}: a source twice: {srcs}"
             acc = None
             for nn, k in srcs:
                 if nn == n:
@@ -163,8 +170,8 @@ def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray],
                     assert k in recv[r][nn], f"rank {r} final {f} reads missing slot {k}"
                     part = recv[r][nn][k]
                 acc = _reduce(acc, part[lo:hi], 1, redop)
-            slot = np.full(cols, np.nan)
-            slot[lo:hi] = acc
+            slot = np.full(cols, np.nan, dtype=dt)
+            slot[lo:hi] = final(acc)
             res.append(slot)
         results.append(res)
 
@@ -172,7 +179,7 @@ def run_hier_table(sched: HierSchedule, rank_inputs: list[np.ndarray],
     outs = []
     for r, tab in enumerate(tabs):
         n = r // L
-        out = np.full((len(tab["out"]), cols), np.nan)
+        out = np.full((len(tab["out"]), cols), np.nan, dtype=dt)
         for j, f in enumerate(tab["out"]):
             for k in range(L):
                 peer = n * L + k

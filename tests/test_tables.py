@@ -27,7 +27,7 @@ def run_table(flat, offsets, rank_inputs, n_out, redop, cols):
     """Outputs of every rank (n_out x cols), NaN where the tables never write."""
     world = len(offsets)
     nvec = cols // VEC
-    outs = [np.full((n_out, cols), np.nan) for _ in range(world)]
+    outs = [np.full((n_out, cols), np.nan, dtype=rank_inputs[0].dtype) for _ in range(world)]
     slots = [dict() for _ in range(world)]
     gathers, nbrs = [], []
 
@@ -58,7 +58,7 @@ def run_table(flat, offsets, rank_inputs, n_out, redop, cols):
             if kind == DST_OUT:
                 outs[r][dst, lo:hi] = acc
             else:
-                slots[r].setdefault(dst, np.full(cols, np.nan))[lo:hi] = acc
+                slots[r].setdefault(dst, np.full(cols, np.nan, dtype=acc.dtype))[lo:hi] = acc
         gathers.append(t)
     for r in range(world):  # phase 2: gathers (after the second barrier)
         t = gathers[r]
@@ -98,7 +98,8 @@ def run_push_table(flat, offsets, rank_inputs, n_out, redop, cols, slots):
             tasks.append((j, [flat[t + 2 + 4 * k : t + 6 + 4 * k] for k in range(nt)]))
             t += 2 + 4 * nt
         parsed.append((dsts, srcs, sends, tasks))
-    regions = [np.full((world - 1, slots, cols), np.nan) for _ in range(world)]
+    regions = [np.full((world - 1, slots, cols), np.nan, dtype=rank_inputs[0].dtype)
+               for _ in range(world)]
     writer: list[dict[int, int]] = [{} for _ in range(world)]
     for r, (dsts, _, sends, _) in enumerate(parsed):  # phase 1: pushes
         for dst, unit, area, slot in sends:
@@ -112,7 +113,7 @@ def run_push_table(flat, offsets, rank_inputs, n_out, redop, cols, slots):
             assert r in parsed[p][1], f"{r} pushes to {p}, which does not wait for it"
         for p in srcs:
             assert r in parsed[p][0], f"{r} waits for {p}, which does not push to it"
-    outs = [np.full((n_out, cols), np.nan) for _ in range(world)]
+    outs = [np.full((n_out, cols), np.nan, dtype=rank_inputs[0].dtype) for _ in range(world)]
     for r, (_, srcs, _, tasks) in enumerate(parsed):  # phase 2: reduce from local memory
         src_of = writer[r]
         for j, terms in tasks:

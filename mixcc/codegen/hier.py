@@ -90,13 +90,24 @@ class HierSchedule:
         return "\n".join(lines)
 
 
-def hier_schedule(lmap: LinearMap, mesh: Mesh) -> HierSchedule:
-    """The hierarchical schedule of `lmap` on `mesh` (nodes of mesh.ranks_per_node ranks)."""
+def hier_schedule(lmap: LinearMap, mesh: Mesh, split_terms: bool = False) -> HierSchedule:
+    """The hierarchical schedule of `lmap` on `mesh` (nodes of mesh.ranks_per_node ranks).
+
+    `split_terms` (batch-invariant plans): every term is a part of its own, so no node
+    pre-reduces its terms and each final combines all of its terms in table order, the
+    order of a one-node kernel (docs/DESIGN.md, "Precision")."""
     world, local = lmap.world_size, mesh.ranks_per_node
     nodes = world // local
 
     def node_of(r: int) -> int:
         return r // local
+
+    def pieces(terms: tuple[Term, ...], n: int) -> list[tuple[Term, ...]]:
+        """The parts of a final's terms that node n sends (in term order)."""
+        sub = tuple(t for t in terms if node_of(t[0]) == n)
+        if split_terms:
+            return [(t,) for t in sub]
+        return [sub] if sub else []
 
     # distinct finals per node, in sorted order (the same on every rank of the node)
     finals = [sorted({u for r in range(m * local, (m + 1) * local) for u in lmap.out_units[r]})
@@ -109,10 +120,10 @@ def hier_schedule(lmap: LinearMap, mesh: Mesh) -> HierSchedule:
     for m in range(nodes):
         for terms in finals[m]:
             for n in range(nodes):
-                sub = tuple(t for t in terms if node_of(t[0]) == n)
-                if sub and sub not in slot[n][m]:
-                    slot[n][m][sub] = len(parts[n][m])
-                    parts[n][m].append(sub)
+                for sub in pieces(terms, n):
+                    if sub not in slot[n][m]:
+                        slot[n][m][sub] = len(parts[n][m])
+                        parts[n][m].append(sub)
     ranks = []
     for r in range(world):
         n = node_of(r)
@@ -128,8 +139,7 @@ def hier_schedule(lmap: LinearMap, mesh: Mesh) -> HierSchedule:
                     row.append(Part(terms=sub))
             sends.append(tuple(row))
         fin = tuple(
-            tuple((nn, slot[nn][n][sub]) for nn in range(nodes)
-                  if (sub := tuple(t for t in terms if node_of(t[0]) == nn)))
+            tuple((nn, slot[nn][n][sub]) for nn in range(nodes) for sub in pieces(terms, nn))
             for terms in finals[n])
         index = {terms: f for f, terms in enumerate(finals[n])}
         out = tuple(index[u] for u in lmap.out_units[r])

@@ -74,9 +74,11 @@ def _crosses_nodes(lmap: LinearMap, mesh: Mesh) -> bool:
                for src, _, _ in terms)
 
 
-def lower(ir: IR, mesh: Mesh) -> Plan:
+def lower(ir: IR, mesh: Mesh, batch_invariant: bool = False) -> Plan:
     """Lower the optimised IR to a plan: fused stages (one per run of ops sharing a
-    reduction; hierarchical where the run's map crosses nodes) and reference steps."""
+    reduction; hierarchical where the run's map crosses nodes) and reference steps.
+    `batch_invariant`: hierarchical stages combine every term in the one-node order
+    (hier_schedule's split_terms)."""
     one_node = mesh.num_nodes == 1 or all(op.scope == "intra" for op in ir.ops)
     steps: list[Step] = []
     for op in ir.ops:
@@ -86,7 +88,7 @@ def lower(ir: IR, mesh: Mesh) -> Plan:
     for redop, ops in phases(ir.ops):
         lmap = linear_map(ops, mesh, units, redop)
         if mesh.num_nodes > 1 and _crosses_nodes(lmap, mesh):
-            stages.append(HierStage(ops, lmap, hier_schedule(lmap, mesh)))
+            stages.append(HierStage(ops, lmap, hier_schedule(lmap, mesh, batch_invariant)))
             one_node = False
         else:
             stages.append(IntraStage(ops, lmap, {"one_shot": one_shot(lmap),

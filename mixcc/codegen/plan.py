@@ -180,6 +180,21 @@ def share_cap(cols: int, elem: int, local: int) -> int:
     return -(-(cols // vec) // local) * vec
 
 
+def part_elem(stage: HierStage, elem: int, epilogue: bool = False) -> int:
+    """Bytes per element of the parts a hierarchical stage sends between nodes: 4 (fp32)
+    where a part sums (or scales) terms of a 16-bit dtype and is then added to other parts
+    or handed to a fused epilogue, so that every output is rounded once (docs/DESIGN.md,
+    "Precision"); else the dtype's own (a part that is a final by itself is rounded once
+    either way)."""
+    h = stage.hier
+    if elem >= 4 or h.redop != "sum":
+        return elem
+    reduces = any(len(p.terms) > 1 or any(c != 1 for _, _, c in p.terms)
+                  for rs in h.ranks for row in rs.sends for p in row)
+    combines = any(len(srcs) > 1 for rs in h.ranks for srcs in rs.finals)
+    return 4 if reduces and (combines or epilogue) else elem
+
+
 def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int,
               result_elem: int = 0) -> int:
     """The largest chunk width (multiple of 16 bytes) whose staging and result slots fit an
@@ -192,14 +207,15 @@ def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: 
     # one rank per node and no fp32 result slots: the kernel reads its input and writes its
     # output in place (templates/hier_kernel.cu.j2, DIRECT), the IPC region holds nothing
     direct = h.local == 1 and not result_elem
+    pe = part_elem(stage, elem, bool(result_elem))
 
     def fits(cols: int) -> bool:
         sc = share_cap(cols, elem, h.local)
         ipc = 0 if direct else h.in_units * cols * elem + h.max_finals * sc * (result_elem or elem)
-        sym = 2 * h.nodes * h.max_parts * sc * elem
+        sym = 2 * h.nodes * h.max_parts * sc * pe
         return ipc <= region_bytes and sym <= sym_region_bytes
 
-    lo, hi = 0, (sym_region_bytes if direct else region_bytes // h.in_units) // elem // vec
+    lo, hi = 0, (sym_region_bytes // pe if direct else region_bytes // h.in_units // elem) // vec
     while lo < hi:  # the largest packs count that fits (fits() is monotone)
         mid = (lo + hi + 1) // 2
         if fits(mid * vec):

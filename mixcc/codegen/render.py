@@ -15,7 +15,7 @@ from .. import ops
 from ..paths import templates_dir
 from . import abi, layout
 from .hier import hier_table
-from .plan import HierStage, IntraStage, Stage, cliques, ll_roles
+from .plan import HierStage, IntraStage, Stage, cliques, ll_roles, part_elem
 from .schedule import PushSchedule, Schedule, role_sends
 
 CTYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
@@ -181,4 +181,6 @@ def render_hier(stage: HierStage, dtype: torch.dtype, epilogue: tuple = ()) -> s
     return _env().get_template("hier_kernel.cu.j2").render(
         table=_ints(flat), offsets=_ints(offsets), max_terms=max_terms, max_src=max_src,
         local=h.local, nodes=h.nodes, max_parts=h.max_parts, max_nodes=layout.MAX_NODES,
+        part_ctype="float" if part_elem(stage, 16 // ctx["vec"], bool(epilogue)) == 4
+        else ctx["ctype"],
         sym_layout=sym_layout_struct(), **_epilogue_ctx(epilogue, ctx["vec"]), **ctx)
