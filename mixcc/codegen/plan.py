@@ -225,30 +225,27 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = Fals
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
-# Rows below this many bytes keep one block each in the LL kernel's fused epilogue: at
-# 4096 bf16 (8 KiB) rows over two blocks ran the layer's epilogue no faster and with quant
-# 1.1-1.3 us slower than whole rows; at 8192 (16 KiB) 0.2-1.6 us faster, from 1 to 16 rows
-# (two H200s, docs/PERF.md, tenth session). Widths in between were not measured.
+# Rows below this many bytes keep one block each in the LL kernel's fused epilogue (the
+# built-in rule; per setup: the tables' ROW_SPLIT_MIN_BYTES, mixcc/tuning/defaults).
 ROW_SPLIT_MIN_BYTES = 16 << 10
 
 
 def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_blocks: int,
-                 norms: int = 1, roles: int = 1) -> int:
+                 norms: int = 1, roles: int = 1, min_bytes: int | None = ROW_SPLIT_MIN_BYTES
+                 ) -> int:
     """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): for
-    rows of at least ROW_SPLIT_MIN_BYTES, as many as the plain LL call spreads a row over
+    rows of at least `min_bytes` (None: never), as many as the plain LL call spreads a row over
     (its chunk's columns per block, ll_cols), at most layout.ROW_SPLIT_MAX, each holding
     whole packs of an equal part, while every row's blocks fit the grid; else 1 (a block
-    per row). A block that holds a whole row of 8192 bf16 sends and receives 32 KiB of
-    lines alone: its polls ended 3.1 us after its sends against 1.1 us for the plain
-    call's quarter rows (docs/PERF.md, ninth session); the split rows' blocks then add
-    their sums of squares through the workspace, which costs part of that back.
+    per row). A block that holds a whole row sends and receives all its lines alone; the
+    split rows' blocks add their sums of squares through the workspace instead.
     Only where the row pass exchanges sums once per kernel (the slots and their tag serve
     one exchange): one output unit per block (one per rank, or `roles` > 1: ll_roles, each
     unit's rows on blocks of their own, `roles` x the blocks in the grid) and at most one
     rmsnorm statement (`norms`)."""
     if norms > 1 or any(len(r.reduce) != roles for r in stage.push_schedule.ranks):
         return 1
-    if hidden * elem < ROW_SPLIT_MIN_BYTES:
+    if min_bytes is None or hidden * elem < min_bytes:
         return 1
     vec = max(1, 16 // elem)
     cols = ll_cols(stage, elem)

@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from . import launch, mps, tune
-from .codegen.plan import IntraStage
-from .mesh import Mesh
+from .. import launch, mps, tune
+from ..codegen.plan import IntraStage
+from ..mesh import Mesh
 
 # Columns per block and chunk: the widest that fits (64 KiB of bf16 in the default
 # workspace), 16384 or 8192. The middle one was added for push, whose chunk decides its
@@ -87,7 +87,7 @@ def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
 def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: list[int],
                  choice: tune.Choice | None, cfg: dict) -> float:
     """Seconds per call with `choice` forced on every stage (None: the heuristic)."""
-    from .bench import _max_over_ranks, repeat_times
+    from ..bench import _max_over_ranks, repeat_times
 
     runner.tuned = {} if choice is None else {
         (i, tune.bucket(b)): choice for i, b in enumerate(per_stage)}
@@ -103,7 +103,7 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     """Body of every rank (see the module docstring)."""
     import mixcc
 
-    from .bench import DTYPES
+    from ..bench import DTYPES
 
     mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
     dtype = DTYPES[cfg["dtype"]]
