@@ -146,17 +146,130 @@ def auto_algorithm(th: Thresholds, traits: AutoTraits, nbytes: int, pool: bool =
     return "one_shot"
 
 
-def hier_nccl_min_bytes(plan: Plan, epilogue: tuple, th: Thresholds) -> int | None:
-    """Bytes per rank from which auto without a tuning-table entry runs the plan on NCCL,
-    or None (never): one-node plans never; one rank per node with no epilogue fused into the
-    cross-node stage (the in-place kernel) from HIER_NCCL_MIN_BYTES where the plan reduces
-    across nodes, else never; otherwise from HIER_STAGED_NCCL_MIN_BYTES."""
+def stage_traits(stage: IntraStage, elem: int | None = None) -> AutoTraits:
+    """AutoTraits of an intra stage (LL where its area holds a pack per unit at `elem`
+    bytes per element, when given)."""
+    ll = ll_auto(stage) and (elem is None or ll_cols(stage, elem) >= 16 // elem)
+    return AutoTraits(ll, push_auto(stage), push_width(stage) > 1 and shares_reduction(stage))
+
+
+def _bound(n: int, lower: bool) -> str:
+    """A segment's bound in human units: "> 256 KiB" for a lower bound just past a round
+    size, else ">= 32 MiB"; "<= 256 KiB" or "< 32 MiB" for an upper one."""
+    h = thresholds.human_bytes
+    if lower:
+        return f"> {h(n - 1)}" if (n - 1) % 1024 == 0 and n % 1024 else f">= {h(n)}"
+    return f"<= {h(n - 1)}" if (n - 1) % 1024 == 0 and n % 1024 else f"< {h(n)}"
+
+
+def _segments(edges: set[int], pick) -> list[tuple[str, str, str]]:
+    """(size range, algorithm, source) rows: `pick(nbytes)` -> (algorithm, source) on each
+    segment between `edges` (first bytes of a new segment), equal neighbours merged."""
+    cuts = sorted(e for e in edges if e > 1)
+    rows: list[list] = []
+    for lo, hi in zip([1, *cuts], [*cuts, None], strict=True):
+        got = pick(lo)
+        if rows and rows[-1][2:] == list(got):
+            rows[-1][1] = hi
+        else:
+            rows.append([lo, hi, *got])
+    out = []
+    for lo, hi, algo, src in rows:
+        if lo == 1 and hi is None:
+            size = "every size"
+        elif lo == 1:
+            size = _bound(hi, False)
+        elif hi is None:
+            size = _bound(lo, True)
+        else:
+            size = f"{_bound(lo, True)}, {_bound(hi, False)}"
+        out.append((size, algo, src))
+    return out
+
+
+def _table(rows: list[tuple[str, str, str]], indent: str = "      ") -> list[str]:
+    w = max(len("size per rank"), *(len(r[0]) for r in rows))
+    a = max(len("algorithm"), *(len(r[1]) for r in rows))
+    head = f"{indent}{'size per rank':<{w}}  {'algorithm':<{a}}  source"
+    return [head] + [f"{indent}{r[0]:<{w}}  {r[1]:<{a}}  {r[2]}" for r in rows]
+
+
+def auto_lines(i: int, stage: Stage, plan: Plan, resolved: thresholds.Resolved,
+               elem: int | None = None, tuned: dict[int, tune.Choice] | None = None,
+               tuned_source: str = "", epilogue: tuple = ()) -> list[str]:
+    """What auto runs stage i at each size per rank, as a table of size ranges, algorithm
+    and where the choice comes from (`tuned`: the tuning table's entries of the stage by
+    size bucket, from `tuned_source`), for `mixcc explain`."""
+    th, src = resolved.values, resolved.source
+    tuned = tuned or {}
+    bucket_edges = {(1 << b) + 1 for b in tuned} | {(1 << (b - 1)) + 1 for b in tuned if b}
+
+    def entry(n: int) -> tuple[str, str] | None:
+        c = tuned.get(tune.bucket(n))
+        return None if c is None else (f"{c.algorithm} ({c.blocks} blocks)",
+                                       f"tuned table {tuned_source}")
+
+    lines = []
+    if isinstance(stage, IntraStage):
+        traits = stage_traits(stage, elem)
+        edges = {t for t in (th.push_min_bytes, th.pool_push_min_bytes) if t is not None}
+        edges |= {t + 1 for t in (th.ll_max_bytes, th.one_shot_max_bytes_wide)
+                  if t is not None}
+        plain = _segments(edges | bucket_edges, lambda n: entry(n) or (
+            auto_algorithm(th, traits, n), src))
+        lines.append("    auto's kernel (docs/DESIGN.md, \"Intra-node algorithms\"):")
+        lines += _table(plain)
+        ce = i == 0 and ce_safe(stage)
+        if ce and th.ce_min_bytes is not None:
+            edges.add(th.ce_min_bytes)
+
+        def pooled(n: int) -> tuple[str, str]:
+            if ce and _from(n, th.ce_min_bytes):
+                return "copy engines", src
+            return entry(n) or (auto_algorithm(th, traits, n, pool=True), src)
+
+        with_pool = _segments(edges | bucket_edges, pooled)
+        if with_pool != plain:
+            lines.append("    in a group with a registered pool (mixcc.empty):")
+            lines += _table(with_pool)
+        reg = (f"is read in place by the one-shot from {thresholds.human_bytes(th.reg_min_bytes)}"
+               " per rank, staged below" if th.reg_min_bytes is not None else "is staged")
+        lines.append(f"    a registered input {reg} ({src})")
+        if i == len(plan.stages) - 1 and epilogue:
+            lines.append(f"    a fused epilogue runs on ll up to "
+                         f"{thresholds.human_bytes(th.ll_epi_max_bytes)} per rank where ll "
+                         f"can run here ({'yes' if traits.ll else 'no'}), else the one-shot; "
+                         f"rows of {thresholds.human_bytes(th.row_split_min_bytes)} or more "
+                         f"over two blocks ({src})")
+        return lines
+    nccl = hier_nccl_min_bytes(plan, epilogue, th) if i == 0 else None
+    edges = {nccl} if nccl is not None else set()
+    rows = _segments(edges | bucket_edges, lambda n: entry(n) or (
+        ("nccl (reference backend)" if _from(n, nccl) else "hierarchical kernel"), src))
+    lines.append("    auto on an NCCL group (on gloo the hierarchical kernel at every size):")
+    lines += _table(rows)
+    return lines
+
+
+def hier_kind(plan: Plan, epilogue: tuple) -> str | None:
+    """Which NCCL threshold governs a plan: None for one-node plans; "direct" for one rank
+    per node with no epilogue fused into the cross-node stage (the in-place kernel) where
+    the plan reduces across nodes, "copy" where it only copies; else "staged"."""
     if plan.one_node:
         return None
     direct = all(st.hier.local == 1 for st in plan.stages if isinstance(st, HierStage))
     if direct and not (epilogue and isinstance(plan.stages[-1], HierStage)):
-        return th.hier_nccl_min_bytes if reduces_across_nodes(plan) else None
-    return th.hier_staged_nccl_min_bytes
+        return "direct" if reduces_across_nodes(plan) else "copy"
+    return "staged"
+
+
+def hier_nccl_min_bytes(plan: Plan, epilogue: tuple, th: Thresholds) -> int | None:
+    """Bytes per rank from which auto without a tuning-table entry runs the plan on NCCL,
+    or None (never): HIER_NCCL_MIN_BYTES for "direct" plans (hier_kind), never for "copy"
+    plans and one-node plans, HIER_STAGED_NCCL_MIN_BYTES for "staged" ones."""
+    kind = hier_kind(plan, epilogue)
+    return {"direct": th.hier_nccl_min_bytes,
+            "staged": th.hier_staged_nccl_min_bytes}.get(kind)  # type: ignore[arg-type]
 
 
 def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:

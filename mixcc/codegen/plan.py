@@ -16,6 +16,7 @@ function of the stage, the element size and the workspace sizes: `chunk_cols` an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..ir.nodes import Op
@@ -23,6 +24,15 @@ from . import layout
 from .hier import HierSchedule
 from .linear_map import LinearMap
 from .schedule import TERM_INPUT, PushSchedule, Schedule, role_sends
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB", 75894784 -> "72.4 MiB" (binary units)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -306,9 +316,12 @@ class Plan:
     def describe(self, elem: int | None = None,
                  workspace_bytes: int = layout.DEFAULT_WORKSPACE_BYTES,
                  symmetric_bytes: int = layout.DEFAULT_SYMMETRIC_BYTES,
-                 depth: int = 2) -> str:
-        """Every stage with scope, transport, algorithm, chunk bytes (when the element size
-        is known), pipeline depth and workspace per rank; then the reference steps."""
+                 depth: int = 2, auto: Callable[[int, Stage], list[str]] | None = None
+                 ) -> str:
+        """Every stage with scope, transport, `auto`'s lines (auto's choice by size: see
+        fused.auto_lines), chunk bytes (when the element size is known), pipeline depth and
+        workspace per rank; then the reference steps."""
+        h = human_bytes
         if not self.stages:
             return "no stage: the program is the identity (output = copy of input)"
         lines = []
@@ -317,66 +330,52 @@ class Plan:
         for i, st in enumerate(self.stages):
             ops = "; ".join(str(o) for o in st.ops)
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
+            if auto is not None:
+                lines += auto(i, st)
             if isinstance(st, IntraStage):
-                lines.append("    algorithm (auto): ll up to fused.LL_MAX_BYTES per rank in "
-                             "two-rank stages it can run, here "
-                             f"{'yes' if ll_auto(st) else 'no'}; else one_shot; two_shot past 1 "
-                             "MiB where a rank reads several peers; push from "
-                             "fused.PUSH_MIN_BYTES (fused.POOL_PUSH_MIN_BYTES in a group "
-                             "with a registered pool) in two-rank stages that push can run, here "
-                             f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
-                             "fused.CE_MIN_BYTES for copies in a group with a registered "
-                             "pool (mixcc.empty) when every input lies in it at one offset, "
-                             f"here {'yes' if i == 0 and ce_safe(st) else 'no'} (first "
-                             "stages only); a fused epilogue runs in "
-                             "ll (small calls whose rows fit its region; its output units "
-                             "on blocks of their own in one chunk, here "
-                             f"{'yes' if ll_roles(st) > 1 else 'no'}) or the one-shot, or "
-                             "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
-                             "\"Intra-node algorithms\"")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
                         name = "two_shot" if two else "one_shot"
                         lines.append(f"    {name} chunk: {cols} elements x "
                                      f"{st.units_per_region(two)} unit(s) per block = "
-                                     f"{cols * elem * st.lmap.in_units} B of input per block")
+                                     f"{h(cols * elem * st.lmap.in_units)} of input per "
+                                     "block")
                     cols = push_cols(st, elem, region)
                     lines.append(f"    push chunk: {cols} elements per unit per block, "
                                  f"{layout.NSETS} chunks in flight per block (credits)")
                     lines.append(f"    ll chunk: {ll_cols(st, elem)} elements per unit per "
                                  "block (lines of 8 data bytes and the epoch, in an LL area "
-                                 f"of {layout.LL_BYTES} B per rank); LL can run here: "
+                                 f"of {h(layout.LL_BYTES)} per rank); LL can run here: "
                                  f"{'yes' if ll_safe(st) else 'no'}")
-                lines.append(f"    workspace per rank: IPC {workspace_bytes} B (pull and push "
+                lines.append(f"    workspace per rank: IPC {h(workspace_bytes)} (pull and push "
                              f"areas of {layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
-                             f"{region} B), symmetric heap 0 B; inputs and outputs are "
+                             f"{h(region)}), no symmetric heap; inputs and outputs are "
                              "ordinary tensors, read and written in place (no copy of the "
                              "message is allocated); an input from mixcc.empty (the group's "
-                             "registered pool, 1 GiB per rank by default, made by its first "
-                             "mixcc.empty) is read by peers in place by the one-shot from "
-                             "fused.REG_MIN_BYTES per rank, staged below; push reads any "
-                             "input in place (its senders store it straight to the peers)")
+                             "registered pool, 1 GiB per rank by default) may be read by "
+                             "peers in place (above); push reads any input in place")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:
-                h = st.hier
+                hs = st.hier
                 lines.append(f"    algorithm: hierarchical (intra reduce of node parts -> "
                              f"rail-aligned NVSHMEM put-with-signal -> combine -> intra "
                              f"gather); pipeline depth {depth} (chunks in flight)")
                 if elem:
                     cols = hier_cols(st, elem, region, sym)
                     lines.append(f"    chunk: {cols} elements per unit per block "
-                                 f"({cols * elem * h.in_units} B of input per block), share "
-                                 f"{share_cap(cols, elem, h.local)} elements per local rank"
+                                 f"({human_bytes(cols * elem * hs.in_units)} of input per "
+                                 "block), share "
+                                 f"{share_cap(cols, elem, hs.local)} elements per local rank"
                                  + ("; one rank per node: the input is read in place and, "
                                     "without a fused epilogue (whose fp32 shares go through "
                                     "the IPC region, in narrower chunks), the output written "
-                                    "in place" if h.local == 1 else ""))
-                lines.append(f"    workspace per rank: IPC {workspace_bytes} B, NVSHMEM "
-                             f"symmetric heap {symmetric_bytes} B (fixed, independent of the "
+                                    "in place" if hs.local == 1 else ""))
+                lines.append(f"    workspace per rank: IPC {h(workspace_bytes)}, NVSHMEM "
+                             f"symmetric heap {h(symmetric_bytes)} (fixed, independent of the "
                              "message size)")
-                lines += ["    " + ln for ln in h.describe(0).splitlines()]
+                lines += ["    " + ln for ln in hs.describe(0).splitlines()]
         lines.append("reference backend steps:")
         lines += [f"    {s}" for s in self.steps]
         return "\n".join(lines)

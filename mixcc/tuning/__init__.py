@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
 from .. import launch, mps, tune
 from ..codegen.plan import IntraStage
 from ..mesh import Mesh
+from . import emit, thresholds
 
 # Columns per block and chunk: the widest that fits (64 KiB of bf16 in the default
 # workspace), 16384 or 8192. The middle one was added for push, whose chunk decides its
@@ -110,6 +112,8 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(99 + rank)
     entries: dict[str, tune.Choice] = {}
+    samples: list[emit.Sample] = []
+    runner = None
     for program in cfg["programs"]:
         coll = mixcc.compile(program, mesh, dtype=dtype)  # auto: "nccl" entries apply
         g = coll.ir.granularity
@@ -125,6 +129,8 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             base = _time_choice(coll, runner, x, out, per_stage, None, cfg)
             results = [(_time_choice(coll, runner, x, out, per_stage, c, cfg), c)
                        for c in candidates(runner)]
+            if len(runner.stages) == 1:
+                samples.append(sample(program, runner, per_stage[0], results))
             final = finalists(results)
             rounds = [[_time_choice(coll, runner, x, out, per_stage, c, cfg) for c in final]
                       for _ in range(FINAL_ROUNDS)] if len(final) > 1 else []
@@ -145,6 +151,46 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     if rank == 0:
         path = tune.save(entries)
         print(f"wrote {len(entries)} entries to {path}", flush=True)
+        if cfg.get("emit") is not None and runner is not None:
+            write_defaults(cfg, runner, samples, str(path))
+
+
+def sample(program: str, runner, nbytes: int, results: list[tuple[float, tune.Choice]]
+           ) -> emit.Sample:
+    """The sweep's record of a one-stage program at one size, for --emit-defaults."""
+    from ..fused import hier_kind
+
+    best: dict[str, float] = {}
+    for t, c in results:
+        best[c.algorithm] = min(t, best.get(c.algorithm, t))
+    stage = runner.stages[0][0]
+    if isinstance(stage, IntraStage):
+        kind = "intra"
+    else:  # which of the two NCCL thresholds governs this plan ("hier_copy": neither)
+        kind = f"hier_{hier_kind(runner.plan, runner.epilogue)}"
+    return emit.Sample(program, nbytes, kind, bool(runner._traits[0].wide)
+                       if kind == "intra" else False, best)
+
+
+def write_defaults(cfg: dict, runner, samples: list[emit.Sample], table: str) -> None:
+    """Rank 0: derive auto's thresholds from the sweep and write them as a table keyed by
+    this group's arch, topology and world (cfg["emit"]: a path, or "" for the default)."""
+    resolved = runner.thresholds
+    if resolved.key is None:
+        print("note: no threshold table written: this group's key is unknown", flush=True)
+        return
+    body = emit.emit_body(samples, resolved.key, resolved.values, resolved.source,
+                          cfg.get("command", "mixcc tune"), [table])
+    where = cfg["emit"] or thresholds.user_dir()
+    if where is None:
+        print(f"note: no threshold table written ({tune.ENV}=off and no path given)",
+              flush=True)
+        return
+    path = Path(where)
+    if path.suffix != ".json":
+        path = path / f"{resolved.key}.json"
+    thresholds.write_table(path, body)
+    print(f"wrote auto's thresholds for {resolved.key} to {path}", flush=True)
 
 
 def header() -> str:

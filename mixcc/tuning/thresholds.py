@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import math
 import os
 import socket
 from dataclasses import asdict, dataclass, fields, replace
@@ -238,7 +237,7 @@ def resolve(key: Key | None, user: Path | None = None, shipped: Path = SHIPPED_D
                         else f"{label} {path}")
     if str(key) not in _LOGGED:
         _LOGGED.add(str(key))
-        log.info("mixcc: no threshold table for %s (arch-topology-world): auto uses its "
+        log.warning("mixcc: no threshold table for %s (arch-topology-world): auto uses its "
                  "conservative built-in rule; `mixcc tune --emit-defaults` makes one", key)
     return Resolved(key, BUILTIN, f"built-in rule (no table for {key})")
 
@@ -317,15 +316,29 @@ def agree(group: dist.ProcessGroup | None, mine: RankFacts, user: Path | None = 
 
 # -- reading sizes ------------------------------------------------------------------------
 
-def human_bytes(n: float | None) -> str:
+def human_bytes(n: int | None) -> str:
     """1536 -> "1.5 KiB", 75894784 -> "72.4 MiB"; None -> "never"."""
-    if n is None:
-        return "never"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.0f} {unit}" if v == math.floor(v) else f"{v:.1f} {unit}"
-    return f"{n:.0f} B"
+    from ..codegen.plan import human_bytes as plain
+
+    return "never" if n is None else plain(n)
+
+
+def arch_of(text: str) -> str:
+    """The tables' arch of a build target: "sm_90a" -> "sm_90"."""
+    return text.rstrip("abcdefghijklmnopqrstuvwxyz") if text.startswith("sm_") else text
+
+
+def guess_key(world: int) -> Key | None:
+    """The key of `world` ranks on this machine's GPUs, for `mixcc explain` (None without a
+    GPU): ranks on GPUs 0..world-1 where there are as many, else sharing them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    gpus = torch.cuda.device_count()
+    facts = [local_facts(r % gpus) for r in range(min(world, gpus))]
+    facts += [facts[r % gpus] for r in range(len(facts), world)]
+    return classify(facts)
 
 
 def with_values(base: Thresholds, **changes: int | None) -> Thresholds:
