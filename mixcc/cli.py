@@ -399,7 +399,7 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Measure the fused launch choices of programs on this machine's GPUs and write the
-    tuning table that `auto` reads (mixcc/tuning.py)."""
+    tuning table that `auto` reads (mixcc/tuning/)."""
     from . import bench, tuning
     from .codegen.build import find_nvcc
 

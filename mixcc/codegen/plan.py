@@ -102,7 +102,7 @@ def push_width(stage: IntraStage) -> int:
 
 
 def push_auto(stage: IntraStage) -> bool:
-    """Whether auto may take push for this stage from fused.PUSH_MIN_BYTES: the case
+    """Whether auto may take push for this stage from PUSH_MIN_BYTES (its table): the case
     measured (two ranks: each pushes to its one peer, into a whole push region) and push
     can run in place. On larger worlds a one-peer stage's sender area is a 1/(world-1)
     share of the region, so its chunks are smaller: not measured, the one-shot stays."""
@@ -119,7 +119,7 @@ def ll_safe(stage: IntraStage) -> bool:
 
 
 def ll_auto(stage: IntraStage) -> bool:
-    """Whether auto may take LL for this stage up to fused.LL_MAX_BYTES: the case measured
+    """Whether auto may take LL for this stage up to LL_MAX_BYTES (its table): the case measured
     (two ranks) where LL can run; more ranks were not measured."""
     return stage.lmap.world_size == 2 and ll_safe(stage)
 

@@ -1,4 +1,5 @@
-"""`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py).
+"""`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py);
+with --emit-defaults also auto's thresholds (thresholds.py, emit.py).
 
 For every program and size (bytes of input per rank, powers of two), every rank runs
 the program with each candidate (algorithm x blocks x chunk width, and on an NCCL group
@@ -23,16 +24,12 @@ from ..codegen.plan import IntraStage
 from ..mesh import Mesh
 from . import emit, thresholds
 
-# Columns per block and chunk: the widest that fits (64 KiB of bf16 in the default
-# workspace), 16384 or 8192. The middle one was added for push, whose chunk decides its
-# pipeline's fill and drain at 32-128 MiB (a one-process harness ran 32 KiB chunks 4-6%
-# faster than 64 KiB, docs/PERF.md 2026-11-30 second session).
+# Columns per block and chunk: the widest that fits, 16384 or 8192 (push's chunk sets its
+# pipeline's fill and drain; evidence: docs/perf/h200x2-nvlink/, push harness).
 CHUNK_CANDIDATES = (0, 16384, 8192)
 BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
-# A final round re-times the candidates within FINAL_WITHIN of the first round's best (at
-# most FINAL_MAX of them) FINAL_ROUNDS more times, interleaved, and keeps the lowest median:
-# on two H200s a first round of 3 repeats of 10 calls picked 64 blocks at 1 MiB where 128
-# ran 1.13x faster in the sweep that followed (docs/PERF.md, 2026-11-29).
+# Near ties (within FINAL_WITHIN of the best, at most FINAL_MAX) are re-timed FINAL_ROUNDS
+# times, interleaved; one short round misranks them (docs/perf/h200x2-nvlink/, tune logs).
 FINAL_WITHIN, FINAL_MAX, FINAL_ROUNDS = 1.10, 4, 3
 
 
