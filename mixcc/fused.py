@@ -125,7 +125,7 @@ def _upto(nbytes: int, threshold: int | None) -> bool:
 class AutoTraits:
     """What auto's rule reads of one intra stage (FusedRunner._stage_facts)."""
 
-    ll: bool  # plan.ll_auto and LL's area holds a pack per unit (debug mode: False)
+    ll: bool  # plan.ll_auto and LL's area holds a pack per unit
     push: bool  # plan.push_auto
     wide: bool  # a rank reads several peers and the two-shot splits a reduction
 

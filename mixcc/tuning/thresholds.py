@@ -11,6 +11,7 @@ no table exists. `agree` makes every rank of a group use rank 0's values.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -288,8 +289,9 @@ def arch_name(major: int, minor: int) -> str:
     return f"sm_{major}{minor}"
 
 
+@functools.cache
 def local_facts(device: int) -> RankFacts:
-    """This rank's facts for CUDA device `device`."""
+    """This rank's facts for CUDA device `device` (asked once per process)."""
     import torch
 
     props = torch.cuda.get_device_properties(device)
