@@ -404,6 +404,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .codegen.build import find_nvcc
 
     _positive(args, "iters", "repeats", "hidden")
+    emit = args.emit_defaults
+    if emit and os.path.exists(emit) and not os.path.isdir(emit):
+        raise UsageError(f"--emit-defaults {emit!r} must be a directory (it writes "
+                         "DIR/<arch>-<topology>-w<world>.json)")
     if bench.gpu_count() == 0:
         raise UsageError("mixcc tune measures fused kernels: it needs a CUDA GPU")
     if find_nvcc() is None:
@@ -433,11 +437,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     progs = [_program(p) for p in (args.program or ["allreduce(world)"])]
     for prog in progs:  # parse and fit errors here, before any process starts
         mixcc_compile(prog, mesh, backend="reference")
-    emit = args.emit_defaults
-    if emit:
-        if os.path.exists(emit) and not os.path.isdir(emit):
-            raise UsageError(f"--emit-defaults {emit!r} must be a directory (it writes "
-                             "DIR/<arch>-<topology>-w<world>.json)")
     tuning.run({"mesh_axes": list(zip(mesh.names, mesh.sizes, strict=True)),
                 "ranks_per_node": mesh.ranks_per_node, "world": mesh.world_size,
                 "programs": progs, "dtype": args.dtype, "hidden": args.hidden,

@@ -40,6 +40,29 @@ def test_explain_tables_auto_per_stage_with_its_source(capsys):
     assert ">= 16 MiB      nccl (reference backend)" in out
 
 
+def test_explain_names_the_tuning_table_where_it_decides(tmp_path, monkeypatch, capsys):
+    import mixcc
+    from mixcc import fused, tune
+
+    table = tmp_path / "table.json"
+    monkeypatch.setenv(tune.ENV, str(table))
+    (stage,) = mixcc.compile("allreduce(tp)", mixcc.Mesh({"tp": 2}),
+                             backend="reference").plan.stages
+    import torch
+
+    prefix = tune.stage_prefix(fused.tuning_key(stage, torch.bfloat16), "bfloat16", 2, "sm_90a")
+    tune.save({prefix + str(tune.bucket(1 << 20)): tune.Choice("two_shot", 8)})
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--dtype", "bfloat16",
+                 "--arch", "sm_90a", "--topology", "nvlink"]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"> 512 KiB, <= 1 MiB +two_shot \(8 blocks\) +tuned table "
+                     + re.escape(str(table)), out)
+    assert re.search(r"> 256 KiB, <= 512 KiB +one_shot +shipped default", out)
+    assert re.search(r"> 1 MiB, < 32 MiB +one_shot +shipped default", out)
+
+
 def test_explain_key_flags_come_together(capsys):
     assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--arch", "sm_90"]) == 2
     assert "--arch needs --topology too" in capsys.readouterr().err
