@@ -157,16 +157,17 @@ def sample(program: str, runner, nbytes: int, results: list[tuple[float, tune.Ch
     """The sweep's record of a one-stage program at one size, for --emit-defaults."""
     from ..fused import hier_kind
 
+    traits = runner._traits[0]
     best: dict[str, float] = {}
-    for t, c in results:
-        best[c.algorithm] = min(t, best.get(c.algorithm, t))
+    for t, c in results:  # LL and push count only where auto may take them (AutoTraits)
+        if (c.algorithm != "ll" or traits.ll) and (c.algorithm != "push" or traits.push):
+            best[c.algorithm] = min(t, best.get(c.algorithm, t))
     stage = runner.stages[0][0]
     if isinstance(stage, IntraStage):
         kind = "intra"
     else:  # which of the two NCCL thresholds governs this plan ("hier_copy": neither)
         kind = f"hier_{hier_kind(runner.plan, runner.epilogue)}"
-    return emit.Sample(program, nbytes, kind, bool(runner._traits[0].wide)
-                       if kind == "intra" else False, best)
+    return emit.Sample(program, nbytes, kind, traits.wide if kind == "intra" else False, best)
 
 
 def write_defaults(cfg: dict, runner, samples: list[emit.Sample], table: str) -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch.distributed as dist
@@ -239,7 +239,7 @@ def resolve(key: Key | None, user: Path | None = None, shipped: Path = SHIPPED_D
     if str(key) not in _LOGGED:
         _LOGGED.add(str(key))
         log.warning("mixcc: no threshold table for %s (arch-topology-world): auto uses its "
-                 "conservative built-in rule; `mixcc tune --emit-defaults` makes one", key)
+                    "conservative built-in rule; `mixcc tune --emit-defaults` makes one", key)
     return Resolved(key, BUILTIN, f"built-in rule (no table for {key})")
 
 
@@ -341,11 +341,6 @@ def guess_key(world: int) -> Key | None:
     facts = [local_facts(r % gpus) for r in range(min(world, gpus))]
     facts += [facts[r % gpus] for r in range(len(facts), world)]
     return classify(facts)
-
-
-def with_values(base: Thresholds, **changes: int | None) -> Thresholds:
-    """`base` with some thresholds replaced (by field name)."""
-    return replace(base, **changes)
 
 
 def shipped(key: Key) -> Thresholds:
