@@ -7,7 +7,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import debug, fused, nvshmem, ops, precision, torch_ops
+from . import debug, fused, nvshmem, ops, precision, torch_ops, tune
 from .codegen import layout
 from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
@@ -21,6 +21,7 @@ from .mesh import Mesh
 from .overlap import overlaps, overlaps_partly
 from .presets import resolve
 from .reference import ReferenceRunner
+from .tuning import thresholds
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -82,14 +83,38 @@ class Collective:
         """Which kernel of the last stage runs a fused epilogue, and from what."""
         if isinstance(self.plan.stages[-1], HierStage):
             return ("hierarchical kernel (in its step D, from the local owners' fp32 shares; "
-                    "auto runs NCCL and the torch ops from "
-                    "fused.HIER_STAGED_NCCL_MIN_BYTES) ")
+                    "auto runs NCCL and the torch ops from the size its table gives) ")
         if self.options.get("algorithm") == "two_shot":
             return "two-shot kernel (in its gather, from the owners' fp32 shares) "
         return "one-shot kernel "
 
-    def explain(self) -> str:
+    def _auto_lines(self, key: thresholds.Key | None, tune_arch: str | None):
+        """explain's per-stage lines of auto's choice by size (fused.auto_lines), with the
+        tuning table's entries of each stage where the dtype and build arch are known."""
+        resolved = thresholds.resolve(key)
         elem = torch.empty((), dtype=self.dtype).element_size() if self.dtype else None
+        entries = tune.load() if self.dtype is not None and tune_arch else {}
+        dname = str(self.dtype).removeprefix("torch.")
+
+        def lines(i: int, stage) -> list[str]:
+            tuned = {}
+            if entries:
+                prefix = tune.stage_prefix(fused.tuning_key(stage, self.dtype), dname,
+                                           self.mesh.world_size, tune_arch)
+                tuned = {int(k[len(prefix):]): v for k, v in entries.items()
+                         if k.startswith(prefix) and k[len(prefix):].isdigit()}
+            return fused.auto_lines(i, stage, self.plan, resolved, elem, tuned,
+                                    str(tune.table_path()), self.ir.epilogue)
+
+        return resolved, lines
+
+    def explain(self, key: thresholds.Key | None = None, tune_arch: str | None = None
+                ) -> str:
+        """The program, its IR, its plan and what auto runs each stage with at each size,
+        from the thresholds of `key` (arch, topology, world: None, the built-in rule) and
+        the tuning table's entries for build arch `tune_arch` (e.g. "sm_90a")."""
+        elem = torch.empty((), dtype=self.dtype).element_size() if self.dtype else None
+        resolved, auto = self._auto_lines(key, tune_arch)
         ast = "\n".join(
             f"  {s}  @ line {s.pos.line}, column {s.pos.column}"
             for s in (*self.ast.stmts, *self.ast.epilogue)
@@ -113,13 +138,15 @@ class Collective:
             f"AST:\n{ast}\n"
             f"IR: {self.ir}\n"
             f"IR after passes: {self.optimized_ir}\n"
+            f"auto's thresholds: {resolved.source}\n"
             f"plan ({'one node: IPC only' if self.plan.one_node else 'crosses nodes'}):\n"
             + self.plan.describe(elem, self.options["workspace_bytes"],
                                  self.options["symmetric_bytes"],
-                                 self.options["pipeline_depth"])
+                                 self.options["pipeline_depth"], auto)
             + epi + "\n"
             + precision.explain(self.plan, self.optimized_ir, self.options,
-                                fused.hier_nccl_min_bytes(self.plan, self.ir.epilogue))
+                                fused.hier_nccl_min_bytes(self.plan, self.ir.epilogue,
+                                                          resolved.values))
         )
 
     # -- calls ------------------------------------------------------------------

@@ -271,7 +271,7 @@ def separate_oracle(program: str, mesh: Mesh, dtype: torch.dtype
     statement in float64 on the reference backend, its result rounded to `dtype` before
     the next, as the intermediate tensors between the calls are. A fused program rounds
     once, at the end; a chain of calls rounds after each, and a sum of rounded partial
-    sums can leave `count_wrong`'s one rounding of the exact result (2026-11-30, world 8:
+    sums can leave `count_wrong`'s one rounding of the exact result (at world 8,
     reducescatter(dp) then allreduce(tp) did, in 2e-5 of the elements). Collective
     (it compiles): call it in the same order on every rank. Returns fn(x) -> float64."""
     colls = [mixcc_compile(str(s), mesh, dtype=torch.float64, backend="reference")
@@ -549,12 +549,9 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     return rows_out
 
 
-# A row that runs this long is taken for hung: a kernel that never ends cannot be stopped
-# from Python, so the rank says which row and leaves (its peers are then ended by the
-# launcher). The ninth session's run of torch's symmetric-memory two-shot at world 8 under
-# MPS never returned from 4 MiB (docs/PERF.md); mixcc's own waits time out in seconds.
-# The slowest row measured (world 8 under MPS, 64 MiB, 20 calls x 3 repeats plus the
-# graph capture) took well under a minute.
+# A row running this long is taken for hung (a kernel that never ends cannot be stopped from
+# Python): the rank names it and leaves. The slowest row measured took well under a minute
+# (world 8 under MPS, 64 MiB: docs/perf/h200-1gpu-mps/).
 ROW_TIMEOUT_S = 300.0
 
 

@@ -47,8 +47,30 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     mesh = Mesh.parse(args.mesh, args.ranks_per_node)
     dtype = _dtype(args.dtype) if args.dtype else None
     coll = mixcc_compile(_program(args.program), mesh, dtype=dtype, backend="reference")
-    print(coll.explain())
+    key, tune_arch = _explain_key(args, mesh.world_size)
+    print(coll.explain(key, tune_arch))
     return 0
+
+
+def _explain_key(args: argparse.Namespace, world: int):
+    """explain's threshold key and tuning-table arch: from --arch and --topology, else
+    this machine's GPUs (none without a GPU: the built-in rule)."""
+    from .codegen.build import device_arch
+    from .tuning import thresholds
+
+    if (args.arch is None) != (args.topology is None):
+        given, other = ("--arch", "--topology") if args.arch else ("--topology", "--arch")
+        raise UsageError(f"{given} needs {other} too (both name the table's key)")
+    if args.arch is not None:
+        if args.topology not in thresholds.TOPOLOGIES:
+            raise UsageError(f"--topology {args.topology!r} is not one of "
+                             f"{', '.join(thresholds.TOPOLOGIES)}")
+        arch = args.arch.strip()
+        if not arch.startswith("sm_") or not arch[3:5].isdigit():
+            raise UsageError(f"--arch {arch!r} must be a target such as sm_90 or sm_90a")
+        return thresholds.Key(thresholds.arch_of(arch), args.topology, world), arch
+    key = thresholds.guess_key(world)
+    return key, (device_arch() if key is not None else None)
 
 
 def _bench_worker(rank: int, world: int, cfg: dict) -> None:
@@ -377,11 +399,15 @@ def _cmd_prebuild(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     """Measure the fused launch choices of programs on this machine's GPUs and write the
-    tuning table that `auto` reads (mixcc/tuning.py)."""
+    tuning table that `auto` reads (mixcc/tuning/)."""
     from . import bench, tuning
     from .codegen.build import find_nvcc
 
     _positive(args, "iters", "repeats", "hidden")
+    emit = args.emit_defaults
+    if emit and os.path.exists(emit) and not os.path.isdir(emit):
+        raise UsageError(f"--emit-defaults {emit!r} must be a directory (it writes "
+                         "DIR/<arch>-<topology>-w<world>.json)")
     if bench.gpu_count() == 0:
         raise UsageError("mixcc tune measures fused kernels: it needs a CUDA GPU")
     if find_nvcc() is None:
@@ -414,7 +440,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     tuning.run({"mesh_axes": list(zip(mesh.names, mesh.sizes, strict=True)),
                 "ranks_per_node": mesh.ranks_per_node, "world": mesh.world_size,
                 "programs": progs, "dtype": args.dtype, "hidden": args.hidden,
-                "sizes": sizes, "iters": args.iters, "repeats": args.repeats})
+                "sizes": sizes, "iters": args.iters, "repeats": args.repeats,
+                "emit": emit, "command": "mixcc " + " ".join(sys.argv[1:])})
     return 0
 
 
@@ -447,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mesh", required=True, help="axes, e.g. dp=2,tp=4")
     e.add_argument("--ranks-per-node", type=int, default=None)
     e.add_argument("--dtype", default=None, help=f"fixes the chunking: one of {dtypes}")
+    e.add_argument("--arch", default=None,
+                   help="auto's table for this GPU target, e.g. sm_90 (with --topology; "
+                        "default: this machine's GPUs, else the built-in rule)")
+    e.add_argument("--topology", default=None,
+                   help="auto's table for this topology: nvlink, nvswitch, pcie, mps, "
+                        "shared, nodes (with --arch)")
     e.set_defaults(fn=_cmd_explain)
 
     b = sub.add_parser(
@@ -539,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-bytes", default="64M", help="largest input per rank")
     t.add_argument("--iters", type=int, default=20, help="calls per CUDA graph")
     t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--emit-defaults", nargs="?", const="", default=None, metavar="DIR",
+                   help="also derive auto's thresholds (LL, push, two-shot, NCCL hand-off) "
+                        "from the sweep and write them as DIR/<arch>-<topology>-w<world>.json "
+                        "(default DIR: defaults/ beside the tuning table, which auto reads "
+                        "before the shipped tables)")
     t.set_defaults(fn=_cmd_tune)
     return p
 

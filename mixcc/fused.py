@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -45,88 +46,11 @@ from .codegen.plan import (
 from .codegen.render import CTYPES, render_stage
 from .codegen.spec import BuildSpec, nvshmem_spec
 from .overlap import overlaps, overlaps_partly, same_elements
+from .tuning import thresholds
+from .tuning.thresholds import Thresholds
 
-# auto's built-in choice without a tuning table (docs/DESIGN.md, "Intra-node algorithms";
-# docs/perf/2026-11-29_h200x2_ar_algorithms.csv, two H200s, 128 blocks): the pull one-shot
-# ran at 0.37-0.83x NCCL from 8 KiB to 256 MiB per rank, ahead of the two-shot (0.47-1.21x)
-# and of push (0.54-1.42x: its remote stores and its local reduce are two phases of a block
-# that do not overlap). Push with sender and receiver warps and whole 16-byte stores
-# (2026-11-30, docs/perf/2026-11-30b_h200x2_*) still took 1.01-1.15x the one-shot's time
-# from 8 MiB to 256 MiB for allreduce, allgather and reducescatter. Its receivers' reduce
-# bound it: with four packs per thread in flight in one- and two-term reduces
-# (stage_kernel.cu.j2, reduce_packs) push ran 128 MiB in 415 us against the one-shot's 433
-# (docs/perf/2026-11-30c_push_harness.txt), and in the bench of 2026-11-30 (third session,
-# docs/perf/2026-11-30c_h200x2_*) it tied the one-shot at 16 MiB and won from 32 MiB
-# (allgather 122 vs 127 us at 32 MiB, 830 vs 900 at 256 MiB; reducescatter 66 vs 71 at 32
-# MiB, 419 vs 500 at 256 MiB; allreduce 218 vs 221 at 64 MiB, 798 vs 844 at 256 MiB). So
-# auto takes push from PUSH_MIN_BYTES per rank in two-rank stages that push can run in
-# place (plan.push_auto: the case measured); elsewhere the one-shot. Where a rank reads
-# from more than one peer the one-shot reads (peers) x its input, against 2(n-1)/n for the
-# two-shot; past ONE_SHOT_MAX_BYTES_WIDE per rank such stages take the two-shot (NVSwitch
-# machines with more than two GPUs have not been measured: `mixcc tune` decides there).
-ONE_SHOT_MAX_BYTES_WIDE = 1 << 20
-PUSH_MIN_BYTES = 32 << 20
-# In a group with a registered pool (mixcc.empty) auto keeps the one-shot up to
-# POOL_PUSH_MIN_BYTES: on a registered input it reads its peers in place, and with every
-# input in place its chunks after the first pass no barrier (templates/stage_kernel.cu.j2,
-# REG_CLIQUES). On two H200s (docs/PERF.md, eleventh session; allreduce bf16, us) it ran
-# 111.0 / 212.1 / 411.2 / 808.4 at 32 / 64 / 128 / 256 MiB against push's 117.5 / 217.2 /
-# 410.9 / 792.9; an ordinary input in such a group pays for it (the one-shot staged:
-# 118.6 / 222.5 at 32 / 64 MiB, 1-2% over push).
-POOL_PUSH_MIN_BYTES = 128 << 20
-# auto without a tuning table runs plans with a cross-node (hierarchical) stage on the
-# reference backend where the group has NCCL, from these many bytes per rank:
-# - one rank per node, no fused epilogue (the kernel reads and writes in place: DIRECT in
-#   templates/hier_kernel.cu.j2): plans that reduce across nodes from HIER_NCCL_MIN_BYTES;
-#   on two H200s as two nodes (256 MiB NVSHMEM workspace) allreduce(dp) took 0.54-0.79x
-#   NCCL's time from 1 to 8 MiB and 1.03-1.08x from 16 to 64 MiB; allgather(dp), which
-#   only copies across nodes, 0.56-0.84x at every size from 1 to 64 MiB, so copy-only
-#   plans stay fused (docs/PERF.md, 2026-11-30 fifth session);
-# - otherwise (nodes of several ranks, whose kernel stages its input for the local peers,
-#   or a fused epilogue's fp32 shares): every plan from HIER_STAGED_NCCL_MIN_BYTES, the
-#   staged kernel's measured rule (one rank per node before DIRECT: 1.08x NCCL's time at 4
-#   MiB, 1.3-1.6x from 8 MiB; allgather 1.0x at 4 MiB, 1.14-1.33x above; 2026-11-29).
-#   Nodes of several ranks on separate GPUs were never measured.
-HIER_NCCL_MIN_BYTES = 16 << 20
-HIER_STAGED_NCCL_MIN_BYTES = 4 << 20
-# The one-shot reads a registered input in place (and runs the registered-input protocol:
-# a word to each neighbour before the first barrier, one more barrier at the end) only
-# from this many bytes per rank; below it the input is staged like any other and the
-# kernel skips the protocol, as in a group without a pool. On two H200s (2026-11-30,
-# docs/PERF.md second session) reading in place lost 0.5-2.2 us to a staged call from 8
-# KiB to 8 MiB and won from 16 MiB (62.9 against 66.1 us); at 8 KiB a group without a pool
-# ran the one-shot in 6.7 us, with the protocol 7.4 (staged) and 8.5 (read in place).
-# Decided by the size alone: the same on every rank.
-REG_MIN_BYTES = 16 << 20
-# auto takes the LL kernel (templates/stage_kernel.cu.j2, ll_kernel: data and epoch in one
-# line, no flag round trip) up to LL_MAX_BYTES per rank in two-rank stages it can run
-# (plan.ll_safe), outside debug mode (its lines carry no fingerprint). On two H200s
-# (docs/PERF.md, 2026-11-30 sixth session) LL took 4.2-5.3 us from 8 to 32 KiB where the
-# one-shot took 7.1-8.1, and won up to 256 KiB in every program measured (allreduce 7.1
-# against 8.3 us there); at 512 KiB allreduce lost (9.3 against 8.3), allgather and
-# reducescatter still won, and from 1 MiB the one-shot won everywhere (LL moves twice the
-# bytes). More ranks were not measured: the one-shot stays there.
-LL_MAX_BYTES = 256 << 10
-# The same for a fused epilogue (the LL kernel with the row pass, rows that fit a block's
-# LL region). On two H200s (sixth session) the layer (allreduce, add, store, rmsnorm) took
-# 5.7-8.9 us on LL at 4096 wide and 1-32 rows and 6.9-9.7 at 8192 wide and 1-16 rows (up
-# to 256 KiB), where the one-shot's row pass had taken 7.8-9.4 and 9.7-10.7 in the fourth
-# session's run; the rows above ran the one-shot in both runs and matched within noise.
-# Side by side above 256 KiB (tenth session, docs/PERF.md): at 512 KiB LL tied the
-# one-shot (8192-wide layer at 32 rows: 11.25 against 11.39 us), from 1 MiB it lost
-# 1.2-2.3x (64-256 rows); at 4096 wide and 64 rows (512 KiB) it lost 1.1x.
-LL_EPI_MAX_BYTES = LL_MAX_BYTES
-# auto moves a copy stage (plan.ce_safe: allgather) by the copy engines from CE_MIN_BYTES
-# per rank in a group with a registered pool, when every member of a clique passes an
-# input inside its pool at one offset (checked on the device, else the one-shot runs;
-# docs/DESIGN.md, "Copy engines"). On two H200s (docs/PERF.md, 2026-11-30 seventh
-# session, allgather(dp), input from mixcc.empty) the copy-engine mode took 41.6 us at
-# 8 MiB against auto's 35.4 without it, and won from 16 MiB: 64.2 against 67.8, 111.2
-# against 122.1 at 32 MiB, 380.6 against 435.2 at 128 MiB (the copy engine alone, both
-# ranks at once: 26.4, 48.9, 94.2 and 363.5; the mode's own cost, about 15-17 us at
-# every size: its two barriers and the launch gaps around the copy, per a profiler trace
-# in the eighth session).
-CE_MIN_BYTES = 16 << 20
+# auto's thresholds (LL, push, two-shot, NCCL hand-off, registered inputs, copy engines)
+# are data: mixcc/tuning/thresholds.py resolves them per GPU arch, topology and world size.
 ALGORITHMS = ("one_shot", "two_shot", "push", "ll")  # the intra kernels' `algo` codes, in order
 ALGO_CE = 4  # the one-shot in the copy-engine mode (mixcc_ce_launch), auto's only
 MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
@@ -187,17 +111,165 @@ def reduces_across_nodes(plan: Plan) -> bool:
     return any(len(srcs) > 1 for h in hier for rs in h.ranks for srcs in rs.finals)
 
 
-def hier_nccl_min_bytes(plan: Plan, epilogue: tuple) -> int | None:
-    """Bytes per rank from which auto without a tuning table runs the plan on NCCL, or None
-    (never): one-node plans never; one rank per node with no epilogue fused into the
-    cross-node stage (the in-place kernel) from HIER_NCCL_MIN_BYTES where the plan reduces
-    across nodes, else never; otherwise from HIER_STAGED_NCCL_MIN_BYTES."""
+def _from(nbytes: int, threshold: int | None) -> bool:
+    """nbytes >= threshold; a threshold of None is never reached."""
+    return threshold is not None and nbytes >= threshold
+
+
+def _upto(nbytes: int, threshold: int | None) -> bool:
+    """nbytes <= threshold; a threshold of None admits nothing."""
+    return threshold is not None and nbytes <= threshold
+
+
+@dataclass(frozen=True)
+class AutoTraits:
+    """What auto's rule reads of one intra stage (FusedRunner._stage_facts)."""
+
+    ll: bool  # plan.ll_auto and LL's area holds a pack per unit
+    push: bool  # plan.push_auto
+    wide: bool  # a rank reads several peers and the two-shot splits a reduction
+
+
+def auto_algorithm(th: Thresholds, traits: AutoTraits, nbytes: int, pool: bool = False
+                   ) -> str:
+    """auto's kernel for an intra stage at `nbytes` per rank without a tuning-table entry:
+    LL up to LL_MAX_BYTES, push from PUSH_MIN_BYTES (POOL_PUSH_MIN_BYTES in a group with a
+    registered pool, `pool`), the two-shot above ONE_SHOT_MAX_BYTES_WIDE in wide stages,
+    else the one-shot (docs/DESIGN.md, "Intra-node algorithms")."""
+    if traits.ll and _upto(nbytes, th.ll_max_bytes):
+        return "ll"
+    if traits.push and _from(nbytes, th.pool_push_min_bytes if pool else th.push_min_bytes):
+        return "push"
+    if traits.wide and th.one_shot_max_bytes_wide is not None \
+            and nbytes > th.one_shot_max_bytes_wide:
+        return "two_shot"
+    return "one_shot"
+
+
+def stage_traits(stage: IntraStage, elem: int | None = None) -> AutoTraits:
+    """AutoTraits of an intra stage (LL where its area holds a pack per unit at `elem`
+    bytes per element, when given)."""
+    ll = ll_auto(stage) and (elem is None or ll_cols(stage, elem) >= 16 // elem)
+    return AutoTraits(ll, push_auto(stage), push_width(stage) > 1 and shares_reduction(stage))
+
+
+def _bound(n: int, lower: bool) -> str:
+    """A segment's bound in human units: "> 256 KiB" for a lower bound just past a round
+    size, else ">= 32 MiB"; "<= 256 KiB" or "< 32 MiB" for an upper one."""
+    h = thresholds.human_bytes
+    if lower:
+        return f"> {h(n - 1)}" if (n - 1) % 1024 == 0 and n % 1024 else f">= {h(n)}"
+    return f"<= {h(n - 1)}" if (n - 1) % 1024 == 0 and n % 1024 else f"< {h(n)}"
+
+
+def _segments(edges: set[int], pick) -> list[tuple[str, str, str]]:
+    """(size range, algorithm, source) rows: `pick(nbytes)` -> (algorithm, source) on each
+    segment between `edges` (first bytes of a new segment), equal neighbours merged."""
+    cuts = sorted(e for e in edges if e > 1)
+    rows: list[list] = []
+    for lo, hi in zip([1, *cuts], [*cuts, None], strict=True):
+        got = pick(lo)
+        if rows and rows[-1][2:] == list(got):
+            rows[-1][1] = hi
+        else:
+            rows.append([lo, hi, *got])
+    out = []
+    for lo, hi, algo, src in rows:
+        if lo == 1 and hi is None:
+            size = "every size"
+        elif lo == 1:
+            size = _bound(hi, False)
+        elif hi is None:
+            size = _bound(lo, True)
+        else:
+            size = f"{_bound(lo, True)}, {_bound(hi, False)}"
+        out.append((size, algo, src))
+    return out
+
+
+def _table(rows: list[tuple[str, str, str]], indent: str = "      ") -> list[str]:
+    w = max(len("size per rank"), *(len(r[0]) for r in rows))
+    a = max(len("algorithm"), *(len(r[1]) for r in rows))
+    head = f"{indent}{'size per rank':<{w}}  {'algorithm':<{a}}  source"
+    return [head] + [f"{indent}{r[0]:<{w}}  {r[1]:<{a}}  {r[2]}" for r in rows]
+
+
+def auto_lines(i: int, stage: Stage, plan: Plan, resolved: thresholds.Resolved,
+               elem: int | None = None, tuned: dict[int, tune.Choice] | None = None,
+               tuned_source: str = "", epilogue: tuple = ()) -> list[str]:
+    """What auto runs stage i at each size per rank, as a table of size ranges, algorithm
+    and where the choice comes from (`tuned`: the tuning table's entries of the stage by
+    size bucket, from `tuned_source`), for `mixcc explain`."""
+    th, src = resolved.values, resolved.source
+    tuned = tuned or {}
+    bucket_edges = {(1 << b) + 1 for b in tuned} | {(1 << (b - 1)) + 1 for b in tuned if b}
+
+    def entry(n: int) -> tuple[str, str] | None:
+        c = tuned.get(tune.bucket(n))
+        return None if c is None else (f"{c.algorithm} ({c.blocks} blocks)",
+                                       f"tuned table {tuned_source}")
+
+    lines = []
+    if isinstance(stage, IntraStage):
+        traits = stage_traits(stage, elem)
+        edges = {t for t in (th.push_min_bytes, th.pool_push_min_bytes) if t is not None}
+        edges |= {t + 1 for t in (th.ll_max_bytes, th.one_shot_max_bytes_wide)
+                  if t is not None}
+        plain = _segments(edges | bucket_edges, lambda n: entry(n) or (
+            auto_algorithm(th, traits, n), src))
+        lines.append("    auto's kernel (docs/DESIGN.md, \"Intra-node algorithms\"):")
+        lines += _table(plain)
+        ce = i == 0 and ce_safe(stage)
+        if ce and th.ce_min_bytes is not None:
+            edges.add(th.ce_min_bytes)
+
+        def pooled(n: int) -> tuple[str, str]:
+            if ce and _from(n, th.ce_min_bytes):
+                return "copy engines", src
+            return entry(n) or (auto_algorithm(th, traits, n, pool=True), src)
+
+        with_pool = _segments(edges | bucket_edges, pooled)
+        if with_pool != plain:
+            lines.append("    in a group with a registered pool (mixcc.empty):")
+            lines += _table(with_pool)
+        reg = (f"is read in place by the one-shot from {thresholds.human_bytes(th.reg_min_bytes)}"
+               " per rank, staged below" if th.reg_min_bytes is not None else "is staged")
+        lines.append(f"    a registered input {reg} ({src})")
+        if i == len(plan.stages) - 1 and epilogue:
+            lines.append(f"    a fused epilogue runs on ll up to "
+                         f"{thresholds.human_bytes(th.ll_epi_max_bytes)} per rank where ll "
+                         f"can run here ({'yes' if traits.ll else 'no'}), else the one-shot; "
+                         f"rows of {thresholds.human_bytes(th.row_split_min_bytes)} or more "
+                         f"over two blocks ({src})")
+        return lines
+    nccl = hier_nccl_min_bytes(plan, epilogue, th) if i == 0 else None
+    edges = {nccl} if nccl is not None else set()
+    rows = _segments(edges | bucket_edges, lambda n: entry(n) or (
+        ("nccl (reference backend)" if _from(n, nccl) else "hierarchical kernel"), src))
+    lines.append("    auto on an NCCL group (on gloo the hierarchical kernel at every size):")
+    lines += _table(rows)
+    return lines
+
+
+def hier_kind(plan: Plan, epilogue: tuple) -> str | None:
+    """Which NCCL threshold governs a plan: None for one-node plans; "direct" for one rank
+    per node with no epilogue fused into the cross-node stage (the in-place kernel) where
+    the plan reduces across nodes, "copy" where it only copies; else "staged"."""
     if plan.one_node:
         return None
     direct = all(st.hier.local == 1 for st in plan.stages if isinstance(st, HierStage))
     if direct and not (epilogue and isinstance(plan.stages[-1], HierStage)):
-        return HIER_NCCL_MIN_BYTES if reduces_across_nodes(plan) else None
-    return HIER_STAGED_NCCL_MIN_BYTES
+        return "direct" if reduces_across_nodes(plan) else "copy"
+    return "staged"
+
+
+def hier_nccl_min_bytes(plan: Plan, epilogue: tuple, th: Thresholds) -> int | None:
+    """Bytes per rank from which auto without a tuning-table entry runs the plan on NCCL,
+    or None (never): HIER_NCCL_MIN_BYTES for "direct" plans (hier_kind), never for "copy"
+    plans and one-node plans, HIER_STAGED_NCCL_MIN_BYTES for "staged" ones."""
+    kind = hier_kind(plan, epilogue)
+    return {"direct": th.hier_nccl_min_bytes,
+            "staged": th.hier_staged_nccl_min_bytes}.get(kind)  # type: ignore[arg-type]
 
 
 def epilogue_refusal(plan: Plan, epilogue: tuple) -> str | None:
@@ -282,6 +354,9 @@ class FusedRunner:
         if not plan.one_node:
             self.nv = nvshmem.get(group, options["symmetric_bytes"])
             self.rt.set_symmetric_blame(self.nv.sym + layout.SYM_BLAME_OFFSET)
+        # auto's thresholds, rank 0's on every rank (tuning/thresholds.py)
+        self.thresholds = thresholds.agree(group, thresholds.local_facts(self.device))
+        self.th = self.thresholds.values
         arch = device_arch()
         self.stages: list[tuple[Stage, ctypes.CDLL]] = []
         self.build_seconds = 0.0
@@ -306,7 +381,7 @@ class FusedRunner:
         self._stage_facts()
         self._ce_init()
         self._nccl = dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower()
-        self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue)
+        self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue, self.th)
         # batch_invariant: no sum on NCCL, no LL row split (docs/DESIGN.md, "Precision")
         self.batch_invariant = bool(options.get("batch_invariant"))
         self._invariant_sums = self.batch_invariant and any(
@@ -333,6 +408,10 @@ class FusedRunner:
         # (debug mode: _params and _epilogue_algorithm keep LL off)
         self._ll_auto = [safe and ll_auto(st)
                          for safe, st in zip(self._ll_safe, intra, strict=True)]
+        self._traits = [AutoTraits(ll, push, width > 1 and shares)
+                        for ll, push, width, shares in zip(
+                            self._ll_auto, self._push_auto, self._push_width,
+                            self._shares_reduction, strict=True)]
         # the copy-engine mode: only the first stage's input can lie in a registered pool
         self._ce_safe = [i == 0 and st is not None and ce_safe(st) and not self.debug
                          for i, st in enumerate(intra)]
@@ -352,7 +431,8 @@ class FusedRunner:
     def _ce_candidate(self, i: int, nbytes: int) -> bool:
         """Whether auto would run intra stage i of a call with `nbytes` per rank in the
         copy-engine mode once its group has a registered pool (CE_MIN_BYTES)."""
-        return self.algorithm == "auto" and self._ce_safe[i] and nbytes >= CE_MIN_BYTES
+        return self.algorithm == "auto" and self._ce_safe[i] and _from(nbytes,
+                                                                      self.th.ce_min_bytes)
 
     def _pool_decides(self, i: int, nbytes: int) -> bool:
         """Whether auto's kernel for intra stage i at `nbytes` per rank depends on whether
@@ -360,7 +440,8 @@ class FusedRunner:
         the one-shot in place of push below POOL_PUSH_MIN_BYTES (default_algorithm)."""
         return self._ce_candidate(i, nbytes) or (
             self.algorithm == "auto" and self._push_auto[i]
-            and PUSH_MIN_BYTES <= nbytes < POOL_PUSH_MIN_BYTES)
+            and _from(nbytes, self.th.push_min_bytes)
+            and not _from(nbytes, self.th.pool_push_min_bytes))
 
     def _ce_mode(self, i: int, nbytes: int) -> bool:
         """Whether auto runs intra stage i of a call with `nbytes` per rank in the
@@ -378,25 +459,16 @@ class FusedRunner:
         self._epi_writes = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].writes}
         self._epi_scales = {e.name for e in self.epilogue if ops.EPILOGUES[e.op].needs_float32}
 
+    @property
+    def _row_split_min(self) -> int | None:
+        return self.th.row_split_min_bytes
+
     def _tuned(self, i: int, nbytes: int) -> tune.Choice | None:
         return self.tuned.get((i, tune.bucket(nbytes))) if self.tuned else None
 
     def default_algorithm(self, i: int, nbytes: int) -> str:
-        """auto's choice for intra stage i without a tuning-table entry (see
-        ONE_SHOT_MAX_BYTES_WIDE): LL up to LL_MAX_BYTES and push from PUSH_MIN_BYTES (in a
-        group with a registered pool from POOL_PUSH_MIN_BYTES) where they were measured to
-        win,
-        the two-shot where a rank reads from several peers at a large size and the two-shot
-        splits a reduction, else the one-shot."""
-        if self._ll_auto[i] and nbytes <= LL_MAX_BYTES:
-            return "ll"
-        if self._push_auto[i] and nbytes >= (PUSH_MIN_BYTES if self.rt.pool is None
-                                             else POOL_PUSH_MIN_BYTES):
-            return "push"
-        if self._push_width[i] > 1 and nbytes > ONE_SHOT_MAX_BYTES_WIDE \
-                and self._shares_reduction[i]:
-            return "two_shot"
-        return "one_shot"
+        """auto's choice for intra stage i without a tuning-table entry (auto_algorithm)."""
+        return auto_algorithm(self.th, self._traits[i], nbytes, self.rt.pool is not None)
 
     def prefers_reference(self, nbytes: int) -> bool:
         """Whether auto should run a call with `nbytes` of input per rank on the reference
@@ -428,12 +500,14 @@ class FusedRunner:
             roles = ll_roles(stage) if algo == "ll" else 1
             if 1 < roles <= self.max_blocks:
                 split = 1 if self.batch_invariant else ll_row_split(
-                    stage, rows, hidden, self.elem, self.max_blocks, norms, roles)
+                    stage, rows, hidden, self.elem, self.max_blocks, norms, roles,
+                    self._row_split_min)
                 nblocks, n_chunks, c = row_grid(unit_elems, cols, hidden, self.elem,
                                                 self.max_blocks // roles, split)
                 if n_chunks == 1:
                     return ALGORITHMS.index(algo), c, 1, nblocks * roles, roles
-            split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks, norms) \
+            split = ll_row_split(stage, rows, hidden, self.elem, self.max_blocks, norms,
+                                 min_bytes=self._row_split_min) \
                 if algo == "ll" and not self.batch_invariant else 1
             nblocks, n_chunks, cols = row_grid(unit_elems, cols, hidden, self.elem,
                                                self.max_blocks, split)
@@ -578,7 +652,7 @@ class FusedRunner:
         word = self.reg_word(x_ptr, nbytes, out_ptr)  # refuses foreign and partial inputs
         if a.algo == ALGO_CE:
             return self.rt.pool_peers.data_ptr(), word
-        if self.rt.pool is None or nbytes < REG_MIN_BYTES or a.algo != 0:
+        if self.rt.pool is None or not _from(nbytes, self.th.reg_min_bytes) or a.algo != 0:
             return 0, 0
         return self.rt.pool_peers.data_ptr(), word
 
@@ -719,7 +793,7 @@ class FusedRunner:
         if self.algorithm == "two_shot":
             return "two_shot"
         ll = self.algorithm == "ll" or (self.algorithm == "auto" and self._ll_auto[i]
-                                        and nbytes <= LL_EPI_MAX_BYTES)
+                                        and _upto(nbytes, self.th.ll_epi_max_bytes))
         if ll and self._ll_safe[i] and not self.debug \
                 and ll_cols(self.stages[i][0], self.elem, True) >= hidden:
             return "ll"

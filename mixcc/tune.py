@@ -1,12 +1,12 @@
 """The autotuner's table: measured launch choices per stage and size (docs/DESIGN.md,
 "Tuning").
 
-`mixcc tune` (mixcc/tuning.py) measures, per (stage source hash, dtype, world, arch,
+`mixcc tune` (mixcc/tuning/) measures, per (stage source hash, dtype, world, arch,
 size bucket), the algorithm x blocks x chunk width and writes the fastest here, a JSON
 table in the kernel cache directory (or MIXCC_TUNE_TABLE). A fused collective reads it
 when it binds: rank 0 reads the file and broadcasts the entries of its stages, so every
 rank launches the same grid (the barriers pair block b with block b). Without an entry
-the launcher's documented heuristic decides (fused.FusedRunner._params).
+auto's thresholds decide (mixcc/tuning/thresholds.py, fused.auto_algorithm).
 """
 
 from __future__ import annotations

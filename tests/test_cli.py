@@ -13,6 +13,62 @@ def test_explain_prints_ast_ir_plan(capsys):
     assert "allreduce(tp); allgather(dp)" in out
     assert "IR after passes: allreduce(tp) [intra]; allgather(dp) [intra]" in out
     assert "transport=ipc" in out and "one_shot chunk:" in out and "workspace per rank" in out
+    assert "workspace per rank: IPC 72.4 MiB" in out and " B (" not in out  # human units
+    assert "auto's thresholds: built-in rule" in out  # no --arch/--topology, no GPU here
+
+
+def test_explain_tables_auto_per_stage_with_its_source(capsys):
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--dtype", "bfloat16",
+                 "--arch", "sm_90a", "--topology", "nvlink"]) == 0
+    out = capsys.readouterr().out
+    src = "shipped default sm_90-nvlink-w2"
+    assert f"auto's thresholds: {src}" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.endswith(src) and ln.startswith(" ")]
+    # size range | algorithm | source, no registered pool then with one
+    assert [r[:-3] for r in rows[:3]] == [["<=", "256", "KiB", "ll"],
+                                          [">", "256", "KiB,", "<", "32", "MiB", "one_shot"],
+                                          [">=", "32", "MiB", "push"]]
+    assert [">", "256", "KiB,", "<", "128", "MiB", "one_shot"] in [r[:-3] for r in rows]
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--arch", "sm_90",
+                 "--topology", "pcie"]) == 0
+    out = capsys.readouterr().out
+    assert "every size     one_shot   built-in rule (no table for sm_90-pcie-w2)" in out
+    assert main(["explain", "allreduce(dp)", "--mesh", "dp=2,tp=1", "--ranks-per-node", "1",
+                 "--arch", "sm_90", "--topology", "nvlink"]) == 0
+    out = capsys.readouterr().out
+    assert "< 16 MiB       hierarchical kernel" in out
+    assert ">= 16 MiB      nccl (reference backend)" in out
+
+
+def test_explain_names_the_tuning_table_where_it_decides(tmp_path, monkeypatch, capsys):
+    import mixcc
+    from mixcc import fused, tune
+
+    table = tmp_path / "table.json"
+    monkeypatch.setenv(tune.ENV, str(table))
+    (stage,) = mixcc.compile("allreduce(tp)", mixcc.Mesh({"tp": 2}),
+                             backend="reference").plan.stages
+    import torch
+
+    prefix = tune.stage_prefix(fused.tuning_key(stage, torch.bfloat16), "bfloat16", 2, "sm_90a")
+    tune.save({prefix + str(tune.bucket(1 << 20)): tune.Choice("two_shot", 8)})
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--dtype", "bfloat16",
+                 "--arch", "sm_90a", "--topology", "nvlink"]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"> 512 KiB, <= 1 MiB +two_shot \(8 blocks\) +tuned table "
+                     + re.escape(str(table)), out)
+    assert re.search(r"> 256 KiB, <= 512 KiB +one_shot +shipped default", out)
+    assert re.search(r"> 1 MiB, < 32 MiB +one_shot +shipped default", out)
+
+
+def test_explain_key_flags_come_together(capsys):
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--arch", "sm_90"]) == 2
+    assert "--arch needs --topology too" in capsys.readouterr().err
+    assert main(["explain", "allreduce(tp)", "--mesh", "tp=2", "--arch", "sm_90",
+                 "--topology", "ib"]) == 2
+    assert "--topology 'ib' is not one of" in capsys.readouterr().err
 
 
 def test_explain_reports_errors_with_caret(capsys):

@@ -10,10 +10,13 @@ import torch
 import mixcc
 from mixcc.codegen import layout
 from mixcc.codegen.plan import ce_copies, ce_safe, grid, intra_cols
-from mixcc.fused import ALGO_CE, CE_MIN_BYTES, PUSH_MIN_BYTES, FusedRunner
+from mixcc.fused import ALGO_CE, FusedRunner
+from mixcc.tuning import thresholds
 
 from oracle import expected, make_input
 
+TH = thresholds.shipped(thresholds.Key("sm_90", "nvlink", 2))  # where they were measured
+CE_MIN_BYTES, PUSH_MIN_BYTES = TH.ce_min_bytes, TH.push_min_bytes
 COPIES = [("allgather(dp)", [("dp", 2), ("tp", 1)]), ("allgather(dp)", [("dp", 2), ("tp", 2)]),
           ("allgather(dp)", [("dp", 4), ("tp", 2)]), ("allgather(world)", [("w", 3)]),
           ("allgather(tp)", [("dp", 2), ("tp", 4)]),
@@ -74,6 +77,7 @@ def runner(program, axes, pool=True, algorithm="auto", debug=False, same_size=Tr
     (stage,) = stages(program, axes)
     r = object.__new__(FusedRunner)  # bypass the GPU runtime: only the choice is tested
     r.stages, r.algorithm, r.debug = [(stage, None)], algorithm, debug
+    r.th = TH
     r.elem, r.vec, r.max_blocks = 2, 8, layout.MAX_BLOCKS
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(layout.DEFAULT_WORKSPACE_BYTES),
                            workspace_bytes=layout.DEFAULT_WORKSPACE_BYTES,

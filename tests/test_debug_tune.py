@@ -127,3 +127,14 @@ def test_tune_cli_without_gpu_is_one_line_error(capsys):
     assert main(["tune", "--mesh", "dp=2,tp=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mixcc: error: mixcc tune measures fused kernels: it needs a CUDA GPU"]
+
+
+def test_tune_emit_defaults_wants_a_directory(tmp_path, capsys):
+    from mixcc.cli import main
+
+    f = tmp_path / "table.json"
+    f.write_text("{}")
+    assert main(["tune", "--emit-defaults", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mixcc: error: --emit-defaults {str(f)!r} must be a directory (it writes "
+                   "DIR/<arch>-<topology>-w<world>.json)"]

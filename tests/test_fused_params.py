@@ -11,15 +11,10 @@ import pytest
 import torch
 
 import mixcc
-from mixcc import fused, tune
+from mixcc import tune
 from mixcc.codegen import layout
 from mixcc.codegen.plan import ll_cols, ll_roles, ll_row_split, row_grid
 from mixcc.fused import (
-    HIER_NCCL_MIN_BYTES,
-    HIER_STAGED_NCCL_MIN_BYTES,
-    ONE_SHOT_MAX_BYTES_WIDE,
-    POOL_PUSH_MIN_BYTES,
-    PUSH_MIN_BYTES,
     FusedRunner,
     block_cap,
     hier_nccl_min_bytes,
@@ -27,8 +22,16 @@ from mixcc.fused import (
     push_safe,
     reduces_across_nodes,
 )
+from mixcc.tuning import thresholds
 
 PREFIX = "0123456789abcdef|bfloat16|8|sm_90a|"
+# the thresholds of the setup where they were measured (two H200s over NVLink)
+TH = thresholds.shipped(thresholds.Key("sm_90", "nvlink", 2))
+HIER_NCCL_MIN_BYTES = TH.hier_nccl_min_bytes
+HIER_STAGED_NCCL_MIN_BYTES = TH.hier_staged_nccl_min_bytes
+ONE_SHOT_MAX_BYTES_WIDE = TH.one_shot_max_bytes_wide
+POOL_PUSH_MIN_BYTES = TH.pool_push_min_bytes
+PUSH_MIN_BYTES = TH.push_min_bytes
 
 
 def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORKSPACE_BYTES,
@@ -42,9 +45,10 @@ def runner(program, axes, dtype, algorithm="auto", workspace=layout.DEFAULT_WORK
     r.rt = SimpleNamespace(region_bytes=layout.region_bytes(workspace),
                            workspace_bytes=workspace, pool=None)
     r.debug = False
+    r.th = TH
     r._stage_facts()
     r._nccl = True
-    r._nccl_from = hier_nccl_min_bytes(coll.plan, ())
+    r._nccl_from = hier_nccl_min_bytes(coll.plan, (), TH)
     r.tuned, r._prefixes = tuned or {}, [PREFIX] * len(r.stages)
     return r
 
@@ -126,7 +130,7 @@ def test_auto_picks_one_shot_and_two_shot_only_for_wide_large_messages():
 def test_ll_up_to_its_size_where_it_can_run():
     """auto takes LL up to LL_MAX_BYTES in two-rank stages outside debug mode; an LL
     chunk's lines fit a sender's LL area; LL refuses what push could not run in place."""
-    assert fused.LL_MAX_BYTES == 1 << 18
+    assert TH.ll_max_bytes == 1 << 18
     for prog in ("allreduce(tp)", "reducescatter(tp)", "allgather(tp)"):
         two = runner(prog, {"tp": 2}, torch.bfloat16)
         assert two._params(0, 4096, 8192)[0] == 3
@@ -179,7 +183,7 @@ def _two_nodes(program: str, axes: dict | None = None, rpn: int = 1) -> FusedRun
     r.plan = mixcc.compile(program, mixcc.Mesh(axes, ranks_per_node=rpn),
                            backend="reference").plan
     r.stages = [(st, None) for st in r.plan.stages]
-    r._nccl_from = hier_nccl_min_bytes(r.plan, ())
+    r._nccl_from = hier_nccl_min_bytes(r.plan, (), TH)
     assert not r.plan.one_node
     return r
 
@@ -211,7 +215,7 @@ def test_cross_node_reductions_go_to_nccl_from_16_mib_without_a_table():
     assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
     r = _two_nodes("allgather(dp)")
     assert not r.prefers_reference(1 << 30)
-    r._nccl_from = hier_nccl_min_bytes(r.plan, ("add(r)",))  # any fused epilogue statement
+    r._nccl_from = hier_nccl_min_bytes(r.plan, ("add(r)",), TH)  # any fused epilogue statement
     assert r.prefers_reference(HIER_STAGED_NCCL_MIN_BYTES)
 
 

@@ -4,7 +4,15 @@ from mixcc import Mesh
 from mixcc.codegen import layout
 from mixcc.codegen.linear_map import linear_map
 from mixcc.codegen.lower import lower, phases
-from mixcc.codegen.plan import HierStage, IntraStage, grid, hier_cols, intra_cols, share_cap
+from mixcc.codegen.plan import (
+    HierStage,
+    IntraStage,
+    grid,
+    hier_cols,
+    intra_cols,
+    part_elem,
+    share_cap,
+)
 from mixcc.codegen.schedule import DST_OUT, DST_WS, one_shot, two_shot
 from mixcc.ir.build import build
 from mixcc.ir.parser import parse
@@ -99,16 +107,17 @@ def test_hier_chunk_fits_both_workspaces(program, elem):
         region, sregion = layout.region_bytes(ws), layout.sym_region_bytes(sym)
         cols = hier_cols(st, elem, region, sregion)
         h, sc = st.hier, share_cap(cols, elem, st.hier.local)
+        pe = part_elem(st, elem)  # fp32 parts where node parts of 16-bit sums are added
         assert cols > 0 and cols % (16 // elem) == 0
         assert (h.in_units * cols + h.max_finals * sc) * elem <= region
-        assert 2 * h.nodes * h.max_parts * sc * elem <= sregion
+        assert 2 * h.nodes * h.max_parts * sc * pe <= sregion
         bigger = cols + 16 // elem  # the next width does not fit one of the two
         sc2 = share_cap(bigger, elem, h.local)
         assert ((h.in_units * bigger + h.max_finals * sc2) * elem > region
-                or 2 * h.nodes * h.max_parts * sc2 * elem > sregion)
+                or 2 * h.nodes * h.max_parts * sc2 * pe > sregion)
     text = lowered(program, m).describe(elem)
     assert "[intra+inter] transport=ipc+nvshmem" in text and "pipeline depth 2" in text
-    assert f"NVSHMEM symmetric heap {layout.DEFAULT_SYMMETRIC_BYTES} B" in text
+    assert "NVSHMEM symmetric heap 256 MiB" in text  # layout.DEFAULT_SYMMETRIC_BYTES
 
 
 @pytest.mark.parametrize("program", ["allreduce(dp)", "allgather(dp)"])

@@ -33,7 +33,10 @@ def test_wheel_contains_cuda_sources(wheel):
                    "mixcc/_templates/transport_nvshmem.cuh", "mixcc/_templates/transport_ipc.cuh",
                    "mixcc/_templates/mixcc_epilogue.cuh",
                    "mixcc/_templates/nvshmem_init.cuh", "mixcc/_runtime/mixcc_nvshmem.cu",
-                   "mixcc/_runtime/mixcc_runtime.cu", "mixcc/ir/grammar.lark"):
+                   "mixcc/_runtime/mixcc_runtime.cu", "mixcc/ir/grammar.lark",
+                   "mixcc/tuning/__init__.py", "mixcc/tuning/thresholds.py",
+                   "mixcc/tuning/defaults/sm_90-nvlink-w2.json",
+                   "mixcc/tuning/defaults/sm_90-mps-w2.json"):
         assert needed in names, f"{needed} missing from {wheel.name}"
 
 

@@ -11,6 +11,7 @@ import pytest
 from mixcc import runtime
 from mixcc.fused import FusedRunner
 from mixcc.runtime import Pool
+from mixcc.tuning import thresholds
 
 
 class FakeEvent:
@@ -101,6 +102,7 @@ def test_pool_memory_goes_when_closed_and_unused(monkeypatch):
 def runner_with(pool):
     r = object.__new__(FusedRunner)
     r.rt = SimpleNamespace(pool=pool)
+    r.th = thresholds.shipped(thresholds.Key("sm_90", "nvlink", 2))  # where it was measured
     return r
 
 
@@ -138,7 +140,7 @@ def test_registered_protocol_runs_from_reg_min_bytes(monkeypatch):
     (pool_peers 0), as in a group without a pool; from it the one-shot reads the input in
     place. Inputs are checked at every size; other algorithms never run the protocol."""
     import mixcc
-    from mixcc.fused import REG_MIN_BYTES
+    REG_MIN_BYTES = thresholds.shipped(thresholds.Key("sm_90", "nvlink", 2)).reg_min_bytes
 
     pool = fake_pool(1 << 35, 1 << 30, monkeypatch)
     r = runner_with(pool)

@@ -59,15 +59,11 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
 
 from __future__ import annotations
 
-# Default per-rank NVSHMEM symmetric workspace: regions of about 512 KiB at 128 blocks.
-# Two H200s as two nodes, allreduce(dp) from 8 MiB per rank: 32 MiB (64 KiB regions, 16
-# KiB of input per block and chunk) took 1.30-1.48x NCCL's time, 256 MiB with as large an
-# IPC workspace 0.94-1.20x; 1 GiB (one chunk per block at 64 MiB: no pipelining) 1.48x
-# at 64 MiB (docs/PERF.md, 2026-11-30 fifth session). Only cross-node programs allocate it.
+# Per-rank NVSHMEM workspace (cross-node programs only): about 512 KiB regions at 128 blocks,
+# the fastest of 32 MiB / 256 MiB / 1 GiB (docs/perf/h200x2-nvlink/, cross-node runs).
 DEFAULT_SYMMETRIC_BYTES = 256 << 20
-# Blocks per kernel; also the number of workspace regions per set. 32 blocks (one SM
-# each) moved at most ~160 GB/s through the kernels' copy and reduce phases on two H200s
-# (each phase latency-bound per SM: docs/PERF.md, 2026-11-29); the link alone takes 16.
+# Blocks per kernel and workspace regions per set: each block's phases are latency-bound,
+# so bandwidth needs many more blocks than the link alone (docs/perf/h200x2-nvlink/).
 MAX_BLOCKS = 128
 MAX_RANKS = 64  # ranks a runtime can serve
 MAX_NODES = 64
@@ -82,31 +78,23 @@ SENT_OFFSET = PUSH_FLAG_OFFSET + PUSH_FLAG_BYTES
 SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
-# A fused epilogue's row is held by at most this many blocks of the LL kernel. Two, as
-# measured on two H200s (docs/PERF.md, tenth session): 8192-bf16 rows over four blocks ran
-# the quant epilogue 0.7-1.4 us slower than over two, which beat whole rows at 1-16 rows.
+# Blocks that may share one row of the LL kernel's fused epilogue: two beat both one and
+# four (docs/perf/h200x2-nvlink/, epilogue split A/B).
 ROW_SPLIT_MAX = 2
 ROWSUM_OFFSET = REG_OFFSET + REG_BYTES
 ROWSUM_BYTES = MAX_BLOCKS * ROW_SPLIT_MAX * 8
 LL_OFFSET = (ROWSUM_OFFSET + ROWSUM_BYTES + 4095) // 4096 * 4096
-# A block's LL region per set, shared by the world-1 senders: 32 KiB of lines carry 16 KiB
-# of data, so that at two ranks a block holds a whole row of 8192 bf16 elements for a fused
-# epilogue. Without an epilogue a chunk uses LL_CHUNK_BYTES of it: 8 KiB of lines, 4 KiB
-# of data per block at two ranks (what was measured, docs/PERF.md 2026-11-30 sixth
-# session), so small calls spread over more blocks; 128 blocks carry 512 KiB per rank in
-# one chunk, above the sizes the LL kernel is for (fused.LL_MAX_BYTES); larger calls
-# take several chunks. Two sets suffice (templates/stage_kernel.cu.j2, ll_kernel): 8 MiB
-# per rank in all.
+# LL region per block and set: 32 KiB of lines hold a row of 8192 bf16 (a fused epilogue);
+# a plain chunk uses LL_CHUNK_BYTES of it, as measured (docs/perf/h200x2-nvlink/). Two sets
+# suffice (templates/stage_kernel.cu.j2, ll_kernel).
 LL_SETS = 2
 LL_REGION_BYTES = 32 << 10
 LL_CHUNK_BYTES = 8 << 10
 LL_BYTES = LL_SETS * MAX_BLOCKS * LL_REGION_BYTES
 DATA_OFFSET = (LL_OFFSET + LL_BYTES + 4095) // 4096 * 4096
-# Default per-rank IPC workspace: the flags and the LL area, then 64 MiB of data, 64 KiB
-# regions per block in each of the pull and push areas at 128 blocks: 8 MiB per chunk over
-# the grid, so a message of a few MB per rank fits in one chunk, and a chunk's flags cost
-# little against its transfer; a whole row of 16384 fp32 elements fits a region (a fused
-# epilogue keeps rows whole per block, docs/DESIGN.md "Epilogues").
+# Default per-rank IPC workspace: flags, the LL area, then 64 KiB regions per block in the
+# pull and push areas (8 MiB per chunk at 128 blocks; a region holds a row of 16384 fp32,
+# docs/DESIGN.md "Epilogues").
 DEFAULT_WORKSPACE_BYTES = DATA_OFFSET + 2 * NSETS * MAX_BLOCKS * (64 << 10)
 # The registered pool's offsets travel as 16-byte units in 32 bits.
 MAX_POOL_BYTES = (1 << 32) * 16 - 16

@@ -16,6 +16,7 @@ function of the stage, the element size and the workspace sizes: `chunk_cols` an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..ir.nodes import Op
@@ -23,6 +24,15 @@ from . import layout
 from .hier import HierSchedule
 from .linear_map import LinearMap
 from .schedule import TERM_INPUT, PushSchedule, Schedule, role_sends
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB", 75894784 -> "72.4 MiB" (binary units)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ def push_width(stage: IntraStage) -> int:
 
 
 def push_auto(stage: IntraStage) -> bool:
-    """Whether auto may take push for this stage from fused.PUSH_MIN_BYTES: the case
+    """Whether auto may take push for this stage from PUSH_MIN_BYTES (its table): the case
     measured (two ranks: each pushes to its one peer, into a whole push region) and push
     can run in place. On larger worlds a one-peer stage's sender area is a 1/(world-1)
     share of the region, so its chunks are smaller: not measured, the one-shot stays."""
@@ -109,7 +119,7 @@ def ll_safe(stage: IntraStage) -> bool:
 
 
 def ll_auto(stage: IntraStage) -> bool:
-    """Whether auto may take LL for this stage up to fused.LL_MAX_BYTES: the case measured
+    """Whether auto may take LL for this stage up to LL_MAX_BYTES (its table): the case measured
     (two ranks) where LL can run; more ranks were not measured."""
     return stage.lmap.world_size == 2 and ll_safe(stage)
 
@@ -241,30 +251,27 @@ def grid(unit_elems: int, cols: int, elem: int, max_blocks: int, ll: bool = Fals
     return nblocks, chunks, min(cols, math.ceil(per / vec) * vec)
 
 
-# Rows below this many bytes keep one block each in the LL kernel's fused epilogue: at
-# 4096 bf16 (8 KiB) rows over two blocks ran the layer's epilogue no faster and with quant
-# 1.1-1.3 us slower than whole rows; at 8192 (16 KiB) 0.2-1.6 us faster, from 1 to 16 rows
-# (two H200s, docs/PERF.md, tenth session). Widths in between were not measured.
+# Rows below this many bytes keep one block each in the LL kernel's fused epilogue (the
+# built-in rule; per setup: the tables' ROW_SPLIT_MIN_BYTES, mixcc/tuning/defaults).
 ROW_SPLIT_MIN_BYTES = 16 << 10
 
 
 def ll_row_split(stage: IntraStage, rows: int, hidden: int, elem: int, max_blocks: int,
-                 norms: int = 1, roles: int = 1) -> int:
+                 norms: int = 1, roles: int = 1, min_bytes: int | None = ROW_SPLIT_MIN_BYTES
+                 ) -> int:
     """Blocks per row of the LL kernel's fused epilogue (docs/DESIGN.md, "Epilogues"): for
-    rows of at least ROW_SPLIT_MIN_BYTES, as many as the plain LL call spreads a row over
+    rows of at least `min_bytes` (None: never), as many as the plain LL call spreads a row over
     (its chunk's columns per block, ll_cols), at most layout.ROW_SPLIT_MAX, each holding
     whole packs of an equal part, while every row's blocks fit the grid; else 1 (a block
-    per row). A block that holds a whole row of 8192 bf16 sends and receives 32 KiB of
-    lines alone: its polls ended 3.1 us after its sends against 1.1 us for the plain
-    call's quarter rows (docs/PERF.md, ninth session); the split rows' blocks then add
-    their sums of squares through the workspace, which costs part of that back.
+    per row). A block that holds a whole row sends and receives all its lines alone; the
+    split rows' blocks add their sums of squares through the workspace instead.
     Only where the row pass exchanges sums once per kernel (the slots and their tag serve
     one exchange): one output unit per block (one per rank, or `roles` > 1: ll_roles, each
     unit's rows on blocks of their own, `roles` x the blocks in the grid) and at most one
     rmsnorm statement (`norms`)."""
     if norms > 1 or any(len(r.reduce) != roles for r in stage.push_schedule.ranks):
         return 1
-    if hidden * elem < ROW_SPLIT_MIN_BYTES:
+    if min_bytes is None or hidden * elem < min_bytes:
         return 1
     vec = max(1, 16 // elem)
     cols = ll_cols(stage, elem)
@@ -325,9 +332,12 @@ class Plan:
     def describe(self, elem: int | None = None,
                  workspace_bytes: int = layout.DEFAULT_WORKSPACE_BYTES,
                  symmetric_bytes: int = layout.DEFAULT_SYMMETRIC_BYTES,
-                 depth: int = 2) -> str:
-        """Every stage with scope, transport, algorithm, chunk bytes (when the element size
-        is known), pipeline depth and workspace per rank; then the reference steps."""
+                 depth: int = 2, auto: Callable[[int, Stage], list[str]] | None = None
+                 ) -> str:
+        """Every stage with scope, transport, `auto`'s lines (auto's choice by size: see
+        fused.auto_lines), chunk bytes (when the element size is known), pipeline depth and
+        workspace per rank; then the reference steps."""
+        h = human_bytes
         if not self.stages:
             return "no stage: the program is the identity (output = copy of input)"
         lines = []
@@ -336,66 +346,52 @@ class Plan:
         for i, st in enumerate(self.stages):
             ops = "; ".join(str(o) for o in st.ops)
             lines.append(f"stage {i} [{st.scope}] transport={'+'.join(st.transports)}: {ops}")
+            if auto is not None:
+                lines += auto(i, st)
             if isinstance(st, IntraStage):
-                lines.append("    algorithm (auto): ll up to fused.LL_MAX_BYTES per rank in "
-                             "two-rank stages it can run, here "
-                             f"{'yes' if ll_auto(st) else 'no'}; else one_shot; two_shot past 1 "
-                             "MiB where a rank reads several peers; push from "
-                             "fused.PUSH_MIN_BYTES (fused.POOL_PUSH_MIN_BYTES in a group "
-                             "with a registered pool) in two-rank stages that push can run, here "
-                             f"{'yes' if push_auto(st) else 'no'}; the copy engines from "
-                             "fused.CE_MIN_BYTES for copies in a group with a registered "
-                             "pool (mixcc.empty) when every input lies in it at one offset, "
-                             f"here {'yes' if i == 0 and ce_safe(st) else 'no'} (first "
-                             "stages only); a fused epilogue runs in "
-                             "ll (small calls whose rows fit its region; its output units "
-                             "on blocks of their own in one chunk, here "
-                             f"{'yes' if ll_roles(st) > 1 else 'no'}) or the one-shot, or "
-                             "the two-shot with algorithm='two_shot'; docs/DESIGN.md, "
-                             "\"Intra-node algorithms\"")
                 if elem:
                     for two in (False, True):
                         cols = intra_cols(st, two, elem, region)
                         name = "two_shot" if two else "one_shot"
                         lines.append(f"    {name} chunk: {cols} elements x "
                                      f"{st.units_per_region(two)} unit(s) per block = "
-                                     f"{cols * elem * st.lmap.in_units} B of input per block")
+                                     f"{h(cols * elem * st.lmap.in_units)} of input per "
+                                     "block")
                     cols = push_cols(st, elem, region)
                     lines.append(f"    push chunk: {cols} elements per unit per block, "
                                  f"{layout.NSETS} chunks in flight per block (credits)")
                     lines.append(f"    ll chunk: {ll_cols(st, elem)} elements per unit per "
                                  "block (lines of 8 data bytes and the epoch, in an LL area "
-                                 f"of {layout.LL_BYTES} B per rank); LL can run here: "
+                                 f"of {h(layout.LL_BYTES)} per rank); LL can run here: "
                                  f"{'yes' if ll_safe(st) else 'no'}")
-                lines.append(f"    workspace per rank: IPC {workspace_bytes} B (pull and push "
+                lines.append(f"    workspace per rank: IPC {h(workspace_bytes)} (pull and push "
                              f"areas of {layout.NSETS} sets x {layout.MAX_BLOCKS} regions of "
-                             f"{region} B), symmetric heap 0 B; inputs and outputs are "
+                             f"{h(region)}), no symmetric heap; inputs and outputs are "
                              "ordinary tensors, read and written in place (no copy of the "
                              "message is allocated); an input from mixcc.empty (the group's "
-                             "registered pool, 1 GiB per rank by default, made by its first "
-                             "mixcc.empty) is read by peers in place by the one-shot from "
-                             "fused.REG_MIN_BYTES per rank, staged below; push reads any "
-                             "input in place (its senders store it straight to the peers)")
+                             "registered pool, 1 GiB per rank by default) may be read by "
+                             "peers in place (above); push reads any input in place")
                 for sched in st.schedules.values():
                     lines += ["    " + ln for ln in sched.describe(0).splitlines()]
             else:
-                h = st.hier
+                hs = st.hier
                 lines.append(f"    algorithm: hierarchical (intra reduce of node parts -> "
                              f"rail-aligned NVSHMEM put-with-signal -> combine -> intra "
                              f"gather); pipeline depth {depth} (chunks in flight)")
                 if elem:
                     cols = hier_cols(st, elem, region, sym)
                     lines.append(f"    chunk: {cols} elements per unit per block "
-                                 f"({cols * elem * h.in_units} B of input per block), share "
-                                 f"{share_cap(cols, elem, h.local)} elements per local rank"
+                                 f"({human_bytes(cols * elem * hs.in_units)} of input per "
+                                 "block), share "
+                                 f"{share_cap(cols, elem, hs.local)} elements per local rank"
                                  + ("; one rank per node: the input is read in place and, "
                                     "without a fused epilogue (whose fp32 shares go through "
                                     "the IPC region, in narrower chunks), the output written "
-                                    "in place" if h.local == 1 else ""))
-                lines.append(f"    workspace per rank: IPC {workspace_bytes} B, NVSHMEM "
-                             f"symmetric heap {symmetric_bytes} B (fixed, independent of the "
+                                    "in place" if hs.local == 1 else ""))
+                lines.append(f"    workspace per rank: IPC {h(workspace_bytes)}, NVSHMEM "
+                             f"symmetric heap {h(symmetric_bytes)} (fixed, independent of the "
                              "message size)")
-                lines += ["    " + ln for ln in h.describe(0).splitlines()]
+                lines += ["    " + ln for ln in hs.describe(0).splitlines()]
         lines.append("reference backend steps:")
         lines += [f"    {s}" for s in self.steps]
         return "\n".join(lines)

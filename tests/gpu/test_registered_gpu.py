@@ -34,7 +34,9 @@ def registered_task(rank: int, world: int) -> None:
     import torch.distributed as dist
 
     import mixcc
-    from mixcc.fused import REG_MIN_BYTES
+    from mixcc.tuning.thresholds import Key, shipped
+
+    REG_MIN_BYTES = shipped(Key("sm_90", "nvlink", 2)).reg_min_bytes
     from mixcc.runtime import _POOLS
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -124,7 +126,9 @@ def copy_engine_task(rank: int, world: int) -> None:
 
     import mixcc
     from mixcc.codegen import layout
-    from mixcc.fused import CE_MIN_BYTES
+    from mixcc.tuning.thresholds import Key, shipped
+
+    CE_MIN_BYTES = shipped(Key("sm_90", "nvlink", 2)).ce_min_bytes
 
     dev = torch.device("cuda", torch.cuda.current_device())
     mesh = mixcc.Mesh({"dp": world, "tp": 1})

@@ -1,4 +1,5 @@
-"""`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py).
+"""`mixcc tune`: measure the fused launch choices and write the tuning table (mixcc/tune.py);
+with --emit-defaults also auto's thresholds (thresholds.py, emit.py).
 
 For every program and size (bytes of input per rank, powers of two), every rank runs
 the program with each candidate (algorithm x blocks x chunk width, and on an NCCL group
@@ -14,23 +15,21 @@ from __future__ import annotations
 
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
-from . import launch, mps, tune
-from .codegen.plan import IntraStage
-from .mesh import Mesh
+from .. import launch, mps, tune
+from ..codegen.plan import IntraStage
+from ..mesh import Mesh
+from . import emit, thresholds
 
-# Columns per block and chunk: the widest that fits (64 KiB of bf16 in the default
-# workspace), 16384 or 8192. The middle one was added for push, whose chunk decides its
-# pipeline's fill and drain at 32-128 MiB (a one-process harness ran 32 KiB chunks 4-6%
-# faster than 64 KiB, docs/PERF.md 2026-11-30 second session).
+# Columns per block and chunk: the widest that fits, 16384 or 8192 (push's chunk sets its
+# pipeline's fill and drain; evidence: docs/perf/h200x2-nvlink/, push harness).
 CHUNK_CANDIDATES = (0, 16384, 8192)
 BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
-# A final round re-times the candidates within FINAL_WITHIN of the first round's best (at
-# most FINAL_MAX of them) FINAL_ROUNDS more times, interleaved, and keeps the lowest median:
-# on two H200s a first round of 3 repeats of 10 calls picked 64 blocks at 1 MiB where 128
-# ran 1.13x faster in the sweep that followed (docs/PERF.md, 2026-11-29).
+# Near ties (within FINAL_WITHIN of the best, at most FINAL_MAX) are re-timed FINAL_ROUNDS
+# times, interleaved; one short round misranks them (docs/perf/h200x2-nvlink/, tune logs).
 FINAL_WITHIN, FINAL_MAX, FINAL_ROUNDS = 1.10, 4, 3
 
 
@@ -87,7 +86,7 @@ def stage_input_bytes(runner, rows: int, inner: int) -> list[int]:
 def _time_choice(coll, runner, x: torch.Tensor, out: torch.Tensor, per_stage: list[int],
                  choice: tune.Choice | None, cfg: dict) -> float:
     """Seconds per call with `choice` forced on every stage (None: the heuristic)."""
-    from .bench import _max_over_ranks, repeat_times
+    from ..bench import _max_over_ranks, repeat_times
 
     runner.tuned = {} if choice is None else {
         (i, tune.bucket(b)): choice for i, b in enumerate(per_stage)}
@@ -103,13 +102,15 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     """Body of every rank (see the module docstring)."""
     import mixcc
 
-    from .bench import DTYPES
+    from ..bench import DTYPES
 
     mesh = Mesh(cfg["mesh_axes"], ranks_per_node=cfg["ranks_per_node"])
     dtype = DTYPES[cfg["dtype"]]
     dev = torch.device("cuda", torch.cuda.current_device())
     gen = torch.Generator().manual_seed(99 + rank)
     entries: dict[str, tune.Choice] = {}
+    samples: list[emit.Sample] = []
+    runner = None
     for program in cfg["programs"]:
         coll = mixcc.compile(program, mesh, dtype=dtype)  # auto: "nccl" entries apply
         g = coll.ir.granularity
@@ -125,6 +126,8 @@ def worker(rank: int, world: int, cfg: dict) -> None:
             base = _time_choice(coll, runner, x, out, per_stage, None, cfg)
             results = [(_time_choice(coll, runner, x, out, per_stage, c, cfg), c)
                        for c in candidates(runner)]
+            if len(runner.stages) == 1:
+                samples.append(sample(program, runner, per_stage[0], results))
             final = finalists(results)
             rounds = [[_time_choice(coll, runner, x, out, per_stage, c, cfg) for c in final]
                       for _ in range(FINAL_ROUNDS)] if len(final) > 1 else []
@@ -145,6 +148,47 @@ def worker(rank: int, world: int, cfg: dict) -> None:
     if rank == 0:
         path = tune.save(entries)
         print(f"wrote {len(entries)} entries to {path}", flush=True)
+        if cfg.get("emit") is not None and runner is not None:
+            write_defaults(cfg, runner, samples, str(path))
+
+
+def sample(program: str, runner, nbytes: int, results: list[tuple[float, tune.Choice]]
+           ) -> emit.Sample:
+    """The sweep's record of a one-stage program at one size, for --emit-defaults."""
+    from ..fused import hier_kind
+
+    traits = runner._traits[0]
+    best: dict[str, float] = {}
+    for t, c in results:  # LL and push count only where auto may take them (AutoTraits)
+        if (c.algorithm != "ll" or traits.ll) and (c.algorithm != "push" or traits.push):
+            best[c.algorithm] = min(t, best.get(c.algorithm, t))
+    stage = runner.stages[0][0]
+    if isinstance(stage, IntraStage):
+        kind = "intra"
+    else:  # which of the two NCCL thresholds governs this plan ("hier_copy": neither)
+        kind = f"hier_{hier_kind(runner.plan, runner.epilogue)}"
+    return emit.Sample(program, nbytes, kind, traits.wide if kind == "intra" else False, best)
+
+
+def write_defaults(cfg: dict, runner, samples: list[emit.Sample], table: str) -> None:
+    """Rank 0: derive auto's thresholds from the sweep and write them as a table keyed by
+    this group's arch, topology and world (cfg["emit"]: a path, or "" for the default)."""
+    resolved = runner.thresholds
+    if resolved.key is None:
+        print("note: no threshold table written: this group's key is unknown", flush=True)
+        return
+    body = emit.emit_body(samples, resolved.key, resolved.values, resolved.source,
+                          cfg.get("command", "mixcc tune"), [table])
+    where = cfg["emit"] or thresholds.user_dir()
+    if where is None:
+        print(f"note: no threshold table written ({tune.ENV}=off and no path given)",
+              flush=True)
+        return
+    path = Path(where)
+    if path.suffix != ".json":
+        path = path / f"{resolved.key}.json"
+    thresholds.write_table(path, body)
+    print(f"wrote auto's thresholds for {resolved.key} to {path}", flush=True)
 
 
 def header() -> str:
