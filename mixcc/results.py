@@ -181,7 +181,7 @@ def _mesh_text(name: str, world: int) -> str:
     return f"dp={dp},tp={world // dp}"
 
 
-def _backends(name: str, where: str) -> list[str]:
+def _default_backends(name: str, where: str) -> list[str]:
     if name == "allreduce":
         return list(_AR[where])
     if name in ("allgather", "reducescatter"):
@@ -224,7 +224,7 @@ def plan(args: argparse.Namespace, m: Machine, out_dir: Path) -> list[Plan]:
         text = presets.resolve(name)
         p = Plan(name, None)
         keep = []
-        for be in _backends(name, where):
+        for be in _default_backends(name, where):
             na = baselines.machine_refusal(be, nccl=where == "nccl") \
                 if be in baselines.BASELINES else None
             if na:
@@ -260,6 +260,90 @@ def _epilogue_plan(args: argparse.Namespace, where: str, world: int, prefix: str
                  "64" if args.quick else "512", "--iters", str(args.iters or 20),
                  "--repeats", str(args.repeats or (3 if args.quick else 5)), "--out", prefix]
     return p
+
+
+def prebuild_commands(plans: list[Plan]) -> list[list[str]]:
+    """`mixcc prebuild` for the fused kernels of each planned bench (the program and, for
+    the separate-calls baseline, its statements), run in parallel before the timings."""
+    from .ir.parser import parse
+
+    out = []
+    for p in plans:
+        if p.command is None or p.command[:4] != ["python3", "-m", "mixcc", "bench"]:
+            continue
+        backends = _backends_of(p.command)
+        if not any(be in bench.FUSED or be == "separate" for be in backends):
+            continue
+        flag = p.command.index
+        mesh, dtype = p.command[flag("--mesh") + 1], p.command[flag("--dtype") + 1]
+        progs = [presets.resolve(p.command[flag("--program") + 1])]
+        if "separate" in backends:
+            progs += [str(st) for st in parse(progs[0]).stmts if str(st) not in progs]
+        cmd = ["python3", "-m", "mixcc", "prebuild", "--mesh", mesh, "--dtype", dtype]
+        for prog in progs:
+            cmd += ["--program", prog]
+        out.append(cmd)
+    return out
+
+
+def _backends_of(command: list[str]) -> list[str]:
+    return command[command.index("--backend") + 1].split(",")
+
+
+def _prebuild(cmds: list[list[str]], out_dir: Path, deadline: float | None) -> str:
+    """Run the prebuild commands at once (output to prebuild.log); a one-line verdict."""
+    env = {**os.environ, **NO_MULTICAST_ENV}
+    t0 = time.monotonic()
+    with open(out_dir / "prebuild.log", "w") as log:
+        procs = [subprocess.Popen([sys.executable, *c[1:]], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                 for c in cmds]
+        codes = []
+        for proc in procs:
+            left = None if deadline is None else max(1.0, deadline - time.monotonic())
+            try:
+                codes.append(proc.wait(timeout=left))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                codes.append(None)
+    failed = sum(c != 0 for c in codes)
+    return (f"{len(cmds)} prebuild commands in {time.monotonic() - t0:.0f} s"
+            + (f", {failed} failed or cut (prebuild.log; the benches build what is "
+               "missing)" if failed else ""))
+
+
+def probe_command(world: int) -> list[str]:
+    """One small allreduce on registered windows with NCCL's tuning log on: whether NCCL
+    names symmetric kernels for it (it falls back to its regular ones silently)."""
+    return ["python3", "-m", "mixcc", "bench", "--mesh", f"dp=1,tp={world}", "--program",
+            "allreduce", "--backend", "nccl_symm_nocopy", "--dtype", "bfloat16",
+            "--hidden", "4096", "--min-bytes", "1M", "--max-bytes", "1M", "--iters", "1",
+            "--repeats", "1"]
+
+
+def _probe(world: int, out_dir: Path) -> str:
+    """Run probe_command with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING (its log in
+    nccl_symm_probe.log); what the log says, in one sentence."""
+    env = {**os.environ, **NO_MULTICAST_ENV, "NCCL_DEBUG": "INFO",
+           "NCCL_DEBUG_SUBSYS": "INIT,TUNING"}
+    try:
+        proc = subprocess.run([sys.executable, *probe_command(world)[1:]], env=env,
+                              capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return "the probe did not finish in 180 s"
+    text = proc.stdout + proc.stderr
+    (out_dir / "nccl_symm_probe.log").write_text(text)
+    seen = [ln.strip() for ln in text.splitlines()
+            if "NCCL INFO" in ln and re.search(r"symm|symk", ln, re.IGNORECASE)]
+    if proc.returncode != 0:
+        return f"the probe failed (exit {proc.returncode}; nccl_symm_probe.log)"
+    if seen:
+        return (f"NCCL's log names symmetric kernels or windows in {len(seen)} lines, e.g. "
+                f"`{seen[-1][-160:]}` (nccl_symm_probe.log)")
+    return ("NCCL's tuning log names no symmetric kernel for a 1 MiB bfloat16 allreduce on "
+            "registered windows, so the nccl_symm rows may be its regular kernels "
+            "(nccl_symm_probe.log)")
 
 
 def _execute(p: Plan, out_dir: Path, deadline: float | None) -> None:
@@ -388,7 +472,8 @@ def baseline_table(m: Machine) -> list[tuple[str, str, str]]:
 
 
 def results_md(m: Machine, setup: str, argv: list[str], plans: list[Plan], started: str,
-               out_dir: Path) -> str:
+               out_dir: Path, prebuilt: list[list[str]] | None = None, built: str = "",
+               probe: tuple[list[str], str] | None = None) -> str:
     where = placement(m)
     devices = (f"{len(m.gpus)} x {m.gpus[0]}" if m.gpus else "CPU only")
     how = {"nccl": "one process per GPU, NCCL process group",
@@ -414,8 +499,16 @@ def results_md(m: Machine, setup: str, argv: list[str], plans: list[Plan], start
            "|---|---|---|"]
     out += [f"| {b} | {a} | {w or '-'} |" for b, a, w in baseline_table(m)]
     out += ["", "NCCL runs its regular kernels, silently, where its symmetric ones do not "
-                "apply to a call; `NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING` shows which ran.",
+                "apply to a call (and with NVLS off, only its symmetric kernels without "
+                "multicast can); `NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=TUNING` shows which ran.",
             ""]
+    if probe:
+        out += ["Checked after the benchmarks with NCCL's log on (NCCL_DEBUG=INFO "
+                "NCCL_DEBUG_SUBSYS=INIT,TUNING):", "",
+                "    " + shlex.join(probe[0]), "", probe[1] + ".", ""]
+    if prebuilt:
+        out += ["Kernels compiled before the benchmarks, at once (" + built + "):", ""]
+        out += ["    " + shlex.join(c) for c in prebuilt] + [""]
     for p in plans:
         out += [f"## {p.name}", ""]
         if p.command is None:
@@ -519,6 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    os.environ.update(NO_MULTICAST_ENV)  # this process and all it starts
     root = root or Path.cwd()
     m = machine(root, args.commit)
     setup = args.setup or setup_name(m.gpus, m.link)
@@ -533,6 +627,13 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     print(f"perf_results: setup {setup} -> {out_dir}", flush=True)
+    built = ""
+    pre = prebuild_commands(plans) if m.gpus else []
+    for c in pre:
+        print(shlex.join(c), flush=True)
+    if pre and not args.dry_run:
+        built = _prebuild(pre, out_dir, deadline)
+        print(built, flush=True)
     for p in plans:
         if p.command is None:
             print(f"{p.name}: not run: {p.why}", flush=True)
@@ -544,7 +645,15 @@ def main(argv: list[str] | None = None, root: Path | None = None) -> int:
         print(f"{p.name}: {p.status} ({p.seconds:.0f} s)", flush=True)
     if args.dry_run:
         return 0
-    (out_dir / "RESULTS.md").write_text(results_md(m, setup, argv, plans, started, out_dir))
+    probe = None
+    if placement(m) == "nccl" and baselines.nccl_symm_support() is None and (
+            deadline is None or deadline - time.monotonic() > 60):
+        world = args.world_size or len(m.gpus)
+        print(shlex.join(probe_command(world)) + "  # NCCL_DEBUG=INFO", flush=True)
+        probe = (probe_command(world), _probe(world, out_dir))
+        print(f"nccl_symm probe: {probe[1]}", flush=True)
+    text = results_md(m, setup, argv, plans, started, out_dir, pre, built, probe)
+    (out_dir / "RESULTS.md").write_text(text)
     print(f"wrote {out_dir / 'RESULTS.md'}\n\n{summary(plans, out_dir)}", flush=True)
     return 0 if all(p.status == "ok" or p.command is None for p in plans) else 1
 

@@ -66,6 +66,13 @@ def test_two_gpus_run_every_benchmark_with_nccl_symm_beside_nccl(monkeypatch):
         assert {"nccl1", "separate", "nccl_symm"} <= set(_backends(plans[name]))
     epi = plans["epilogue"]
     assert epi.command[:5] == ["python3", "-m", "mixcc.bench_epilogue", "--world-size", "2"]
+    pre = [" ".join(c) for c in results.prebuild_commands(list(plans.values()))]
+    assert pre[0] == "python3 -m mixcc prebuild --mesh dp=1,tp=2 --dtype bfloat16 " \
+                     "--program allreduce(tp)"
+    assert pre[3] == ("python3 -m mixcc prebuild --mesh dp=2,tp=1 --dtype bfloat16 "
+                      "--program allreduce(tp); allgather(dp) --program allreduce(tp) "
+                      "--program allgather(dp)")  # separate's statements too
+    assert len(pre) == 5  # the epilogue bench builds its own
 
 
 def test_four_gpus_leave_out_what_cannot_run_the_program(monkeypatch):
@@ -165,3 +172,29 @@ def test_cpu_run_writes_each_benchmarks_files_and_results_md(tmp_path):
     assert last[-4].startswith("benchmark ") and last[-3].split()[:3] == ["allreduce", "ok",
                                                                           "2"]
     assert last[-1].startswith("epilogue                 not run")
+
+
+@pytest.mark.parametrize("log,rc,verdict", [
+    ("h:1:1 [0] NCCL INFO AllReduce: 1048576 Bytes -> [Symmetric] kernel AllReduce_RSxLD\n",
+     0, "NCCL's log names symmetric kernels or windows in 1 lines, e.g. `h:1:1 [0] NCCL INFO "
+        "AllReduce: 1048576 Bytes -> [Symmetric] kernel AllReduce_RSxLD` "
+        "(nccl_symm_probe.log)"),
+    ("h:1:1 [0] NCCL INFO AllReduce: 1048576 Bytes -> Algo RING proto LL128\n", 0,
+     "NCCL's tuning log names no symmetric kernel for a 1 MiB bfloat16 allreduce on "
+     "registered windows, so the nccl_symm rows may be its regular kernels "
+     "(nccl_symm_probe.log)"),
+    ("symmetric in a traceback, not NCCL's line\n", 1,
+     "the probe failed (exit 1; nccl_symm_probe.log)"),
+])
+def test_the_nccl_log_probe_reads_what_nccl_says(monkeypatch, tmp_path, log, rc, verdict):
+    seen = {}
+
+    def run(cmd, env, **kw):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, rc, stdout="", stderr=log)
+
+    monkeypatch.setattr(results.subprocess, "run", run)
+    assert results._probe(2, tmp_path) == verdict
+    assert (tmp_path / "nccl_symm_probe.log").read_text() == log
+    assert seen["cmd"][1:4] == ["-m", "mixcc", "bench"] and "nccl_symm_nocopy" in seen["cmd"]
+    assert seen["env"]["NCCL_DEBUG"] == "INFO" and seen["env"]["NCCL_NVLS_ENABLE"] == "0"
