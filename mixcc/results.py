@@ -101,14 +101,12 @@ def gpu_names() -> tuple[list[str], str]:
     out = _run_text(["nvidia-smi", "--query-gpu=name,driver_version",
                      "--format=csv,noheader"]) if shutil.which("nvidia-smi") else ""
     rows = [[c.strip() for c in ln.split(",")] for ln in out.splitlines() if "," in ln]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if rows and visible is not None and visible.strip() != "":
-        keep = [int(v) for v in visible.split(",") if v.strip().isdigit()]
-        rows = [rows[i] for i in keep if i < len(rows)]
-    if rows:
-        return [r[0] for r in rows], rows[0][1]
-    n = bench.gpu_count()
-    return (["GPU"] * n, "unknown") if n else ([], "")
+    n = bench.gpu_count()  # what torch sees (CUDA_VISIBLE_DEVICES), through NVML
+    if not n:
+        return [], rows[0][1] if rows else ""
+    if rows:  # nvidia-smi lists every GPU: the first n stand for the visible ones
+        return [r[0] for r in rows[:n]] + ["GPU"] * (n - len(rows)), rows[0][1]
+    return ["GPU"] * n, "unknown"
 
 
 def link_kind(gpus: int) -> str:
@@ -354,10 +352,9 @@ def _execute(p: Plan, out_dir: Path, deadline: float | None) -> None:
     if left is not None and left < 5:
         p.status, p.why = "not run", "the time budget (--budget-s) was spent"
         return
+    env = {**os.environ, **NO_MULTICAST_ENV}
     here = str(Path(__file__).resolve().parents[1])  # this mixcc, in the benches too
-    path = os.environ.get("PYTHONPATH", "")
-    env = {**os.environ, **NO_MULTICAST_ENV,
-           "PYTHONPATH": here + (os.pathsep + path if path else "")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, env.get("PYTHONPATH"))))
     cmd = [sys.executable, *p.command[1:]]
     t0 = time.monotonic()
     with open(log, "w") as f:
