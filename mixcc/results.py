@@ -208,7 +208,8 @@ def plan(args: argparse.Namespace, m: Machine, out_dir: Path) -> list[Plan]:
     hidden = args.hidden or (4096 if m.gpus else 1024)
     quick = args.quick
     sizes = ["--min-bytes", args.min_bytes or ("16K" if m.gpus else "4K"),
-             "--max-bytes", args.max_bytes or ("1M" if quick else "64M" if m.gpus else "16K")]
+             "--max-bytes", args.max_bytes or ("16K" if not m.gpus else "1M" if quick
+                                               else "64M")]
     times = ["--iters", str(args.iters or (5 if quick or not m.gpus else 20)),
              "--repeats", str(args.repeats or (3 if quick or not m.gpus else 5))]
     plans = []
@@ -231,7 +232,7 @@ def plan(args: argparse.Namespace, m: Machine, out_dir: Path) -> list[Plan]:
                 continue
             why = _refusal(be, text, mesh, dtype, where)
             if why:
-                p.left_out.append(f"{be}: {why}")
+                p.left_out.append(why if why.startswith(f"{be}:") else f"{be}: {why}")
             else:
                 keep.append(be)
         runnable = [be for be in keep if not any(a.startswith(f"n/a: {be}:") for a in p.absent)]

@@ -79,7 +79,7 @@ def test_four_gpus_leave_out_what_cannot_run_the_program(monkeypatch):
     plans = _plans(monkeypatch, 4, "--quick")
     ar = plans["allreduce"]
     assert "peer_copy" not in _backends(ar)
-    assert "peer_copy: peer_copy: two ranks with a GPU each (NCCL) only" in ar.left_out
+    assert "peer_copy: two ranks with a GPU each (NCCL) only" in ar.left_out
     pre = plans["allreduce_allgather"]
     assert pre.command[5] == "dp=2,tp=2" and "nccl_symm" not in _backends(pre)
     assert "nccl_symm: NCCL symmetric-kernel baseline: one collective over the whole world " \

@@ -59,3 +59,42 @@ def test_nccl_symmetric_kernels_on_registered_windows(spawn_ranks):
     if why:
         pytest.skip(f"nccl_symm: {why}")
     spawn_ranks(windows_match_the_exact_result, 2)
+
+
+def test_bench_times_nccl_symm_beside_nccl_with_no_wrong_element(tmp_path):
+    """`mixcc bench` on two GPUs: the nccl_symm rows of allreduce, allgather and
+    reducescatter at three sizes, each checked against the exact result and timed with
+    CUDA graphs (its windows made and released per size)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gpu_helpers import ranks
+
+    from mixcc import baselines
+    from mixcc.launch import NO_MULTICAST_ENV
+
+    why = baselines.nccl_symm_support()
+    if why:
+        pytest.skip(f"nccl_symm: {why}")
+    if ranks.gpu_count() < 2:
+        pytest.skip("needs two GPUs")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, **NO_MULTICAST_ENV, "CUDA_VISIBLE_DEVICES": "0,1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(root), env.get("PYTHONPATH"))))
+    for program, mesh in CASES:
+        out = tmp_path / program.split("(")[0]
+        proc = subprocess.run(
+            [sys.executable, "-m", "mixcc", "bench", "--mesh", mesh, "--program", program,
+             "--backend", "reference,nccl_symm,nccl_symm_nocopy", "--dtype", "bfloat16",
+             "--hidden", "1024", "--min-bytes", "64K", "--max-bytes", "256K", "--iters", "5",
+             "--repeats", "2", "--out", str(out)],
+            capture_output=True, text=True, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        rows = json.loads(out.with_suffix(".json").read_text())
+        got = {(r["backend"], r["bytes"]) for r in rows if r["backend"].startswith("nccl_symm")}
+        assert len(got) == 6, (program, sorted(got))  # two variants x three sizes
+        assert all(r["errors"] == 0 and r["timing"] == "graph" and r["time_us"] > 0
+                   for r in rows if r["backend"].startswith("nccl_symm")), rows
