@@ -347,9 +347,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 # the parent never initialises CUDA: each rank attaches to MPS itself
                 launch.spawn(_bench_worker, world, cfg, backend=cfg["pg"])
                 rows += bench.read_rows(cfg["rows_path"])
-                with open(cfg["rows_path"] + ".absent") as f:
-                    for be, why in json.load(f).items():
-                        absent.setdefault(be, why)
+                if os.path.exists(cfg["rows_path"] + ".absent"):
+                    with open(cfg["rows_path"] + ".absent") as f:
+                        for be, why in json.load(f).items():
+                            absent.setdefault(be, why)
     except mps.MpsError as e:
         raise UsageError(f"{e}\nor pass --no-mps (GPU rows then report host issue times, "
                          "not device times)") from None
