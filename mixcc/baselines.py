@@ -10,6 +10,15 @@ section 6):
   `symm_two_shot_nocopy`: the kernel alone, the input already in the buffer (`load`).
   One GPU per rank on NCCL, or ranks sharing one GPU (gloo; torch then needs
   TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, which `mixcc bench` sets).
+- `nccl_symm` / `nccl_symm_nocopy`: NCCL's symmetric-memory kernels (NCCL 2.27+) for a
+  program of one collective over the whole world (allreduce, allgather, reducescatter;
+  one GPU per rank on NCCL): the input and output live in a torch memory pool registered
+  as NCCL windows (`ProcessGroupNCCL.register_mem_pool(pool, symm)`), and the call is the
+  plain torch.distributed collective on them, which NCCL then runs with its symmetric
+  kernels. `nccl_symm` copies x into the input window inside the timed call;
+  `nccl_symm_nocopy` finds it there (`load`; an allreduce then runs in place). Both leave
+  the result in the output window. Where the installed NCCL or torch lacks them,
+  nccl_symm_support() says why and the bench reports the rows as n/a.
 - `separate`: the program as separate mixcc calls, one fused Collective per statement,
   chained through intermediate buffers (what a caller without mixcc's fusion runs).
 - `peer_copy`: not a collective but the link's own time at this size, the bound a
@@ -40,8 +49,10 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SYMM = ("symm_one_shot", "symm_two_shot", "symm_one_shot_nocopy", "symm_two_shot_nocopy")
+NCCL_SYMM = ("nccl_symm", "nccl_symm_nocopy")
 LINK = ("peer_copy",)  # bounds, not results: never checked, never a ratio's best
-BASELINES = ("nccl1", *SYMM, *LINK, "separate")
+BASELINES = ("nccl1", *SYMM, *NCCL_SYMM, *LINK, "separate")
+NCCL_SYMM_MIN = (2, 27, 0)  # the first NCCL with window registration and symmetric kernels
 SHAPE_FREE = ("nccl1", "separate")  # one fn serves every input shape
 
 
@@ -176,6 +187,155 @@ def peer_copy(mesh: Mesh, shape: torch.Size, dtype: torch.dtype, bus_factor: flo
     return fn
 
 
+def nccl_version() -> tuple[int, int, int] | None:
+    """The NCCL version torch runs with (no CUDA call), or None where torch has no NCCL."""
+    try:
+        v = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):  # a CPU build has no _nccl_version
+        return None
+    return (int(v[0]), int(v[1]), int(v[2]))
+
+
+def nccl_symm_support() -> str | None:
+    """Why NCCL's symmetric kernels cannot be reached through this torch and NCCL, or None.
+
+    Needs NCCL 2.27+ and torch's ProcessGroupNCCL with a memory allocator and
+    register_mem_pool taking the symmetric flag. No process group nor CUDA call: the
+    launcher asks before spawning, the results script before running."""
+    ver = f"torch {torch.__version__}"
+    if not dist.is_available() or not dist.is_nccl_available():
+        return f"{ver} is built without NCCL"
+    v = nccl_version()
+    if v is None:
+        return f"{ver} does not report its NCCL version"
+    if v < NCCL_SYMM_MIN:
+        return (f"NCCL {'.'.join(map(str, v))} has no symmetric kernels (they came with "
+                f"NCCL {'.'.join(map(str, NCCL_SYMM_MIN))})")
+    pg = getattr(dist, "ProcessGroupNCCL", None)
+    register = getattr(pg, "register_mem_pool", None)
+    if register is None or not hasattr(pg, "mem_allocator"):
+        return f"{ver} has no ProcessGroupNCCL.register_mem_pool / mem_allocator"
+    if not _takes_symm_flag(register):
+        return (f"{ver}: ProcessGroupNCCL.register_mem_pool takes no symmetric flag, so "
+                "it cannot register NCCL windows")
+    return None
+
+
+def _takes_symm_flag(register: object) -> bool:
+    """Whether a pybind register_mem_pool takes (pool, symm): its signature line names
+    the flag, or shows a second, bool argument where the binding names none."""
+    doc = getattr(register, "__doc__", None) or ""
+    head = doc.split(") ->")[0]
+    return "symm" in head or "arg1: bool" in head
+
+
+def _nccl_symm_refusal(program: str, mesh: Mesh, dtype: torch.dtype, *,
+                       nccl: bool) -> str | None:
+    """Why the program cannot be an NCCL symmetric-kernel baseline (before the machine)."""
+    ops = [op for op in build(parse(program), mesh).ops if mesh.group_size(op.axes) > 1]
+    if len(ops) != 1 or mesh.group_size(ops[0].axes) != mesh.world_size:
+        return "NCCL symmetric-kernel baseline: one collective over the whole world only"
+    if not nccl:
+        return "NCCL symmetric kernels need one GPU per rank (the NCCL process group)"
+    op = ops[0]
+    if op.coll != "allgather" and (op.redop != "sum" or dtype not in (
+            torch.bfloat16, torch.float16, torch.float32)):
+        return ("NCCL's symmetric allreduce and reducescatter: sum of bfloat16, float16 or "
+                "float32 only")
+    return None
+
+
+class NcclWindows:
+    """NCCL's own collective on buffers in a torch memory pool registered as NCCL windows
+    (see the module docstring); `close()` deregisters them (collective: every rank)."""
+
+    def __init__(self, coll: str, shape: torch.Size, dtype: torch.dtype,
+                 group: dist.ProcessGroup | None, copy: bool):
+        pg = group if group is not None else dist.group.WORLD
+        n = dist.get_world_size(group)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        rows = {"allgather": shape[0] * n, "reducescatter": shape[0] // n}.get(coll, shape[0])
+        self.coll, self.group, self.copy = coll, group, copy
+        # torch registers windows only on a communicator that exists: one collective first
+        dist.all_reduce(torch.zeros(1, device=dev), group=group)
+        try:  # collective: the same verdict on every rank (same NCCL, same driver)
+            self.backend = pg._get_backend(dev)
+            self.pool = torch.cuda.MemPool(self.backend.mem_allocator)
+            with torch.cuda.use_mem_pool(self.pool):
+                self.src = torch.zeros(shape, dtype=dtype, device=dev)
+                self.dst = self.src if coll == "allreduce" else torch.zeros(
+                    (rows, *shape[1:]), dtype=dtype, device=dev)
+            self.backend.register_mem_pool(self.pool, True)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise Unavailable(f"registering NCCL windows failed: "
+                              f"{str(e).strip().splitlines()[0] if str(e) else type(e).__name__}"
+                              ) from None
+        self.registered = True
+
+    def load(self, x: torch.Tensor) -> None:
+        self.src.copy_(x)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.copy:
+            self.src.copy_(x)
+        if self.coll == "allreduce":
+            dist.all_reduce(self.src, group=self.group)
+        elif self.coll == "allgather":
+            dist.all_gather_into_tensor(self.dst, self.src, group=self.group)
+        else:
+            dist.reduce_scatter_tensor(self.dst, self.src, group=self.group)
+        return self.dst
+
+    def close(self) -> None:
+        """Deregister the windows and free the buffers (call on every rank at once)."""
+        if self.registered:
+            torch.cuda.synchronize()
+            self.backend.deregister_mem_pool(self.pool)
+            self.registered = False
+        self.src = self.dst = None  # type: ignore[assignment]
+
+
+def nccl_symm(program: str, mesh: Mesh, shape: torch.Size, dtype: torch.dtype,
+              group: dist.ProcessGroup | None = None, *, copy: bool = True) -> NcclWindows:
+    """NCCL's collective for `program` on registered windows (see the module docstring)."""
+    nccl = torch.cuda.is_available() and "nccl" in str(dist.get_backend(group))
+    reason = _nccl_symm_refusal(program, mesh, dtype, nccl=nccl) or nccl_symm_support()
+    if reason:
+        raise Unavailable(reason)
+    op = next(o for o in build(parse(program), mesh).ops if mesh.group_size(o.axes) > 1)
+    return NcclWindows(op.coll, shape, dtype, group, copy)
+
+
+def machine_refusal(name: str, *, nccl: bool = True) -> str | None:
+    """Why baseline `name` is absent from this machine, whatever the program: what its
+    torch or NCCL lacks, or (NCCL's symmetric kernels) a placement without one GPU per
+    rank (`nccl` False). `mixcc bench` reports it as n/a, never as an error. No process
+    group nor CUDA call."""
+    if name in NCCL_SYMM:
+        why = nccl_symm_support()
+        if why is None and not nccl:
+            why = "NCCL symmetric kernels need one GPU per rank (here ranks share GPUs)"
+        return why
+    if name in SYMM or name in LINK:
+        return symm_mem_support()
+    return None
+
+
+def symm_mem_support() -> str | None:
+    """Why torch's symmetric memory (its one-shot / two-shot allreduce) is absent, or None."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError as e:
+        return f"torch {torch.__version__} has no symmetric memory ({e})"
+    if not hasattr(symm_mem, "rendezvous"):
+        return f"torch {torch.__version__} has no symmetric-memory rendezvous"
+    try:
+        torch.ops.symm_mem.one_shot_all_reduce_out  # noqa: B018 - the op's presence
+    except (AttributeError, RuntimeError):
+        return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce_out"
+    return None
+
+
 def _peer_copy_refusal(mesh: Mesh, *, nccl: bool) -> str | None:
     if mesh.world_size != 2 or not nccl:
         return "peer_copy: two ranks with a GPU each (NCCL) only"
@@ -239,7 +399,8 @@ def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, 
     """Why baseline `name` cannot run `program` (resolved text), or None. Needs no process
     group, so the launcher can check before spawning; `nccl`: one GPU per rank on NCCL;
     `one_gpu`: every rank on one GPU (gloo). `separate` is also refused where the fused
-    backend cannot run (the caller checks that)."""
+    backend cannot run (the caller checks that); what the machine's torch or NCCL lacks
+    is machine_refusal's answer."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     if name == "nccl1":
@@ -254,6 +415,8 @@ def unavailable_reason(name: str, program: str, mesh: Mesh, dtype: torch.dtype, 
         return None
     if name in LINK:
         return _peer_copy_refusal(mesh, nccl=nccl)
+    if name in NCCL_SYMM:
+        return _nccl_symm_refusal(program, mesh, dtype, nccl=nccl)
     return _symm_refusal(program, mesh, dtype, nccl=nccl, one_gpu=one_gpu)
 
 
@@ -267,6 +430,8 @@ def make(name: str, program: str, mesh: Mesh, shape: torch.Size, dtype: torch.dt
         return one_call(program, mesh, group)
     if name == "separate":
         return separate(program, mesh, dtype, group)
+    if name in NCCL_SYMM:
+        return nccl_symm(program, mesh, shape, dtype, group, copy=name == "nccl_symm")
     if name in SYMM:
         alg = name.removeprefix("symm_").removesuffix("_nocopy")
         return symm_mem_allreduce(program, mesh, alg, shape, dtype, group,

@@ -53,7 +53,15 @@ FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
          "fused:ll": "ll", "fused:one_shot:registered": "one_shot"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
 # backends that run on CUDA tensors only
-GPU_ONLY = (*FUSED, *baselines.SYMM, *baselines.LINK, "separate")
+GPU_ONLY = (*FUSED, *baselines.SYMM, *baselines.NCCL_SYMM, *baselines.LINK, "separate")
+# baselines whose failure to set up in the ranks (registration, rendezvous) is the
+# machine's, not the program's: reported as n/a
+MACHINE_BOUND = (*baselines.SYMM, *baselines.NCCL_SYMM)
+
+
+def absent_line(backend: str, why: str) -> str:
+    """How `mixcc bench` reports a baseline this machine lacks (printed, never an error)."""
+    return f"n/a: {backend}: {why}"
 
 
 def is_baseline(backend: str) -> bool:
@@ -362,10 +370,12 @@ def add_ratios(rows: list[Row]) -> list[Row]:
     return rows
 
 
-def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: list[str]
+def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: list[str],
+             absent: dict[str, str] | None = None
              ) -> dict[str, list[tuple[str, object, list[str]]]]:
     """Per program: (backend, compiled collective / shape-free baseline fn / None, modes).
-    Compiling is collective: every rank walks the same pairs in the same order."""
+    Compiling is collective: every rank walks the same pairs in the same order. A
+    MACHINE_BOUND baseline that cannot be set up lands in `absent` (n/a)."""
     out: dict[str, list[tuple[str, object, list[str]]]] = {}
     # the :registered rows run in a group of their own (the same ranks): a group with a
     # registered pool runs the registered-input protocol on its large one-shot calls, and
@@ -382,9 +392,14 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
                 fn = baselines.make(be, prog, mesh, torch.Size((ref.ir.granularity, 8)), dtype,
                                     bus_factor=bus_factor(prog, mesh))
             except baselines.Unavailable as e:
-                skipped.append(f"{be} cannot run {prog!r}: {e}")
+                if be in MACHINE_BOUND and absent is not None:
+                    absent.setdefault(be, str(e))
+                else:
+                    skipped.append(f"{be} cannot run {prog!r}: {e}")
                 continue
             obj, modes = (fn if be in baselines.SHAPE_FREE else None), ["oop"]
+            if obj is None:
+                _close(fn)  # the probe's buffers: each size makes its own
         elif be == "reference":
             obj = ref
         else:
@@ -433,8 +448,9 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
         return gpu if cuda or backend in GPU_ONLY else cpu
 
     skipped: list[str] = []
+    absent: dict[str, str] = cfg.setdefault("absent", {})  # the launcher's, then the ranks'
     refs: dict[str, object] = {}
-    entries = _entries(cfg, mesh, dtype, refs, skipped)
+    entries = _entries(cfg, mesh, dtype, refs, skipped, absent)
     exact = {prog: mixcc_compile(prog, mesh, dtype=torch.float64, backend="reference")
              for prog in entries}  # compile is collective: the same order on every rank
     stepwise = {prog: separate_oracle(prog, mesh, dtype) for prog, es in entries.items()
@@ -451,7 +467,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
             size_lists[prog] = sizes(cfg["min_rows"], cfg["max_rows"], g)
     total = sum(len(size_lists[p]) * sum(len(m) for _, _, m in es) for p, es in entries.items())
     if not total:
-        raise ValueError("nothing to run: " + "; ".join(skipped))
+        raise ValueError("nothing to run: " + "; ".join(
+            skipped + [absent_line(be, why) for be, why in absent.items()]))
     if rank == 0:
         for line in skipped:
             print(f"skip: {line}", file=sys.stderr)
@@ -468,6 +485,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
         backends = ",".join(dict.fromkeys(be for es in entries.values() for be, _, _ in es))
         where = f"{device_name}, {setup}" if has_cuda else setup
         print(preamble(mesh, world, pg, dtype_name, backends, cfg, where), flush=True)
+        for be, why in absent.items():
+            print("# " + absent_line(be, why), flush=True)
         print(header(), flush=True)
     progress = Progress(total)
     rows_out: list[Row] = []
@@ -537,7 +556,8 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
                         nbytes * factor / t_bw / 1e9, errors, iters=cfg["iters"],
                         repeats=cfg["repeats"], device=device_name, setup=setup))
                 if be in baselines.BASELINES and obj is None:
-                    del fn  # a shape's symmetric buffer goes before the next is made
+                    _close(fn)  # a shape's symmetric buffer goes before the next is made
+                    del fn
             add_ratios(group_rows)
             rows_out += group_rows
             if rank == 0:
@@ -547,6 +567,13 @@ def run(rank: int, world: int, cfg: dict) -> list[Row]:
     if rank == 0:
         progress.clear()
     return rows_out
+
+
+def _close(fn: object) -> None:
+    """Release a baseline's registered buffers (collective: the same point on every rank)."""
+    close = getattr(fn, "close", None)
+    if close is not None:
+        close()
 
 
 # A row running this long is taken for hung (a kernel that never ends cannot be stopped from
@@ -653,12 +680,15 @@ def format_row(r: Row) -> str:
             f"{r.best or '-':<20} {r.errors if r.errors >= 0 else 'n/a':>6}")
 
 
-def pivot(rows: list[Row], mode: str = "oop") -> str:
+def pivot(rows: list[Row], mode: str = "oop", absent: dict[str, str] | None = None) -> str:
     """A compact table of `mode` rows: one line per (program, world, mesh, size), time in
     us per backend, and, where the reference backend ran (NCCL on GPUs), each other
-    backend's time over its. The last thing `mixcc bench` prints."""
+    backend's time over its. `absent`: baselines this machine lacks, a column of n/a and
+    a line with the reason each. The last thing `mixcc bench` prints."""
     keys: dict[tuple, dict[str, Row]] = {}
     backends: list[str] = []
+    absent = {be: why for be, why in (absent or {}).items()
+              if not any(r.backend == be for r in rows)}
     for r in rows:
         if r.mode != mode:
             continue
@@ -668,7 +698,9 @@ def pivot(rows: list[Row], mode: str = "oop") -> str:
             backends.append(r.backend)
     if not keys:
         return ""
+    backends += list(absent)
     lines = [f"# {mode} time (us) per backend; /ref: time / the reference backend's"]
+    lines += ["# " + absent_line(be, why) for be, why in absent.items()]
     head = f"{'program':<28} {'mesh':<10} {'bytes':>10} " + " ".join(
         f"{b[:14]:>14}" for b in backends)
     if "reference" in backends:
@@ -676,14 +708,16 @@ def pivot(rows: list[Row], mode: str = "oop") -> str:
                                 if b != "reference")
     lines.append(head)
     for (prog, world, mesh, rpn, nbytes), by in keys.items():
-        cells = [f"{by[b].time_us:>14.2f}" if b in by else f"{'-':>14}" for b in backends]
+        cells = [f"{by[b].time_us:>14.2f}" if b in by else
+                 f"{'n/a' if b in absent else '-':>14}" for b in backends]
         nodes = f"/{rpn}" if rpn < world else ""  # simulated nodes of rpn ranks
         line = f"{prog[:28]:<28} {mesh + nodes:<10} {nbytes:>10} "
         line += " ".join(cells)
         ref = by.get("reference")
         if ref is not None and "reference" in backends:
             line += "  " + " ".join(
-                f"{by[b].time_us / ref.time_us:>14.2f}" if b in by else f"{'-':>14}"
+                f"{by[b].time_us / ref.time_us:>14.2f}" if b in by else
+                f"{'n/a' if b in absent else '-':>14}"
                 for b in backends if b != "reference")
         lines.append(line)
     return "\n".join(lines)

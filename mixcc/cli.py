@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 import tempfile
@@ -81,6 +82,8 @@ def _bench_worker(rank: int, world: int, cfg: dict) -> None:
         return
     if cfg.get("rows_path"):  # spawned: the launcher collects every world's rows
         bench.dump_rows(rows, cfg["rows_path"])
+        with open(cfg["rows_path"] + ".absent", "w") as f:  # and what was n/a
+            json.dump(cfg.get("absent", {}), f)
     else:  # torchrun: nobody else writes them
         _write_rows(rows, cfg.get("out"))
 
@@ -249,6 +252,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
     runs: list[tuple[int, dict]] = []
     skipped: list[str] = []
     first_reason: dict[str, str] = {}
+    absent: dict[str, str] = {}  # baselines this machine lacks: n/a, never an error
     ran: set[str] = set()
     for world in worlds:
         if args.mesh:
@@ -268,7 +272,14 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
         nccl = 0 < (local_world or world) <= gpus
         one_gpu = gpus == 1 and not nccl
         pairs = []
+        world_absent: dict[str, str] = {}
         for be in backends:
+            na = baselines.machine_refusal(be, nccl=nccl) if be in baselines.BASELINES \
+                else None
+            if na:
+                world_absent[be] = na
+                absent.setdefault(be, na)
+                continue
             for text in texts:
                 if be in bench.FUSED or be == "separate":
                     why = bench.fused_refusal(dtype)
@@ -315,13 +326,15 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
             "pg": "nccl" if nccl else "gloo",
             "mps": mps_on,
             "fused_options": fused_options,
+            "absent": world_absent,
         }))
     if args.backend is not None:
         for be in backends:
-            if be not in ran:  # asked for by name and runs nothing: say why, not no rows
-                raise UsageError(f"--backend {first_reason[be]}")
+            if be not in ran and be not in absent:  # asked for by name and runs nothing:
+                raise UsageError(f"--backend {first_reason[be]}")  # say why, not no rows
     if not runs:
-        raise UsageError("nothing to run: " + "; ".join(skipped))
+        raise UsageError("nothing to run: " + "; ".join(
+            skipped + [bench.absent_line(be, why) for be, why in absent.items()]))
     return runs, skipped
 
 
@@ -344,6 +357,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     need_mps = any(cfg["mps"] for _, cfg in runs)
     rows: list[bench.Row] = []
+    absent: dict[str, str] = {}
     try:
         with (mps.ensure() if need_mps else contextlib.nullcontext()) as state, \
                 tempfile.TemporaryDirectory(prefix="mixcc-bench-") as tmp:
@@ -355,12 +369,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 # the parent never initialises CUDA: each rank attaches to MPS itself
                 launch.spawn(_bench_worker, world, cfg, backend=cfg["pg"])
                 rows += bench.read_rows(cfg["rows_path"])
+                if os.path.exists(cfg["rows_path"] + ".absent"):
+                    with open(cfg["rows_path"] + ".absent") as f:
+                        for be, why in json.load(f).items():
+                            absent.setdefault(be, why)
     except mps.MpsError as e:
         raise UsageError(f"{e}\nor pass --no-mps (GPU rows then report host issue times, "
                          "not device times)") from None
     bench.add_ratios(rows)
-    if len({r.backend for r in rows}) > 1:
-        print(bench.pivot(rows), flush=True)
+    absent = {be: why for be, why in absent.items() if be not in {r.backend for r in rows}}
+    if len({r.backend for r in rows} | set(absent)) > 1:
+        print(bench.pivot(rows, absent=absent), flush=True)
     try:
         _write_rows(rows, args.out)
     except OSError as e:
@@ -502,8 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default=None,
                    help=f"comma list of {', '.join(BACKENDS)} (fused:ALG: a fixed "
                         "algorithm; reference: the NCCL/gloo composition; nccl1, symm_*, "
-                        "separate: baselines, *_nocopy: input already in the symmetric "
-                        "buffer); default fused,reference on GPUs, else reference")
+                        "separate: baselines; nccl_symm: NCCL's symmetric kernels on registered "
+                        "windows, n/a where torch or NCCL lacks them; *_nocopy: input "
+                        "already in the symmetric buffer); default fused,reference on GPUs, "
+                        "else reference")
     b.add_argument("--dtype", default=None,
                    help=f"one of {dtypes} (default bfloat16 on GPUs, else float32)")
     b.add_argument("--hidden", type=int, default=None,

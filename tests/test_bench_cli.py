@@ -54,7 +54,7 @@ def _bench_error(capsys, *argv: str) -> str:
                              "fused:one_shot, fused:two_shot, fused:push, fused:ll, "
                              "fused:one_shot:registered, reference, nccl1, symm_one_shot, "
                              "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
-                             "peer_copy, separate"),
+                             "nccl_symm, nccl_symm_nocopy, peer_copy, separate"),
     (["--backend", "fused:three_shot"], "did you mean 'fused:two_shot'?"),
     (["--backend", "reference,refrence"], "did you mean 'reference'?"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 must divide the world size 4"),
@@ -369,12 +369,14 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
     assert ("comma list of auto, auto:registered, fused, fused:one_shot, fused:two_shot, "
             "fused:push, fused:ll, fused:one_shot:registered, reference, nccl1, "
             "symm_one_shot, symm_two_shot, "
-            "symm_one_shot_nocopy, symm_two_shot_nocopy, peer_copy, separate") in text
+            "symm_one_shot_nocopy, symm_two_shot_nocopy, nccl_symm, nccl_symm_nocopy, "
+            "peer_copy, separate") in text
     for b in bench.BACKENDS:
         try:
             cli.bench_config(_args("--backend", b, "--program", "allreduce_allgather"))
         except cli.UsageError as e:  # may not apply here (no GPU), but is a known name
-            assert str(e).startswith(f"--backend {b} cannot run "), str(e)
+            assert str(e).startswith((f"--backend {b} cannot run ",
+                                      f"nothing to run: n/a: {b}: ")), str(e)
 
 
 def _row(backend: str, time_us: float, *, bytes_: int = 1024, timing: str = "graph",
@@ -447,7 +449,7 @@ def test_combined_presets_compare_with_separate_nccl1_and_reference():
     bench.add_ratios(rows)
     assert [(r.best, round(r.ratio, 4)) for r in rows] == [
         ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
-    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 8 + [True] * 8
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 8 + [True] * 10
     assert bench.BACKENDS[:8] == ("auto", "auto:registered", "fused", "fused:one_shot",
                                   "fused:two_shot", "fused:push", "fused:ll",
                                   "fused:one_shot:registered")
