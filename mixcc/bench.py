@@ -46,9 +46,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # mixcc's own rows: backend name -> the `algorithm` compile option. "auto" is the compile
 # default (backend="auto": fused kernels, or NCCL where the tuning table measured it
 # faster); "auto:registered" the same with the input in a registered buffer
-# (mixcc.empty, filled outside the timing); the others force the fused backend
+# (mixcc.empty, filled outside the timing); "auto:invariant" with batch_invariant=True
+# (docs/DESIGN.md, "Precision"); the others force the fused backend
 # ("fused:one_shot:registered": the one-shot on a registered input).
-FUSED = {"auto": "auto", "auto:registered": "auto", "fused": "auto",
+FUSED = {"auto": "auto", "auto:registered": "auto", "auto:invariant": "auto", "fused": "auto",
          "fused:one_shot": "one_shot", "fused:two_shot": "two_shot", "fused:push": "push",
          "fused:ll": "ll", "fused:one_shot:registered": "one_shot"}
 BACKENDS = (*FUSED, "reference", *baselines.BASELINES)  # what --backend accepts
@@ -410,6 +411,7 @@ def _entries(cfg: dict, mesh: Mesh, dtype: torch.dtype, refs: dict, skipped: lis
                                     backend="auto" if be.startswith("auto") else "fused",
                                     algorithm=FUSED[be],
                                     group=reg_group if be.endswith(":registered") else None,
+                                    batch_invariant=be.endswith(":invariant"),
                                     **cfg.get("fused_options", {}))
             except ValueError as e:
                 skipped.append(f"{be}: {e}")

@@ -233,7 +233,7 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
                 raise UsageError(f"--backend {b!r} is not one of {', '.join(bench.BACKENDS)}"
                                  f"{hint}")
     else:
-        backends = ["fused", "reference"] if gpus else ["reference"]
+        backends = ["fused", "auto:invariant", "reference"] if gpus else ["reference"]
 
     hidden = args.hidden or (7168 if gpus else 1024)
     default_max_rows = 4096 if gpus else 256
@@ -523,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "algorithm; reference: the NCCL/gloo composition; nccl1, symm_*, "
                         "separate: baselines; nccl_symm: NCCL's symmetric kernels on registered "
                         "windows, n/a where torch or NCCL lacks them; *_nocopy: input "
-                        "already in the symmetric buffer); default fused,reference on GPUs, "
-                        "else reference")
+                        "already in the symmetric buffer; auto:invariant: auto with "
+                        "batch_invariant=True); default fused,auto:invariant,reference on "
+                        "GPUs, else reference")
     b.add_argument("--dtype", default=None,
                    help=f"one of {dtypes} (default bfloat16 on GPUs, else float32)")
     b.add_argument("--hidden", type=int, default=None,

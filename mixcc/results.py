@@ -42,18 +42,19 @@ BENCHMARKS = ("allreduce", "allgather", "reducescatter", "allreduce_allgather",
 # one GPU; "cpu": gloo). A backend that cannot run a program here is left out of the
 # command and listed with the reason; one this machine lacks is passed on, so that the
 # bench itself reports it as n/a.
-_AR = {"nccl": ["auto", "auto:registered", "fused:one_shot", "fused:two_shot", "reference",
-                "symm_one_shot", "symm_two_shot", "symm_two_shot_nocopy", "nccl_symm",
-                "nccl_symm_nocopy", "peer_copy"],
-       "mps": ["auto", "fused:one_shot", "fused:two_shot", "symm_one_shot", "symm_two_shot",
-               "symm_one_shot_nocopy", "symm_two_shot_nocopy", "nccl_symm"],
+_AR = {"nccl": ["auto", "auto:invariant", "auto:registered", "fused:one_shot",
+                "fused:two_shot", "reference", "symm_one_shot", "symm_two_shot",
+                "symm_two_shot_nocopy", "nccl_symm", "nccl_symm_nocopy", "peer_copy"],
+       "mps": ["auto", "auto:invariant", "fused:one_shot", "fused:two_shot", "symm_one_shot",
+               "symm_two_shot", "symm_one_shot_nocopy", "symm_two_shot_nocopy", "nccl_symm"],
        "cpu": ["reference", "nccl_symm"]}
 _COLL = {"nccl": ["auto", "auto:registered", "fused:one_shot", "fused:push", "reference",
                   "nccl_symm", "nccl_symm_nocopy", "peer_copy"],
          "mps": ["auto", "fused:one_shot", "fused:push", "nccl_symm"],
          "cpu": ["reference", "nccl_symm"]}
-_PRESET = {"nccl": ["auto", "fused:one_shot", "reference", "nccl1", "separate", "nccl_symm"],
-           "mps": ["auto", "fused:one_shot", "separate", "nccl_symm"],
+_PRESET = {"nccl": ["auto", "auto:invariant", "fused:one_shot", "reference", "nccl1",
+                    "separate", "nccl_symm"],
+           "mps": ["auto", "auto:invariant", "fused:one_shot", "separate", "nccl_symm"],
            "cpu": ["reference", "nccl1", "nccl_symm"]}
 
 

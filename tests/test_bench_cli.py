@@ -50,8 +50,9 @@ def _bench_error(capsys, *argv: str) -> str:
      "is not a preset (one of allreduce, allgather, reducescatter, allreduce_allgather, "
      "reducescatter_allreduce) nor a program such as 'allreduce(tp)'; "
      "did you mean 'allreduce_allgather'?"),
-    (["--backend", "bogus"], "--backend 'bogus' is not one of auto, auto:registered, fused, "
-                             "fused:one_shot, fused:two_shot, fused:push, fused:ll, "
+    (["--backend", "bogus"], "--backend 'bogus' is not one of auto, auto:registered, "
+                             "auto:invariant, fused, fused:one_shot, fused:two_shot, "
+                             "fused:push, fused:ll, "
                              "fused:one_shot:registered, reference, nccl1, symm_one_shot, "
                              "symm_two_shot, symm_one_shot_nocopy, symm_two_shot_nocopy, "
                              "nccl_symm, nccl_symm_nocopy, peer_copy, separate"),
@@ -366,8 +367,8 @@ def test_every_backend_the_help_lists_is_accepted(capsys, no_spawn):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert ("comma list of auto, auto:registered, fused, fused:one_shot, fused:two_shot, "
-            "fused:push, fused:ll, fused:one_shot:registered, reference, nccl1, "
+    assert ("comma list of auto, auto:registered, auto:invariant, fused, fused:one_shot, "
+            "fused:two_shot, fused:push, fused:ll, fused:one_shot:registered, reference, nccl1, "
             "symm_one_shot, symm_two_shot, "
             "symm_one_shot_nocopy, symm_two_shot_nocopy, nccl_symm, nccl_symm_nocopy, "
             "peer_copy, separate") in text
@@ -449,9 +450,9 @@ def test_combined_presets_compare_with_separate_nccl1_and_reference():
     bench.add_ratios(rows)
     assert [(r.best, round(r.ratio, 4)) for r in rows] == [
         ("nccl1", 0.8333), ("nccl1", 1.3333), ("nccl1", 1.0), ("nccl1", 1.6667)]
-    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 8 + [True] * 10
-    assert bench.BACKENDS[:8] == ("auto", "auto:registered", "fused", "fused:one_shot",
-                                  "fused:two_shot", "fused:push", "fused:ll",
+    assert [bench.is_baseline(b) for b in bench.BACKENDS] == [False] * 9 + [True] * 10
+    assert bench.BACKENDS[:9] == ("auto", "auto:registered", "auto:invariant", "fused",
+                                  "fused:one_shot", "fused:two_shot", "fused:push", "fused:ll",
                                   "fused:one_shot:registered")
 
 

@@ -323,3 +323,23 @@ def test_a_read_after_a_store_through_another_name_is_refused() -> None:
         coll(x, r=r, g=g)
     assert torch.equal(buf.view(4, 64), r)  # nothing ran
     coll(x, r=r, g=torch.ones(64, dtype=torch.bfloat16))  # separate tensors: fine
+
+
+def test_the_bench_runs_auto_with_batch_invariant_beside_auto(monkeypatch) -> None:
+    """`mixcc bench --backend auto,auto:invariant` compiles the second with
+    batch_invariant=True (its cost side by side); GPU runs default to both."""
+    from mixcc import bench
+
+    seen = []
+
+    def spy(program, mesh, **kw):
+        seen.append(kw)
+        return mixcc.compile(program, mesh, **{**kw, "backend": "reference"})
+
+    monkeypatch.setattr(bench, "mixcc_compile", spy)
+    cfg = {"pairs": [("allreduce(w)", "auto"), ("allreduce(w)", "auto:invariant")]}
+    out = bench._entries(cfg, mixcc.Mesh({"w": 1}), torch.float32, {}, [])
+    assert [be for be, _, _ in out["allreduce(w)"]] == ["auto", "auto:invariant"]
+    fused_kw = [kw for kw in seen if kw.get("backend") == "auto"]
+    assert [kw["batch_invariant"] for kw in fused_kw] == [False, True]
+    assert [c.options["batch_invariant"] for _, c, _ in out["allreduce(w)"]] == [False, True]
