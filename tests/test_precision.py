@@ -343,3 +343,43 @@ def test_the_bench_runs_auto_with_batch_invariant_beside_auto(monkeypatch) -> No
     fused_kw = [kw for kw in seen if kw.get("backend") == "auto"]
     assert [kw["batch_invariant"] for kw in fused_kw] == [False, True]
     assert [c.options["batch_invariant"] for _, c, _ in out["allreduce(w)"]] == [False, True]
+
+
+@pytest.mark.parametrize(("program", "widened"), [
+    ("allreduce(w); add(r); rmsnorm(g)", True),
+    ("allgather(w); add(r); rmsnorm(g)", False),
+    ("allreduce(w, op=max); add(r); rmsnorm(g)", False)])
+def test_an_epilogue_as_torch_ops_starts_from_the_fp32_result(monkeypatch, program: str,
+                                                              widened: bool) -> None:
+    """Rows the kernel cannot hold (epilogue_hidden 0): the fused backend runs the
+    collective on x in fp32 where the program sums 16-bit values, then the statements, and
+    rounds once; the output equals the statements applied to the exact fp32 sum."""
+    from mixcc import api
+
+    coll = mixcc.compile(program, mixcc.Mesh({"w": 2}), backend="reference")
+    calls = []
+
+    class Runner:  # stands in for the kernels: every rank's x the same
+        def epilogue_hidden(self, shape, tensors):
+            return 0
+
+        def __call__(self, x, out, shape):
+            calls.append(x.dtype)
+            if "max" in program:
+                return x.clone()
+            return x.repeat(2, 1) if "allgather" in program else x * 2
+
+    monkeypatch.setattr(api.Collective, "_choose", lambda self, x: "fused")
+    monkeypatch.setattr(api.Collective, "_fused_runner", lambda self, x: Runner())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20000, generator=gen).to(torch.bfloat16)
+    rows = 6 if "allgather" in program else 3
+    r = torch.randn(rows, 20000, generator=gen).to(torch.bfloat16)
+    g = (torch.rand(20000, generator=gen) + 0.5).to(torch.bfloat16)
+    out = coll(x, r=r, g=g)
+    assert calls == [torch.float32 if widened else torch.bfloat16]
+    y = x.float().repeat(2, 1) if "allgather" in program else x.float() * (1 if "max" in
+                                                                           program else 2)
+    v = y + r.float()
+    want = (v * torch.rsqrt(v.square().mean(-1, keepdim=True) + 1e-6) * g.float())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.to(torch.bfloat16))
