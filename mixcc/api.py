@@ -161,6 +161,11 @@ class Collective:
             if reason and not self.plan.one_node and nvshmem.available():
                 _warn_once(f"mixcc: {self.program!r} runs on the reference backend (chains of "
                            f"torch.distributed calls): {reason}")
+            elif reason and self.options.get("batch_invariant") and precision.sums(
+                    self.optimized_ir):
+                _warn_once(f"mixcc: batch_invariant=True does not hold for {self.program!r}: "
+                           f"the reference backend runs it (NCCL's reduction order) because "
+                           f"{reason}")
             pick = self._auto[x.dtype] = "reference" if reason else "fused"
         return pick
 

@@ -383,3 +383,24 @@ def test_an_epilogue_as_torch_ops_starts_from_the_fp32_result(monkeypatch, progr
     v = y + r.float()
     want = (v * torch.rsqrt(v.square().mean(-1, keepdim=True) + 1e-6) * g.float())
     assert out.dtype == torch.bfloat16 and torch.equal(out, want.to(torch.bfloat16))
+
+
+def test_batch_invariant_warns_where_auto_falls_back_to_nccl(monkeypatch) -> None:
+    """auto on a CUDA tensor where the fused backend cannot run: the reference backend
+    (NCCL) runs the sum, and batch_invariant says once that it does not hold."""
+    from types import SimpleNamespace
+
+    from mixcc import api, fused
+
+    monkeypatch.setattr(fused, "unavailable_reason", lambda *a: "no CUDA device is available")
+    monkeypatch.setattr(api, "_WARNED", set())
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    coll = mixcc.compile("allreduce(w)", mixcc.Mesh({"w": 2}), batch_invariant=True)
+    with pytest.warns(RuntimeWarning, match="batch_invariant=True does not hold"):
+        assert coll._choose(x) == "reference"
+    plain = mixcc.compile("allreduce(w)", mixcc.Mesh({"w": 2}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plain._choose(x) == "reference"  # no promise, no warning
