@@ -227,9 +227,9 @@ class _EPBase:
         n = len(self.members)
         if n == 1:
             return row.view(1, -1).clone()
-        buf = row.new_empty((n, row.numel()))
+        buf = row.new_empty(n * row.numel())
         self._wait(self._pg(row.device)._allgather_base(buf, row), "exchange of counts")
-        return buf[self.i_of]  # backend order -> group order (gather by q: i_of[q])
+        return buf.view(n, -1)[self.i_of]  # backend order -> group order (gather by q: i_of[q])
 
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int],
                     recv_splits: list[int], stage: str) -> torch.Tensor:
@@ -413,7 +413,8 @@ class Dispatch(_EPBase):
         row (the rest: fp8 scales)."""
         sp = self.spec
         if sp.wire is None:
-            return x.view(torch.uint8).reshape(x.shape[0], -1), x.shape[1] * x.element_size()
+            nbytes = x.shape[1] * x.element_size()
+            return x.view(torch.uint8).reshape(x.shape[0], nbytes), nbytes
         q, scale = quantize_fp8(x, sp.scale_block or x.shape[1])
         return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1), x.shape[1]
 
@@ -450,7 +451,7 @@ class Dispatch(_EPBase):
         recv_count = mine.sum(0).to(torch.int32).to(dev)
         out_dtype = ops.QUANT_FORMATS[sp.wire] if sp.wire else x.dtype
         recv_x = torch.zeros((el * slots, hidden), dtype=out_dtype, device=dev)
-        recv_x.view(torch.uint8).reshape(el * slots, -1)[dst] = recv[:, :data_bytes]
+        recv_x.view(torch.uint8).reshape(el * slots, data_bytes)[dst] = recv[:, :data_bytes]
         handle = EPHandle(self.tag, self.calls, self.rank, self.members, sp, tokens, hidden,
                           slots, x.dtype, dev, idx.to(torch.int64).clone(),
                           w.to(torch.float32).clone(), order, dst, send_splits, recv_splits,
@@ -460,7 +461,7 @@ class Dispatch(_EPBase):
             return recv_x, recv_count, handle
         nblk = hidden // (sp.scale_block or hidden)
         scale = torch.zeros((el * slots, nblk), dtype=torch.float32, device=dev)
-        scale.view(torch.uint8)[dst] = recv[:, data_bytes:]
+        scale.view(torch.uint8).reshape(el * slots, nblk * 4)[dst] = recv[:, data_bytes:]
         return recv_x, scale.view(el, slots, nblk), recv_count, handle
 
     def explain(self, hidden: int | None = None) -> str:
@@ -556,12 +557,13 @@ class Combine(_EPBase):
         return None
 
     def _run(self, out: torch.Tensor, h: EPHandle) -> torch.Tensor:
-        flat = out.reshape(-1, h.hidden)
-        send = flat[h.dst].view(torch.uint8)
+        flat = out.reshape(h.spec.local_experts * h.slots, h.hidden)
+        send = flat[h.dst].view(torch.uint8).reshape(h.dst.numel(),
+                                                     h.hidden * out.element_size())
         back = self._all_to_all(send, h.recv_splits, h.send_splits, "token return")
         k = h.spec.topk
         rows = torch.zeros((h.tokens * k, h.hidden), dtype=torch.float32, device=h.device)
-        rows[h.pair_order] = back.view(h.dtype).float()
+        rows[h.pair_order] = back.view(h.dtype).reshape(back.shape[0], h.hidden).float()
         rows = rows.view(h.tokens, k, h.hidden)
         valid = (h.topk_idx >= 0).unsqueeze(-1)
         acc = torch.zeros((h.tokens, h.hidden), dtype=torch.float32, device=h.device)
