@@ -47,6 +47,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     mesh = Mesh.parse(args.mesh, args.ranks_per_node)
     dtype = _dtype(args.dtype) if args.dtype else None
     coll = mixcc_compile(_program(args.program), mesh, dtype=dtype, backend="reference")
+    if args.hidden is not None:
+        from .expert import Combine, Dispatch
+
+        if not isinstance(coll, Dispatch | Combine):
+            raise UsageError("--hidden applies to dispatch and combine programs (it sizes "
+                             "their receive buffer)")
+        _positive(args, "hidden")
+        print(coll.explain(hidden=args.hidden))
+        return 0
     print(coll.explain())
     return 0
 
@@ -427,6 +436,9 @@ def _language_help() -> str:
             "  coll     := allreduce | allgather | reducescatter\n"
             "  group    := world | axis ('*' axis)*\n"
             "  redop    := sum | max | min                 (default sum)\n"
+            "  or alone: dispatch(group, experts=E, topk=K[, max_tokens=M][, capacity=C]"
+            "[, wire=fp8_e4m3[, scale_block=B]])\n"
+            "            combine(group)                   (expert parallelism)\n"
             f"presets (mesh axes dp, tp):\n{rows}\n"
             "design: docs/DESIGN.md")
 
@@ -447,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mesh", required=True, help="axes, e.g. dp=2,tp=4")
     e.add_argument("--ranks-per-node", type=int, default=None)
     e.add_argument("--dtype", default=None, help=f"fixes the chunking: one of {dtypes}")
+    e.add_argument("--hidden", type=int, default=None,
+                   help="dispatch/combine: elements per token, to size the receive buffer")
     e.set_defaults(fn=_cmd_explain)
 
     b = sub.add_parser(

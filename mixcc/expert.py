@@ -489,16 +489,23 @@ class Dispatch(_EPBase):
                  "ordered by destination, local expert, token; placed by slot",
                  "fused backend: not built for dispatch/combine; auto runs the reference "
                  "backend"]
-        if hidden and (elem or sp.wire):
-            slots = sp.slots(sp.max_tokens) if (sp.capacity or sp.max_tokens) else None
-            row = hidden * (1 if sp.wire else elem)
-            if slots is not None:
-                nbytes = el * slots * row
-                if sp.wire:
-                    nbytes += el * slots * (hidden // (sp.scale_block or hidden)) * 4
-                lines.append(f"workspace: recv_x for H={hidden}: {el} x {slots} x {row} B = "
-                             f"{_human(nbytes)} per rank, allocated per call by the "
-                             "reference backend")
+        if hidden:
+            row = hidden * (1 if sp.wire else (elem or 0))
+            scales = (hidden // (sp.scale_block or hidden)) * 4 if sp.wire else 0
+            if not row:
+                lines.append("workspace: give a dtype to size recv_x")
+            elif sp.capacity or sp.max_tokens:
+                slots = sp.slots(sp.max_tokens or 1)
+                nbytes = el * slots * (row + scales)
+                lines.append(f"workspace: recv_x{' and recv_scale' if sp.wire else ''} for "
+                             f"H={hidden}: {el} x {slots} slots x {row + scales} B = "
+                             f"{_human(nbytes)} per rank")
+            else:
+                lines.append(f"workspace: recv_x for H={hidden}: {el} x (T x {n}) slots x "
+                             f"{row + scales} B per rank (T the call's)")
+            lines.append("  the reference backend allocates it per call, with send and receive "
+                         f"buffers of {row + scales} B per (token, expert) pair; the handle "
+                         "keeps the routing and the slot of each pair")
         return "\n".join(lines)
 
 

@@ -207,3 +207,17 @@ def test_dead_peer_times_out_naming_it():
     finally:
         for p in pool.procs:  # rank 0's group holds a dead collective: do not join it
             p.kill()
+
+
+def test_explain_cli(capsys):
+    from mixcc.cli import main
+
+    assert main(["explain", "dispatch(ep, experts=64, topk=8, max_tokens=4096)", "--mesh",
+                 "ep=8", "--dtype", "bfloat16", "--hidden", "7168"]) == 0
+    out = capsys.readouterr().out
+    assert "8 per rank" in out and "8 x 32768 slots x 14336 B = 3.5 GiB per rank" in out
+    assert "all_to_all_single with splits" in out
+    assert main(["explain", "combine(a*b)", "--mesh", "a=2,b=2"]) == 0
+    assert "reversed" in capsys.readouterr().out
+    assert main(["explain", "allreduce(a)", "--mesh", "a=2", "--hidden", "8"]) == 2
+    assert "--hidden applies to dispatch" in capsys.readouterr().err
