@@ -315,8 +315,10 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
 def _cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
 
-    from . import bench, launch, mps
+    from . import bench, bench_ep, launch, mps
 
+    if args.program and any(bench_ep.is_ep(p) for p in args.program):
+        return bench_ep.main(args)  # dispatch + combine against all_to_all_single
     runs, skipped = bench_config(args)
     if args.trace:
         try:

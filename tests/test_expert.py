@@ -221,3 +221,38 @@ def test_explain_cli(capsys):
     assert "reversed" in capsys.readouterr().out
     assert main(["explain", "allreduce(a)", "--mesh", "a=2", "--hidden", "8"]) == 2
     assert "--hidden applies to dispatch" in capsys.readouterr().err
+
+
+def test_bench_dispatch_rows(tmp_path, capsys):
+    """`mixcc bench` with a dispatch program: mixcc's rows and the all_to_all_single
+    baseline on gloo, both checked against the identity experts' float64 result."""
+    import json
+
+    from mixcc.cli import main
+
+    out = str(tmp_path / "ep")
+    assert main(["bench", "--program", "dispatch(ep, experts=4, topk=2, wire=fp8_e4m3)",
+                 "--program", "dispatch(ep, experts=8, topk=3, max_tokens=2)",
+                 "--world-size", "2", "--max-rows", "4", "--hidden", "32", "--iters", "1",
+                 "--repeats", "1", "--out", out]) == 0
+    rows = json.load(open(out + ".json"))
+    got = {(r["program"], r["backend"], r["rows"]) for r in rows}
+    assert ("dispatch(ep, experts=8, topk=3, max_tokens=2)", "a2a", 2) in got
+    assert not any(r["rows"] > 2 and "max_tokens" in r["program"] for r in rows)
+    assert len(got) == 3 * 2 + 2 * 2 and all(r["errors"] == 0 for r in rows), rows
+    assert all(r["ratio"] is not None for r in rows if r["backend"] == "auto")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--program", "dispatch(ep, experts=4, topk=2)", "--program", "allreduce(ep)"],
+     "dispatch programs only"),
+    (["--program", "dispatch(ep, experts=3, topk=2)"], "divisible"),
+    (["--program", "dispatch(ep, experts=4, topk=2)", "--backend", "nccl1"], "run auto, a2a"),
+    (["--program", "dispatch(ep, experts=4, topk=2)", "--backend", "symm_a2a"],
+     "one GPU per rank"),
+])
+def test_bench_dispatch_flags(capsys, argv, words):
+    from mixcc.cli import main
+
+    assert main(["bench", "--world-size", "2", *argv]) == 2
+    assert words in capsys.readouterr().err
