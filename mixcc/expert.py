@@ -190,7 +190,12 @@ class _EPBase:
                              "backend")
         return pg
 
-    def _ready(self) -> None:
+    def _ready(self, t: torch.Tensor) -> None:
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{self.spec.kind} on the reference backend reads the token "
+                               "counts on the host, so it cannot be captured in a CUDA graph "
+                               "(the fused dispatch/combine kernels, not built yet, are meant "
+                               "to be)")
         if not self._dist and self.mesh.world_size != 1:
             raise RuntimeError("torch.distributed is not initialized: call "
                                "torch.distributed.init_process_group before running "
@@ -359,7 +364,7 @@ class Dispatch(_EPBase):
         -1: none); `topk_weights` (T, K) float32 is kept in the handle for combine."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        self._ready()
+        self._ready(x)
         sp = self.spec
         mine = self._check(x, topk_idx, topk_weights)
         row = torch.zeros(_HEAD + sp.experts, dtype=torch.int64)
@@ -521,7 +526,7 @@ class Combine(_EPBase):
         if not isinstance(handle, EPHandle):
             raise TypeError(f"handle must be the EPHandle a dispatch returned, got "
                             f"{type(handle).__name__}")
-        self._ready()
+        self._ready(expert_out)
         mine = self._check(expert_out, handle)
         row = torch.tensor([0 if mine is None else 1, handle.tag, handle.call,
                             handle.hidden], dtype=torch.int64)

@@ -39,14 +39,18 @@ def programs(gaxes: list[str] | None, experts: int, topk: int, max_tokens: int |
 def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None,
              experts: int, topk: int, max_tokens: int | None, capacity: int | None,
              block: int | None, dtype_name: str, seeds: list[int], mode: str,
-             tokens: list[list[int]], hidden: int) -> str:
+             tokens: list[list[int]], hidden: int, device: str = "cpu",
+             backend: str = "auto") -> str:
     """Dispatch then combine once per seed (new routing each time, the same compiled
-    pair), every output against the oracle; tokens[i][r]: rank r's T in call i."""
+    pair), every output against the oracle; tokens[i][r]: rank r's T in call i. With
+    device "cuda" the tensors live on the current CUDA device."""
     dtype = DTYPES[dtype_name]
     mesh = mixcc.Mesh(mesh_axes)
     dp, cp = programs(gaxes, experts, topk, max_tokens, capacity, block)
-    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=120)
-    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=120)
+    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
+    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
+        torch.device("cpu")
     members = group(mesh_axes, rank, gaxes)
     pos, n = members.index(rank), len(members)
     local = experts // n
@@ -54,13 +58,17 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
     for call, seed in enumerate(seeds):
         inputs = [make_case(seed, m, mode, tokens[call][m], hidden, experts, topk, dtype)
                   for m in members]
-        x, idx, w = (t.clone() for t in inputs[pos])
+        x, idx, w = (t.to(dev, copy=True) for t in inputs[pos])
         res = d(x, topk_idx=idx, topk_weights=w)
         if block is None:
             recv_x, recv_count, handle = res
             scale = None
         else:
             recv_x, scale, recv_count, handle = res
+            scale = scale.cpu()
+        if recv_x.device != dev or recv_count.device != dev:
+            msgs.append(f"call {call}: outputs on {recv_x.device}, {recv_count.device}")
+        recv_x, recv_count = recv_x.cpu(), recv_count.cpu()
         slots = capacity or (max_tokens or tokens[call][rank]) * n
         counts, rows = expected_dispatch(inputs, experts, pos)
         want_dtype = torch.float8_e4m3fn if block is not None else dtype
@@ -90,14 +98,14 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
                     msgs.append(f"call {call}: expert {j} slot {i}: fp8 values off")
                     break
         outs = [make_expert_out(seed, m, local, slots, hidden, dtype) for m in members]
-        y = c(outs[pos].clone(), handle=handle)
+        y = c(outs[pos].to(dev, copy=True), handle=handle).cpu()
         want, mag = expected_combine(inputs, outs, experts, pos)
         m = combine_mismatch(y, want, mag, topk, dtype)
         if m:
             msgs.append(f"call {call}: combine: {m}")
         for name, a, b in (("x", x, inputs[pos][0]), ("topk_idx", idx, inputs[pos][1]),
                            ("topk_weights", w, inputs[pos][2])):
-            if not torch.equal(a, b):
+            if not torch.equal(a.cpu(), b):
                 msgs.append(f"call {call}: {name} was modified")
     return "; ".join(msgs)
 
@@ -204,7 +212,7 @@ def check_handles(rank: int, world: int, pg) -> str:
     return "; ".join(f"check {i}: {m}" for i, m in enumerate(msgs) if m)
 
 
-def check_dead_peer(rank: int, world: int, pg, timeout_s: float) -> str:
+def check_dead_peer(rank: int, world: int, pg, timeout_s: float, device: str = "cpu") -> str:
     """Rank 1 never calls: rank 0's dispatch raises CollectiveTimeout naming rank 1 within
     about timeout_s (plus the grace that looks for the missing ranks)."""
     mesh = mixcc.Mesh({"ep": world})
@@ -213,6 +221,8 @@ def check_dead_peer(rank: int, world: int, pg, timeout_s: float) -> str:
     if rank != 0:
         return ""
     x, idx, w = make_case(3, rank, "random", 4, 4, 4, 1, torch.float32)
+    if device == "cuda":
+        x, idx, w = x.cuda(), idx.cuda(), w.cuda()
     t0 = time.monotonic()
     try:
         d(x, topk_idx=idx, topk_weights=w)
