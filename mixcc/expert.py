@@ -179,7 +179,7 @@ class _EPBase:
         self.i_of = by_global  # backend rank q -> group index
         if self._dist and len(self.members) > 1:
             self._pgs = {k: subgroup(k, group, self.members) for k in _kinds(group)}
-        self.tag = zlib.crc32(f"{program}|{self.members}".encode()) & 0x7FFFFFFF
+        self.tag = zlib.crc32(f"{program}|{glob}".encode()) & 0x7FFFFFFF
 
     # -- the reference backend's two steps ---------------------------------------
     def _pg(self, device: torch.device):
@@ -223,9 +223,10 @@ class _EPBase:
             except Exception:
                 break
             time.sleep(0.05)
-        peer = missing[0] if missing else -1
-        raise CollectiveTimeout(self.rank, peer, f"{self.spec.kind}: {stage}", 0, self.calls,
-                                self.timeout_s) from cause
+        if not missing:  # every member got here: not a missing peer, the backend's error
+            raise cause
+        raise CollectiveTimeout(self.rank, missing[0], f"{self.spec.kind}: {stage}", 0,
+                                self.calls, self.timeout_s) from cause
 
     def _exchange(self, row: torch.Tensor) -> torch.Tensor:
         """Every member's `row` (int64), indexed by position in the group."""
