@@ -157,7 +157,20 @@ BAD_INPUTS = {  # name -> (how rank `bad` spoils its input, exception, words of 
     "x_strided": (lambda x, i, w: (x.t().contiguous().t(), i, w), ValueError, "contiguous"),
     "hidden": (lambda x, i, w: (torch.zeros(x.shape[0], 6), i, w), ValueError,
                "hidden) differs across the group"),
+    "idx_device": (lambda x, i, w: (x, i.to("meta"), w), ValueError, "topk_idx.device"),
+    "x_device": (lambda x, i, w: (x.to("meta"), i, w), ValueError, "x.device"),
 }
+
+
+def check_tokens_differ(rank: int, world: int, pg) -> str:
+    """Without max_tokens every rank must pass the same T: each raises, naming every T."""
+    mesh = mixcc.Mesh({"ep": world})
+    d = mixcc.compile("dispatch(ep, experts=4, topk=2)", mesh, dtype=torch.float32,
+                      group=pg, timeout_s=120)
+    x, idx, w = make_case(2, rank, "random", 3 + rank, 4, 4, 2, torch.float32)
+    want = ", ".join(f"{r}: {3 + r}" for r in range(world))
+    return _raises(lambda: d(x, topk_idx=idx, topk_weights=w), ValueError,
+                   "needs the same T on every rank", want)
 
 
 def check_bad_input(rank: int, world: int, pg, name: str, bad: int) -> str:

@@ -22,6 +22,7 @@ from tasks_ep import (
     check_ep,
     check_handles,
     check_overflow,
+    check_tokens_differ,
 )
 
 import mixcc
@@ -187,6 +188,11 @@ def test_capacity_overflow_raises_on_every_rank(ep_pool, world):
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_on_one_rank(ep_pool, name):
     res = ep_pool.run(4, check_bad_input, name, 2)
+    assert not any(res.values()), res
+
+
+def test_tokens_differ_without_max_tokens(ep_pool):
+    res = ep_pool.run(4, check_tokens_differ)
     assert not any(res.values()), res
 
 
