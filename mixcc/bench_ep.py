@@ -3,6 +3,7 @@ writes without mixcc, in the same processes on the same data (docs/DESIGN.md, "E
 parallelism").
 
     mixcc bench --program "dispatch(ep, experts=64, topk=8)" --world-size 2
+    mixcc bench --ep --hidden 4096      # top-8 of 64 and 256 experts, bf16 and fp8 wires
 
 Rows: `auto` (mixcc's dispatch then combine as compiled, backend auto: the reference
 backend today), `a2a` (torch.distributed all_to_all_single: the per-expert counts
@@ -39,6 +40,10 @@ from .mesh import Mesh
 from .presets import resolve
 
 EP_BACKENDS = ("auto", "a2a", "symm_a2a")
+# `mixcc bench --ep`: the shapes DeepEP's and pplx-kernels' users quote (top-8 of 64 and
+# 256 experts), each with the token's dtype and with fp8 and a scale per 128 elements
+EP_PROGRAMS = tuple(f"dispatch(ep, experts={e}, topk=8{w})" for e in (64, 256)
+                    for w in ("", ", wire=fp8_e4m3, scale_block=128"))
 
 
 def is_ep(program: str) -> bool:
@@ -56,7 +61,9 @@ def config(args: argparse.Namespace) -> tuple[int, dict]:
     from .cli import UsageError, _positive
 
     _positive(args, "hidden", "min_rows", "max_rows", "iters", "repeats", "ranks_per_node")
-    progs = [resolve(p) for p in args.program]
+    progs = [resolve(p) for p in args.program or []]
+    if getattr(args, "ep", False):
+        progs = list(dict.fromkeys([*EP_PROGRAMS, *progs]))
     for p in progs:
         ast = parse(p)
         if ast.ep is None or ast.ep.kind != "dispatch":
@@ -129,11 +136,33 @@ def main(args: argparse.Namespace) -> int:
         launch.spawn(_worker, world, cfg, backend=cfg["pg"])
         rows = bench.read_rows(cfg["rows_path"])
     bench.add_ratios(rows)
-    print(bench.pivot(rows), flush=True)
+    print(summary(rows), flush=True)
     if cfg["out"]:
         for path in bench.write_outputs(rows, cfg["out"]):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def summary(rows: list[Row]) -> str:
+    """One line per (program, tokens): time (us) per backend, and auto's over the best
+    baseline's; the last thing printed."""
+    backends = list(dict.fromkeys(r.backend for r in rows))
+    by: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        by.setdefault((r.program, r.world, r.rows), {})[r.backend] = r
+    width = max([len(p) for p, _, _ in by] + [7])
+    lines = ["# dispatch + combine: time (us) per backend; auto/best: auto's time over the "
+             "best baseline's",
+             f"{'program':<{width}} {'world':>5} {'tokens':>6} "
+             + " ".join(f"{b:>12}" for b in backends) + f" {'auto/best':>9}"]
+    for (prog, world, tokens), rs in by.items():
+        cells = " ".join(f"{rs[b].time_us:>12.1f}" if b in rs else f"{'-':>12}"
+                         for b in backends)
+        auto = rs.get("auto")
+        ratio = f"{auto.ratio:>9.2f}" if auto is not None and auto.ratio == auto.ratio \
+            else f"{'-':>9}"
+        lines.append(f"{prog:<{width}} {world:>5} {tokens:>6} {cells} {ratio}")
+    return "\n".join(lines)
 
 
 def _worker(rank: int, world: int, cfg: dict) -> None:

@@ -317,7 +317,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from . import bench, bench_ep, launch, mps
 
-    if args.program and any(bench_ep.is_ep(p) for p in args.program):
+    if args.ep or (args.program and any(bench_ep.is_ep(p) for p in args.program)):
         return bench_ep.main(args)  # dispatch + combine against all_to_all_single
     runs, skipped = bench_config(args)
     if args.trace:
@@ -474,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "sharing one GPU run under MPS (started for the run when it is not "
                     "running) and are timed by CUDA graphs.")
     b.add_argument("--program", action="append", help="program text or preset (repeatable)")
+    b.add_argument("--ep", action="store_true",
+                   help="dispatch + combine of top-8 of 64 and of 256 experts over an axis "
+                        "ep of every rank, with a bf16 and an fp8 wire, against "
+                        "all_to_all_single (mixcc/bench_ep.py; --program adds dispatch "
+                        "programs of your own)")
     b.add_argument("--mesh", default=None,
                    help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2); sets the world size")
     b.add_argument("--ranks-per-node", type=int, default=None,

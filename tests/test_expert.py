@@ -262,3 +262,16 @@ def test_bench_dispatch_flags(capsys, argv, words):
 
     assert main(["bench", "--world-size", "2", *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_bench_ep_flag_config():
+    """--ep: top-8 of 64 and 256 experts with both wires, plus any --program given."""
+    from mixcc import bench_ep
+    from mixcc.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--ep", "--world-size", "4", "--program",
+                                      "dispatch(ep, experts=8, topk=1)"])
+    world, cfg = bench_ep.config(args)
+    assert world == 4 and cfg["mesh_axes"] == [("ep", 4)]
+    assert cfg["programs"] == [*bench_ep.EP_PROGRAMS, "dispatch(ep, experts=8, topk=1)"]
+    assert len(bench_ep.EP_PROGRAMS) == 4 and cfg["backends"] == ["auto", "a2a"]
