@@ -304,7 +304,37 @@ class Dispatch(_EPBase):
             out["recv_scale"] = (sp.local_experts, sp.slots(tokens), hidden // blk)
         return out
 
-    def _check(self, x: torch.Tensor, idx: object, w: object) -> BaseException | None:
+    def out_names(self) -> tuple[str, ...]:
+        """The names of the tensors a call returns before the handle, in order."""
+        return ("recv_x", "recv_scale", "recv_count") if self.spec.wire else \
+            ("recv_x", "recv_count")
+
+    def _check_out(self, x: torch.Tensor, out: object) -> BaseException | None:
+        """`out`: the tensors a call would return, preallocated (as output_shapes)."""
+        names = self.out_names()
+        if not isinstance(out, tuple | list) or len(out) != len(names):
+            return TypeError(f"out must be a tuple ({', '.join(names)}), got "
+                             f"{type(out).__name__}")
+        shapes = self.output_shapes(self.spec.max_tokens or x.shape[0], x.shape[1])
+        wire = ops.QUANT_FORMATS[self.spec.wire] if self.spec.wire else x.dtype
+        dtypes = {"recv_x": wire, "recv_scale": torch.float32, "recv_count": torch.int32}
+        for name, t in zip(names, out, strict=True):
+            if not isinstance(t, torch.Tensor):
+                return TypeError(f"out's {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != dtypes[name]:
+                return TypeError(f"out's {name}.dtype must be {dtypes[name]}, got {t.dtype}")
+            if tuple(t.shape) != shapes[name]:
+                return ValueError(f"out's {name}.shape must be {shapes[name]}, got "
+                                  f"{tuple(t.shape)}")
+            if t.device != x.device:
+                return ValueError(f"out's {name}.device must be {x.device} (same as x), got "
+                                  f"{t.device}")
+            if not t.is_contiguous():
+                return ValueError(f"out's {name} must be contiguous")
+        return None
+
+    def _check(self, x: torch.Tensor, idx: object, w: object, out: object = None
+               ) -> BaseException | None:
         """This rank's own input problems (the first found), or None."""
         sp = self.spec
         if self.dtype is not None and x.dtype != self.dtype:
@@ -357,17 +387,19 @@ class Dispatch(_EPBase):
                 e = int(srt[t, 1:][dup[t]][0])
                 return ValueError(f"topk_idx row {t} names expert {e} twice: a token's "
                                   "experts must be distinct (use -1 for unused entries)")
-        return None
+        return None if out is None else self._check_out(x, out)
 
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor,
-                 topk_weights: torch.Tensor) -> tuple:
+                 topk_weights: torch.Tensor, *, out: tuple | None = None) -> tuple:
         """Send each token of `x` (T, H) to the ranks of its experts `topk_idx` (T, K;
-        -1: none); `topk_weights` (T, K) float32 is kept in the handle for combine."""
+        -1: none); `topk_weights` (T, K) float32 is kept in the handle for combine.
+        `out`: preallocated (recv_x[, recv_scale], recv_count) of output_shapes(M, H),
+        filled and returned (slots past recv_count left as they were)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         self._ready(x)
         sp = self.spec
-        mine = self._check(x, topk_idx, topk_weights)
+        mine = self._check(x, topk_idx, topk_weights, out)
         row = torch.zeros(_HEAD + sp.experts, dtype=torch.int64)
         if mine is None:
             tokens, hidden = x.shape
@@ -396,7 +428,7 @@ class Dispatch(_EPBase):
                              f" of the group) would receive {int(totals[e])} tokens, more than "
                              f"its {what}{more}; nothing was sent, every rank of the group "
                              "raises")
-        return self._run(x, topk_idx, topk_weights, counts, slots)
+        return self._run(x, topk_idx, topk_weights, counts, slots, out)
 
     def _agree(self, table: torch.Tensor) -> None:
         """Shape facts every member must share, from the exchanged rows."""
@@ -425,7 +457,7 @@ class Dispatch(_EPBase):
         return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1), x.shape[1]
 
     def _run(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-             counts: torch.Tensor, slots: int) -> tuple:
+             counts: torch.Tensor, slots: int, out: tuple | None) -> tuple:
         sp = self.spec
         n, el = sp.group_size, sp.local_experts
         tokens, hidden = x.shape
@@ -454,21 +486,26 @@ class Dispatch(_EPBase):
         total = int(blk_count.sum())
         offs = torch.arange(total) - torch.repeat_interleave(blk_start, blk_count)
         dst = (torch.repeat_interleave(blk_dst, blk_count) + offs).to(dev)
-        recv_count = mine.sum(0).to(torch.int32).to(dev)
+        counted = mine.sum(0).to(torch.int32).to(dev)
         out_dtype = ops.QUANT_FORMATS[sp.wire] if sp.wire else x.dtype
-        recv_x = torch.zeros((el * slots, hidden), dtype=out_dtype, device=dev)
+        nblk = hidden // (sp.scale_block or hidden)
+        if out is None:
+            recv_x = torch.zeros((el, slots, hidden), dtype=out_dtype, device=dev)
+            scale = torch.zeros((el, slots, nblk), dtype=torch.float32, device=dev) \
+                if sp.wire else None
+            recv_count = counted
+        else:
+            recv_x, scale, recv_count = out[0], out[1] if sp.wire else None, out[-1]
+            recv_count.copy_(counted)
         recv_x.view(torch.uint8).reshape(el * slots, data_bytes)[dst] = recv[:, :data_bytes]
         handle = EPHandle(self.tag, self.calls, self.rank, self.members, sp, tokens, hidden,
                           slots, x.dtype, dev, idx.to(torch.int64).clone(),
                           w.to(torch.float32).clone(), order, dst, send_splits, recv_splits,
-                          recv_count)
-        recv_x = recv_x.view(el, slots, hidden)
-        if sp.wire is None:
+                          counted.clone())
+        if scale is None:
             return recv_x, recv_count, handle
-        nblk = hidden // (sp.scale_block or hidden)
-        scale = torch.zeros((el * slots, nblk), dtype=torch.float32, device=dev)
         scale.view(torch.uint8).reshape(el * slots, nblk * 4)[dst] = recv[:, data_bytes:]
-        return recv_x, scale.view(el, slots, nblk), recv_count, handle
+        return recv_x, scale, recv_count, handle
 
     def explain(self, hidden: int | None = None) -> str:
         sp = self.spec
@@ -518,9 +555,11 @@ class Dispatch(_EPBase):
 class Combine(_EPBase):
     """A compiled `combine(G)`. Call it as `y = c(expert_out, handle=handle)`."""
 
-    def __call__(self, expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
+    def __call__(self, expert_out: torch.Tensor, handle: EPHandle, *,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """y[t] = sum over k of w[t, k] * expert_out[slot of (t, k)] in fp32, k ascending,
-        topk_idx -1 skipped, rounded once to x's dtype; (T, H)."""
+        topk_idx -1 skipped, rounded once to x's dtype; (T, H), written into `out` when
+        given (and returned)."""
         if not isinstance(expert_out, torch.Tensor):
             raise TypeError(f"expert_out must be a torch.Tensor, got "
                             f"{type(expert_out).__name__}")
@@ -528,7 +567,7 @@ class Combine(_EPBase):
             raise TypeError(f"handle must be the EPHandle a dispatch returned, got "
                             f"{type(handle).__name__}")
         self._ready(expert_out)
-        mine = self._check(expert_out, handle)
+        mine = self._check(expert_out, handle, out)
         row = torch.tensor([0 if mine is None else 1, handle.tag, handle.call,
                             handle.hidden], dtype=torch.int64)
         dev = expert_out.device if expert_out.is_cuda and "nccl" in self._pgs \
@@ -542,9 +581,14 @@ class Combine(_EPBase):
             raise ValueError(f"combine: the ranks pass handles of different dispatch calls: "
                              f"{shown}; every rank must combine the same call; nothing was "
                              "sent, every rank of the group raises")
-        return self._run(expert_out, handle)
+        y = self._run(expert_out, handle)
+        if out is None:
+            return y
+        out.copy_(y)
+        return out
 
-    def _check(self, out: torch.Tensor, h: EPHandle) -> BaseException | None:
+    def _check(self, out: torch.Tensor, h: EPHandle, y: object = None
+               ) -> BaseException | None:
         sp = h.spec
         if h.members != self.members or h.rank != self.rank or \
                 tuple(sp.axes) != tuple(self.spec.axes):
@@ -567,6 +611,14 @@ class Combine(_EPBase):
                               f"{out.device}")
         if not out.is_contiguous():
             return ValueError("expert_out must be contiguous; call .contiguous() first")
+        if y is not None:
+            if not isinstance(y, torch.Tensor):
+                return TypeError(f"out must be a torch.Tensor or None, got {type(y).__name__}")
+            if y.dtype != h.dtype or tuple(y.shape) != (h.tokens, h.hidden) or \
+                    y.device != h.device:
+                return ValueError(f"out must be a {h.dtype} tensor of shape "
+                                  f"{(h.tokens, h.hidden)} on {h.device} (x's), got "
+                                  f"{y.dtype} {tuple(y.shape)} on {y.device}")
         return None
 
     def _run(self, out: torch.Tensor, h: EPHandle) -> torch.Tensor:

@@ -59,7 +59,18 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
         inputs = [make_case(seed, m, mode, tokens[call][m], hidden, experts, topk, dtype)
                   for m in members]
         x, idx, w = (t.to(dev, copy=True) for t in inputs[pos])
-        res = d(x, topk_idx=idx, topk_weights=w)
+        slots = capacity or (max_tokens or tokens[call][rank]) * n
+        bufs = None
+        if call == 1:  # preallocated outputs, filled with garbage first
+            wire = torch.float8_e4m3fn if block is not None else dtype
+            bufs = [torch.full((local, slots, hidden), 3.0, device=dev).to(wire)]
+            if block is not None:
+                bufs.append(torch.full((local, slots, hidden // (block or hidden)), -1.0,
+                                       device=dev))
+            bufs.append(torch.full((local,), -7, dtype=torch.int32, device=dev))
+        res = d(x, topk_idx=idx, topk_weights=w, out=bufs)
+        if bufs is not None and any(a is not b for a, b in zip(res, bufs, strict=False)):
+            msgs.append(f"call {call}: out= tensors were not the ones returned")
         if block is None:
             recv_x, recv_count, handle = res
             scale = None
@@ -69,7 +80,6 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
         if recv_x.device != dev or recv_count.device != dev:
             msgs.append(f"call {call}: outputs on {recv_x.device}, {recv_count.device}")
         recv_x, recv_count = recv_x.cpu(), recv_count.cpu()
-        slots = capacity or (max_tokens or tokens[call][rank]) * n
         counts, rows = expected_dispatch(inputs, experts, pos)
         want_dtype = torch.float8_e4m3fn if block is not None else dtype
         if tuple(recv_x.shape) != (local, slots, hidden) or recv_x.dtype != want_dtype:
@@ -98,7 +108,12 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
                     msgs.append(f"call {call}: expert {j} slot {i}: fp8 values off")
                     break
         outs = [make_expert_out(seed, m, local, slots, hidden, dtype) for m in members]
-        y = c(outs[pos].to(dev, copy=True), handle=handle).cpu()
+        y_buf = None if bufs is None else torch.full((tokens[call][rank], hidden), float("nan"),
+                                                     device=dev).to(dtype)
+        y = c(outs[pos].to(dev, copy=True), handle=handle, out=y_buf)
+        if y_buf is not None and y is not y_buf:
+            msgs.append(f"call {call}: combine's out= was not returned")
+        y = y.cpu()
         want, mag = expected_combine(inputs, outs, experts, pos)
         m = combine_mismatch(y, want, mag, topk, dtype)
         if m:
@@ -197,9 +212,10 @@ def check_bad_input(rank: int, world: int, pg, name: str, bad: int) -> str:
 
 
 def check_handles(rank: int, world: int, pg) -> str:
-    """combine's checks of its handle and expert_out: a handle of a dispatch over another
-    group, of another call on another rank, expert_out of the wrong shape or dtype; each
-    raises on every rank, and a good combine runs after."""
+    """combine's checks of its handle, expert_out and out: a handle of a dispatch over
+    another group, of another call on another rank, expert_out of the wrong shape or
+    dtype, out of the wrong shape; dispatch's out of the wrong dtype or arity; each raises
+    on every rank, and a good combine runs after."""
     mesh = mixcc.Mesh({"a": 2, "b": world // 2})
     da = mixcc.compile("dispatch(a, experts=4, topk=2, max_tokens=4)", mesh,
                        dtype=torch.float32, group=pg, timeout_s=120)
@@ -215,7 +231,14 @@ def check_handles(rank: int, world: int, pg) -> str:
                     "handles of different dispatch calls"),
             _raises(lambda: ca(r1[:, :-1], handle=h1), ValueError, "expert_out.shape"),
             _raises(lambda: ca(r1.double(), handle=h1), TypeError, "expert_out.dtype"),
-            _raises(lambda: ca(r1, handle="h"), TypeError, "EPHandle")]
+            _raises(lambda: ca(r1, handle="h"), TypeError, "EPHandle"),
+            _raises(lambda: ca(r1, handle=h1, out=torch.empty(4, 7)), ValueError,
+                    "out must be a torch.float32 tensor of shape (4, 8)"),
+            _raises(lambda: da(x, topk_idx=idx, topk_weights=w, out=(r1,)), TypeError,
+                    "out must be a tuple (recv_x, recv_count)"),
+            _raises(lambda: da(x, topk_idx=idx, topk_weights=w,
+                               out=(r1, torch.zeros(2, dtype=torch.int64))), TypeError,
+                    "out's recv_count.dtype must be torch.int32")]
     if rank == first:  # only the group's first passes a bad shape: the other names it
         msgs.append(_raises(lambda: ca(r1[:, :-1], handle=h1), ValueError, "expert_out.shape"))
     else:
