@@ -119,6 +119,29 @@ def expected_combine(inputs: list[tuple], outs: list[torch.Tensor], experts: int
     return y, mag
 
 
+def expected_combine_fp32(inputs: list[tuple], outs: list[torch.Tensor], experts: int,
+                          pos: int, dtype: torch.dtype) -> torch.Tensor:
+    """combine's result in its stated order: per token, acc = 0 in fp32, then for k
+    ascending (ids -1 skipped) acc = acc + w[t, k] * out (the product rounded to fp32,
+    then the sum), rounded once to `dtype`. Bit for bit what an implementation without
+    fused multiply-adds returns."""
+    n = len(inputs)
+    local = experts // n
+    r = routed(inputs, experts)
+    slot = {}
+    for e, lst in r.items():
+        for i, (s, t, k) in enumerate(lst):
+            slot[(s, t, k)] = (e // local, e % local, i)
+    x, idx, w = inputs[pos]
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            if int(idx[t, k]) >= 0:
+                owner, j, i = slot[(pos, t, k)]
+                y[t] = y[t] + w[t, k].float() * outs[owner][j, i].float()
+    return y.to(dtype)
+
+
 def combine_mismatch(got: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, topk: int,
                      dtype: torch.dtype) -> str | None:
     """fp32 products and K-term fp32 sums (each rounding at most 2^-24 of the terms'

@@ -9,6 +9,7 @@ import torch
 from oracle_ep import (
     combine_mismatch,
     expected_combine,
+    expected_combine_fp32,
     expected_dispatch,
     fp8_expected,
     group,
@@ -118,6 +119,10 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
         m = combine_mismatch(y, want, mag, topk, dtype)
         if m:
             msgs.append(f"call {call}: combine: {m}")
+        elif device == "cpu" and not torch.equal(
+                y, expected_combine_fp32(inputs, outs, experts, pos, dtype)):
+            msgs.append(f"call {call}: combine is within rounding but not bit for bit the "
+                        "fp32 sum in k order")
         for name, a, b in (("x", x, inputs[pos][0]), ("topk_idx", idx, inputs[pos][1]),
                            ("topk_weights", w, inputs[pos][2])):
             if not torch.equal(a.cpu(), b):
