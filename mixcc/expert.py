@@ -277,10 +277,15 @@ class _EPBase:
         groups = self.mesh.partition(self.spec.axes)
         shown = ", ".join(str(list(g)) for g in groups[:4]) + (" ..." if len(groups) > 4
                                                                else "")
+        from .ir.passes import scope_of
+
+        where = {"intra": "inside one node", "inter": "one rank per node",
+                 "hier": "equal parts on several nodes", "flat": "across nodes unevenly"}
+        scope = scope_of(tuple(self.spec.axes), self.mesh)
         return (f"program: {self.program}\nmesh: {self.mesh}\n"
                 f"AST:\n  {st}  @ line {st.pos.line}, column {st.pos.column}\n"
                 f"group {'*'.join(self.spec.axes)}: {self.spec.group_size} ranks, "
-                f"{len(groups)} group(s): {shown}\n")
+                f"{len(groups)} group(s): {shown}; {scope} ({where[scope]})\n")
 
     def check(self) -> None:
         """Nothing to check: the reference backend raises its timeouts in the call."""
