@@ -19,6 +19,7 @@ from oracle import group_of, layout
 MODES = ("random", "skewed", "one", "empty")
 FP8_MAX = 448.0
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+TINY = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
 
 def make_case(seed: int, rank: int, mode: str, tokens: int, hidden: int, experts: int,
@@ -28,7 +29,7 @@ def make_case(seed: int, rank: int, mode: str, tokens: int, hidden: int, experts
     random: K distinct experts per token, about one entry in seven -1; skewed: experts
     drawn with weights 1/(e+1)^2 (a few experts get most tokens); one: every token to
     expert seed % E in column seed % K, the other entries -1; empty: every entry -1.
-    idx is int32 for odd seeds, int64 for even ones."""
+    idx is int32 for odd seeds, int64 for even ones; the weight of every -1 entry is NaN."""
     g = torch.Generator().manual_seed(seed * 7919 + rank)
     x = torch.randn((tokens, hidden), generator=g).to(dtype)
     w = (torch.rand((tokens, topk), generator=g) * 2 - 0.5).float()
@@ -48,14 +49,19 @@ def make_case(seed: int, rank: int, mode: str, tokens: int, hidden: int, experts
         idx[:, seed % topk] = seed % experts
     else:
         idx = torch.full((tokens, topk), -1, dtype=torch.int64)
+    w = torch.where(idx < 0, float("nan"), w)  # a -1 entry's weight must never be read
     return x, idx.to(torch.int32 if seed % 2 else torch.int64), w
 
 
 def make_expert_out(seed: int, rank: int, local: int, slots: int, hidden: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """What a rank's experts return: fresh random values of recv_x's shape."""
+                    dtype: torch.dtype, counts: list[int] | None = None) -> torch.Tensor:
+    """What a rank's experts return: fresh random values of recv_x's shape; NaN in the
+    slots at and past counts[j] (they must never be read)."""
     g = torch.Generator().manual_seed(seed * 104729 + rank + 17)
-    return torch.randn((local, slots, hidden), generator=g).to(dtype)
+    out = torch.randn((local, slots, hidden), generator=g).to(dtype)
+    for j, c in enumerate(counts or []):
+        out[j, c:] = float("nan")
+    return out
 
 
 def group(mesh_axes: list[tuple[str, int]], rank: int, axes: list[str] | None) -> list[int]:
@@ -145,12 +151,12 @@ def expected_combine_fp32(inputs: list[tuple], outs: list[torch.Tensor], experts
 def combine_mismatch(got: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, topk: int,
                      dtype: torch.dtype) -> str | None:
     """fp32 products and K-term fp32 sums (each rounding at most 2^-24 of the terms'
-    magnitude), then one rounding to `dtype`."""
+    magnitude), then one rounding to `dtype` (relative, or the subnormal step)."""
     if tuple(got.shape) != tuple(y.shape):
         return f"shape {tuple(got.shape)} != expected {tuple(y.shape)}"
     if got.dtype != dtype:
         return f"dtype {got.dtype} != {dtype}"
-    tol = 2.0**-24 * (topk + 2) * mag + EPS[dtype] * y.abs() + 1e-30
+    tol = 2.0**-24 * (topk + 2) * mag + EPS[dtype] * y.abs() + TINY[dtype]
     bad = (got.double() - y).abs() > tol
     if bad.any() or torch.isnan(got.double()).any():
         i = int(bad.flatten().nonzero()[0]) if bad.any() else -1
