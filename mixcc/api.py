@@ -13,6 +13,7 @@ from .codegen.layout import DEFAULT_SYMMETRIC_BYTES, DEFAULT_WORKSPACE_BYTES
 from .codegen.lower import lower
 from .codegen.plan import HierStage, Plan
 from .errors import CompileError
+from .expert import Combine, Dispatch, compile_ep
 from .ir.build import build, check_dtype, check_rows
 from .ir.nodes import IR
 from .ir.parser import parse
@@ -439,7 +440,7 @@ def compile(  # noqa: A001 - the public name the contract asks for
     debug: bool | None = None,
     abort_on_error: bool | None = None,
     batch_invariant: bool | None = None,
-) -> Collective:
+) -> Collective | Dispatch | Combine:
     """Compile `program` (text or preset name) for `mesh` over `group` (default WORLD).
 
     Mesh rank r is rank r of `group`. `rows`, when given, is checked at compile time.
@@ -480,7 +481,11 @@ def compile(  # noqa: A001 - the public name the contract asks for
         )
     check_fused_options(workspace_bytes, symmetric_bytes, pipeline_depth)
     text = resolve(program)
-    ir = build(parse(text), mesh, dtype)
+    ast = parse(text)
+    if ast.ep is not None:  # dispatch / combine: mixcc/expert.py
+        return compile_ep(ast, mesh, dtype=dtype, group=group, backend=backend,
+                          timeout_s=timeout_s)
+    ir = build(ast, mesh, dtype)
     if rows is not None:
         check_rows(ir, rows, text)
     optimized = optimize(ir, mesh)

@@ -48,6 +48,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     mesh = Mesh.parse(args.mesh, args.ranks_per_node)
     dtype = _dtype(args.dtype) if args.dtype else None
     coll = mixcc_compile(_program(args.program), mesh, dtype=dtype, backend="reference")
+    from .expert import Combine, Dispatch
+
+    if args.hidden is not None:
+        if not isinstance(coll, Dispatch | Combine):
+            raise UsageError("--hidden applies to dispatch and combine programs (it sizes "
+                             "their receive buffer)")
+        _positive(args, "hidden")
+        print(coll.explain(hidden=args.hidden))
+        return 0
+    if isinstance(coll, Dispatch | Combine):
+        print(coll.explain())
+        return 0
     key, tune_arch = _explain_key(args, mesh.world_size)
     print(coll.explain(key, tune_arch))
     return 0
@@ -341,8 +353,10 @@ def bench_config(args: argparse.Namespace) -> tuple[list[tuple[int, dict]], list
 def _cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
 
-    from . import bench, launch, mps
+    from . import bench, bench_ep, launch, mps
 
+    if args.ep or (args.program and any(bench_ep.is_ep(p) for p in args.program)):
+        return bench_ep.main(args)  # dispatch + combine against all_to_all_single
     runs, skipped = bench_config(args)
     if args.trace:
         try:
@@ -473,6 +487,9 @@ def _language_help() -> str:
             "  coll     := allreduce | allgather | reducescatter\n"
             "  group    := world | axis ('*' axis)*\n"
             "  redop    := sum | max | min                 (default sum)\n"
+            "  or alone: dispatch(group, experts=E, topk=K[, max_tokens=M][, capacity=C]"
+            "[, wire=fp8_e4m3[, scale_block=B]])\n"
+            "            combine(group)                   (expert parallelism)\n"
             f"presets (mesh axes dp, tp):\n{rows}\n"
             "design: docs/DESIGN.md")
 
@@ -499,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--topology", default=None,
                    help="auto's table for this topology: nvlink, nvswitch, pcie, mps, "
                         "shared, nodes (with --arch)")
+    e.add_argument("--hidden", type=int, default=None,
+                   help="dispatch/combine: elements per token, to size the receive buffer")
     e.set_defaults(fn=_cmd_explain)
 
     b = sub.add_parser(
@@ -510,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "sharing one GPU run under MPS (started for the run when it is not "
                     "running) and are timed by CUDA graphs.")
     b.add_argument("--program", action="append", help="program text or preset (repeatable)")
+    b.add_argument("--ep", action="store_true",
+                   help="dispatch + combine of top-8 of 64 and of 256 experts over an axis "
+                        "ep of every rank, with a bf16 and an fp8 wire, against "
+                        "all_to_all_single (mixcc/bench_ep.py; --program adds dispatch "
+                        "programs of your own)")
     b.add_argument("--mesh", default=None,
                    help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2); sets the world size")
     b.add_argument("--ranks-per-node", type=int, default=None,

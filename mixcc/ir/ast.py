@@ -59,10 +59,44 @@ class Epi:
 
 
 @dataclass(frozen=True)
+class EPArg:
+    """One keyword argument of an expert-parallel statement: `name=value` (value as
+    written: an integer or a name such as fp8_e4m3)."""
+
+    name: str
+    value: int | str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class EPStmt:
+    """An expert-parallel statement (mixcc/expert.py): `dispatch(G, experts=E, topk=K,
+    ...)` or `combine(G)`; `axes` is None for `world`."""
+
+    kind: str  # "dispatch" | "combine"
+    axes: tuple[Axis, ...] | None
+    args: tuple[EPArg, ...]
+    pos: Pos
+
+    def group_text(self) -> str:
+        return "world" if self.axes is None else "*".join(a.name for a in self.axes)
+
+    def arg(self, name: str) -> EPArg | None:
+        return next((a for a in self.args if a.name == name), None)
+
+    def __str__(self) -> str:
+        args = "".join(f", {a.name}={a.value}" for a in self.args)
+        return f"{self.kind}({self.group_text()}{args})"
+
+
+@dataclass(frozen=True)
 class Program:
     stmts: tuple[Stmt, ...]
     text: str
     epilogue: tuple[Epi, ...] = ()
+    ep: EPStmt | None = None  # an expert-parallel program: this statement alone
 
     def __str__(self) -> str:
+        if self.ep is not None:
+            return str(self.ep)
         return "; ".join(str(s) for s in (*self.stmts, *self.epilogue))

@@ -55,6 +55,10 @@ def shape_facts(ops: tuple[Op, ...], mesh: Mesh) -> tuple[int, Fraction]:
 def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
     """Resolve axes against the mesh and verify the program; raise CompileError."""
     text = program.text
+    if program.ep is not None:
+        raise CompileError(f"{program.ep.kind} is compiled by mixcc.compile (mixcc/expert.py), "
+                           "not into a collective's IR", text, program.ep.pos.line,
+                           program.ep.pos.column)
     ops = []
     for st in program.stmts:
         if st.axes is None:

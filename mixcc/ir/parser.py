@@ -8,7 +8,7 @@ from importlib import resources
 import lark
 
 from ..errors import ParseError
-from .ast import Axis, Epi, Pos, Program, Stmt
+from .ast import Axis, EPArg, Epi, EPStmt, Pos, Program, Stmt
 
 # Human names for the grammar's terminals, used in "expected one of" lists.
 _TOKEN_TEXT = {
@@ -30,6 +30,8 @@ _TOKEN_TEXT = {
     "EPS": "'eps'",
     "QFMT": "fp8_e4m3",
     "NUMBER": "number",
+    "DISPATCH": "dispatch",
+    "COMBINE": "combine",
     "$END": "end of program",
 }
 
@@ -54,6 +56,60 @@ def _epi(tree: lark.Tree) -> Epi:
         return Epi("quant", str(kids[1]), _pos(tree), fmt=str(kids[0]))
     eps = float(kids[1]) if len(kids) > 1 else None
     return Epi(str(tree.data), str(kids[0]), _pos(tree), eps=eps)
+
+
+# The keyword arguments of the expert-parallel statements (mixcc/expert.py): name ->
+# "int" (a positive integer) or the tuple of names it may take; and which are required.
+EP_ARGS: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "dispatch": {"experts": "int", "topk": "int", "max_tokens": "int", "capacity": "int",
+                 "wire": ("fp8_e4m3",), "scale_block": "int"},
+    "combine": {},
+}
+EP_REQUIRED = {"dispatch": ("experts", "topk"), "combine": ()}
+
+
+def _group_axes(group: lark.Tree) -> tuple[Axis, ...] | None:
+    if group.data == "axes":
+        return tuple(Axis(str(t), _pos(t)) for t in group.children)
+    return None
+
+
+def _ep_stmt(tree: lark.Tree, text: str) -> EPStmt:
+    """A dispatch or combine statement, its keyword arguments checked against EP_ARGS."""
+    kind = str(tree.data)
+    allowed = EP_ARGS[kind]
+    args: list[EPArg] = []
+    for a in tree.children[1:]:
+        name_tok, value_tok = a.children
+        name, raw, p = str(name_tok), str(value_tok), _pos(name_tok)
+        if name not in allowed:
+            what = (f"{kind} takes no keyword arguments" if not allowed else
+                    f"{kind} takes {', '.join(allowed)}")
+            raise ParseError(f"unknown keyword {name!r}: {what}", text, p.line, p.column, [])
+        if any(b.name == name for b in args):
+            raise ParseError(f"keyword {name!r} given twice", text, p.line, p.column, [])
+        want = allowed[name]
+        vp = _pos(value_tok)
+        if want == "int":
+            if not raw.isdigit() or int(raw) < 1:
+                raise ParseError(f"{name} must be a positive integer, got {raw}", text,
+                                 vp.line, vp.column, [])
+            value: int | str = int(raw)
+        else:
+            if raw not in want:
+                raise ParseError(f"{name} must be one of {', '.join(want)}, got {raw}", text,
+                                 vp.line, vp.column, [])
+            value = raw
+        args.append(EPArg(name, value, p))
+    st = EPStmt(kind, _group_axes(tree.children[0]), tuple(args), _pos(tree))
+    for need in EP_REQUIRED[kind]:
+        if st.arg(need) is None:
+            raise ParseError(f"{kind} needs {need}=N", text, st.pos.line, st.pos.column, [])
+    if st.arg("scale_block") is not None and st.arg("wire") is None:
+        p = st.arg("scale_block").pos
+        raise ParseError("scale_block applies to an fp8 wire only: add wire=fp8_e4m3", text,
+                         p.line, p.column, [])
+    return st
 
 
 def _stmt(tree: lark.Tree) -> Stmt:
@@ -89,7 +145,20 @@ def parse(text: str) -> Program:
         ) from None
     stmts: list[Stmt] = []
     epilogue: list[Epi] = []
-    for t in (c for c in tree.children if isinstance(c, lark.Tree)):
+    trees = [c for c in tree.children if isinstance(c, lark.Tree)]
+    ep = [t for t in trees if t.data in ("dispatch", "combine")]
+    if ep:
+        if len(trees) > 1:
+            # point at the first statement that breaks "one statement": the second one
+            p = _pos(trees[1])
+            raise ParseError(f"{ep[0].data} must be the only statement of its program: "
+                             "dispatch and combine do not compose with other statements "
+                             "(combine needs the handle dispatch returns, and a collective "
+                             "or epilogue has no rows to act on between them); compile "
+                             "each statement as a program of its own",
+                             text, p.line, p.column, [])
+        return Program((), text, (), _ep_stmt(ep[0], text))
+    for t in trees:
         if t.data == "coll":
             if epilogue:
                 p = _pos(t)
