@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# Environment every process of ours keeps: NVLink multicast is forbidden on the
-# lent machines (docs/DESIGN.md section 5). Set by the launcher, never by a library
-# constructor.
+# Environment every process of ours keeps: NVLink multicast is never used, since on a
+# shared host it can take GPUs out of service (docs/DESIGN.md section 5). Set by the
+# launcher, never by a library constructor.
 NO_MULTICAST_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

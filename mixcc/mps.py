@@ -5,7 +5,7 @@ measured by CUDA graphs mean what they mean with one GPU per rank; without it th
 ranks' contexts are time-sliced. The control daemon listens on
 `$CUDA_MPS_PIPE_DIRECTORY/control` (default /tmp/nvidia-mps/control): a UNIX socket in
 current drivers, a named pipe in old ones. The socket file outlives a daemon that quit
-(seen on the lent H200s: every stop waited 10 s and warned), so a socket counts as running
+(observed: every stop then waited 10 s and warned), so a socket counts as running
 only while a connect to it is not refused.
 
 `ensure()` uses a running daemon as it is, or starts a private one (its own pipe and log

@@ -29,7 +29,8 @@ ENV = "MIXCC_TUNE_TABLE"  # a path, or "off" to ignore every table
 
 @dataclass(frozen=True)
 class Choice:
-    """One tuned launch: algorithm ("one_shot", "two_shot" or "hier"), blocks, and the
+    """One tuned launch: algorithm ("one_shot", "two_shot", "push", "ll", "hier" for a
+    cross-node stage, or "nccl": the reference backend for the whole call), blocks, and the
     columns per block and chunk (0: the widest that fits the workspace region)."""
 
     algorithm: str

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: the GPU test suite, then this machine's results folder, and a short
+# One remote run on a GPU machine: the GPU test suite, then this machine's results folder, and a short
 # table of both printed last. Steps, in the order given (default: gpu results):
 #   prebuild  the suite's kernels that the carried cache lacks, nvcc on every core
 #             (PREBUILD_ARGS: e.g. "--worlds 2 --no-mutate" for a subset)

@@ -1,4 +1,4 @@
-# Sourced by the device scripts: the environment every mixcc process on a lent machine
+# Sourced by scripts/device.sh: the environment every mixcc process on a remote GPU machine
 # needs. Multicast stays off (docs/DESIGN.md section 5); lark comes from the carried
 # .whl folder; kernels built here come from the carried .mxcache when the keys match, or
 # from .mxcache.txz (the same, xz-compressed to a seventh: a full prebuild of the suite's

@@ -4,7 +4,9 @@ process per GPU). Device time by CUDA graphs of several calls, median of repeats
 over ranks, every depth in the same run; the ratio is the measured gain of overlapping
 inter-node puts with intra-node work (one-GPU absolute times mean little).
 
-    python3 scripts/hier_bench.py --world 4 --rpn 2 [--dtype bfloat16] [--out DIR]
+    [OUT=DIR] python3 scripts/hier_bench.py --world 4 --rpn 2 [--dtype bfloat16]
+
+With OUT set, rank 0 also writes DIR/hier_bench_w<world>_rpn<rpn>.json.
 """
 
 from __future__ import annotations

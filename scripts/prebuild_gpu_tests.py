@@ -1,5 +1,6 @@
 """Fill the kernel cache with the modules the GPU suite (tests/gpu) loads, nvcc in
-parallel, so that a device call spends its time running tests (carry the cache):
+parallel, so that a time-limited run on a remote GPU machine spends its time running
+tests (carry the cache, CONTRIBUTING.md):
 
     MIXCC_CACHE_DIR=.mxcache python3 scripts/prebuild_gpu_tests.py --arch sm_90a
 

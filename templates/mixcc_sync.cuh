@@ -165,9 +165,8 @@ __device__ __forceinline__ bool runtime_failed(const ErrorRecord* err) {
 // peer, stage, block, value) and return false; when the runtime already failed, return
 // false without recording (checked every 1024th spin, about a millisecond: a kernel
 // queued behind a failed one returns within about that, while a wait that is satisfied
-// sooner never reads the host-mapped record. Checking at the 32nd spin as well cost
-// 20-60 us on every wait that lasted a few microseconds, seen on two H200s in a VM where
-// a read of host memory is slow: docs/PERF.md, 2026-11-29).
+// sooner never reads the host-mapped record: a read of host memory can cost tens of
+// microseconds in a VM, commit 87d555c).
 // blame() reads the peer's blame word (1 + the rank it timed out on, 0 if none): a peer
 // that gave up on a third rank will never arrive, so the wait ends at once and names
 // that rank, with `via` the peer.

@@ -65,9 +65,8 @@ __device__ __forceinline__ Pack<T, N> load_cg(const T* p) {
 // 16, 8 or 4 bytes as one global store of whole words (st.global.v4 / v2 / b32). Written
 // as PTX: nvcc split a plain uint4 (or float4, or 16-bit class type) assignment into 4-byte
 // stores in push_kernel's copies and the reduce's output, and into 2-byte stores in the
-// epilogue. Split stores cost the remote ones most: push ran at 0.6x the link on two H200s
-// until its sender's stores were whole (docs/PERF.md, 2026-11-30 evening). Every pointer
-// passed here is global memory (workspaces, peers' IPC mappings, tensors).
+// epilogue. Split stores cost the remote ones most (push's sender: commit d6da35d). Every
+// pointer passed here is global memory (workspaces, peers' IPC mappings, tensors).
 __device__ __forceinline__ void st_v4(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),
                "r"(d)
@@ -94,9 +93,8 @@ __device__ __forceinline__ void store(T* p, const Pack<T, N>& v) {
 
 // The VEC fp32 values rounded to T and stored as one 16-byte store (st_v4). 16-bit types
 // convert in pairs (one cvt.rn.bf16x2 / f16x2 per two values): rounding each value with
-// from_f32 and calling store() gives the same bits with twice the conversions, more
-// spills in the epilogue's two-pack kernel (ptxas, 2026-11-30), and a receive reduce
-// that held bf16 push at 0.8x its fp32 speed on two H200s (docs/PERF.md, 2026-11-30c).
+// from_f32 and calling store() gives the same bits with twice the conversions and more
+// register spills (ptxas -v), and slowed bf16 push's receive reduce (commit 9f2e3ce).
 // Every reduction's output goes through here.
 __device__ __forceinline__ unsigned bits(__nv_bfloat162 h) { return *reinterpret_cast<unsigned*>(&h); }
 __device__ __forceinline__ unsigned bits(__half2 h) { return *reinterpret_cast<unsigned*>(&h); }

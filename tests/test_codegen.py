@@ -218,8 +218,8 @@ def _ptx(source: str, tmp_path, include: tuple[str, ...] = ()) -> str:
                                            "quant(fp8_e4m3, s)", {"tp": 2})])
 def test_kernels_store_whole_16_byte_packs(tmp_path, dtype, program, axes):
     """Every copy and reduce writes a 16-byte pack with one st.global.v4: nvcc split a plain
-    uint4 assignment into four 4-byte stores in push's copies, which cost push 0.6x of the
-    link on two H200s (docs/PERF.md, 2026-11-30 evening)."""
+    uint4 assignment into four 4-byte stores in push's copies, which slowed push (commit
+    d6da35d)."""
     coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=dtype, backend="reference")
     st0 = coll.plan.stages[-1]
     ptx = _ptx(render_stage(st0, dtype, coll.ir.epilogue), tmp_path)
@@ -242,10 +242,10 @@ def test_hier_kernel_stores_whole_16_byte_packs(tmp_path):
     ptx = _ptx(render_stage(st0, torch.bfloat16), tmp_path, (find_nvshmem().include,))
     split = [m.group(0) for m in _SPLIT_STORE.finditer(ptx) if int(m.group(1)) % 16]
     assert not split, split[:8]
-    # with a fused epilogue (step D from fp32 shares; never run on a GPU yet): the same,
-    # its kernels are there (EPI 1, 2, 4 packs and the -1 fallback), the plain ones do
-    # not spill and the epilogue's stay near what ptxas gave on 2026-11-30 (124 / 154 /
-    # 540 bytes at 1 / 2 / 4 packs, bf16)
+    # with a fused epilogue (step D from fp32 shares): the same, its kernels are there
+    # (EPI 1, 2, 4 packs and -1, compiled though never launched), the plain ones do not
+    # spill and the epilogue's stay near what ptxas -v gives (124 / 154 / 540 bytes at
+    # 1 / 2 / 4 packs, bf16)
     coll = mixcc.compile("allreduce(tp); allgather(dp); add(r); rmsnorm(w)",
                          mixcc.Mesh({"dp": 2, "tp": 2}, ranks_per_node=2), backend="reference")
     ptx = _ptx(render_stage(coll.plan.stages[-1], torch.bfloat16, coll.ir.epilogue), tmp_path,
@@ -318,9 +318,8 @@ def test_kernels_keep_their_registers(tmp_path):
     """Four packs in flight per thread in two-term reduces (PAIR_UNR) only where measured
     (the one-shot and push of two-rank modules), and no spill growth elsewhere: at four in
     every kernel the fused-epilogue kernels spilled 386 and 820 bytes (one and two packs
-    per row thread, bf16) against 78 and 132, and ran the fused epilogue 1.1-1.5x slower on
-    two H200s (docs/PERF.md, 2026-11-30 third session); the two-shot and some one-shots of
-    eight ranks spilled too. Push's 36 bytes at four ran at 415 us per 128 MiB."""
+    per row thread, bf16) against 78 and 132 and ran slower, and the two-shot and some
+    one-shots of eight ranks spilled too (evidence: commit 9f2e3ce)."""
     def module(program, axes):
         coll = mixcc.compile(program, mixcc.Mesh(axes), dtype=torch.bfloat16,
                              backend="reference")

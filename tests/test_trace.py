@@ -1,5 +1,5 @@
 """mixcc/trace.py: the per-call summary of a recorded replay's GPU activities, and
-bench --trace's wiring (the recording itself needs a GPU: tests/gpu, docs/PERF.md)."""
+bench --trace's wiring (the recording itself needs a GPU; no test records one)."""
 
 from __future__ import annotations
 

@@ -60,10 +60,10 @@ NVSHMEM symmetric workspace, one per rank (the same offsets on every PE):
 from __future__ import annotations
 
 # Per-rank NVSHMEM workspace (cross-node programs only): about 512 KiB regions at 128 blocks,
-# the fastest of 32 MiB / 256 MiB / 1 GiB (docs/perf/h200x2-nvlink/, cross-node runs).
+# the fastest of 32 MiB / 256 MiB / 1 GiB on two GPUs as two nodes (commit 73b4a4d).
 DEFAULT_SYMMETRIC_BYTES = 256 << 20
 # Blocks per kernel and workspace regions per set: each block's phases are latency-bound,
-# so bandwidth needs many more blocks than the link alone (docs/perf/h200x2-nvlink/).
+# so bandwidth needs many more blocks than the link alone (commit 87d555c).
 MAX_BLOCKS = 128
 MAX_RANKS = 64  # ranks a runtime can serve
 MAX_NODES = 64
@@ -79,13 +79,13 @@ SENT_BYTES_IPC = MAX_BLOCKS * MAX_RANKS * NSETS * 4
 REG_OFFSET = SENT_OFFSET + SENT_BYTES_IPC
 REG_BYTES = MAX_BLOCKS * MAX_RANKS * 8
 # Blocks that may share one row of the LL kernel's fused epilogue: two beat both one and
-# four (docs/perf/h200x2-nvlink/, epilogue split A/B).
+# four (commit 82b859d).
 ROW_SPLIT_MAX = 2
 ROWSUM_OFFSET = REG_OFFSET + REG_BYTES
 ROWSUM_BYTES = MAX_BLOCKS * ROW_SPLIT_MAX * 8
 LL_OFFSET = (ROWSUM_OFFSET + ROWSUM_BYTES + 4095) // 4096 * 4096
 # LL region per block and set: 32 KiB of lines hold a row of 8192 bf16 (a fused epilogue);
-# a plain chunk uses LL_CHUNK_BYTES of it, as measured (docs/perf/h200x2-nvlink/). Two sets
+# a plain chunk uses LL_CHUNK_BYTES of it, the size measured fastest (commit 1ff688d). Two sets
 # suffice (templates/stage_kernel.cu.j2, ll_kernel).
 LL_SETS = 2
 LL_REGION_BYTES = 32 << 10

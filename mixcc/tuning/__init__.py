@@ -25,11 +25,11 @@ from ..mesh import Mesh
 from . import emit, thresholds
 
 # Columns per block and chunk: the widest that fits, 16384 or 8192 (push's chunk sets its
-# pipeline's fill and drain; evidence: docs/perf/h200x2-nvlink/, push harness).
+# pipeline's fill and drain; 16384 added in commit d6ffbd1).
 CHUNK_CANDIDATES = (0, 16384, 8192)
 BLOCK_CANDIDATES = (4, 8, 16, 32, 64, 128)
 # Near ties (within FINAL_WITHIN of the best, at most FINAL_MAX) are re-timed FINAL_ROUNDS
-# times, interleaved; one short round misranks them (docs/perf/h200x2-nvlink/, tune logs).
+# times, interleaved; one short round misranks them (commit d80d72c).
 FINAL_WITHIN, FINAL_MAX, FINAL_ROUNDS = 1.10, 4, 3
 
 

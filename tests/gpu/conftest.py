@@ -4,8 +4,8 @@ no daemon runs), the process group (NCCL for CUDA tensors when each rank has its
 else gloo), NVSHMEM for simulated nodes. A test skips, with the reason, where the GPUs,
 nvcc, NVSHMEM or MPS it needs are missing; a rank's failure fails the test with that
 rank's traceback; every spawn is joined with a deadline. Run them on a GPU machine with
-`python -m pytest tests/gpu` (environment variables for the long runs: README, "GPU
-checks")."""
+`python -m pytest tests/gpu` (environment variables for the long runs: docs/REFERENCE.md;
+how to run them on a remote GPU machine: CONTRIBUTING.md)."""
 
 from __future__ import annotations
 

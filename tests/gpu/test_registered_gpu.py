@@ -117,7 +117,7 @@ def test_registered_input_is_read_in_place_on_two_gpus(spawn_ranks):
 
 
 def copy_engine_task(rank: int, world: int) -> None:
-    """allgather(dp) of registered inputs from fused.CE_MIN_BYTES (docs/DESIGN.md, "Copy
+    """allgather(dp) of registered inputs from CE_MIN_BYTES (docs/DESIGN.md, "Copy
     engines"): the copy engines move the peer's part when both inputs lie at one offset
     (the CE word is set), the one-shot runs in full when the offsets differ or a rank's
     input is ordinary (the word is 0); the same bits as NCCL's all_gather every time, with

@@ -167,7 +167,7 @@ def hier_cases(world: int, rpns: list[int], cfg: dict) -> list[tuple]:
     hidden, depth)."""
     cases: list[tuple] = []
     # world 8: two meshes and two dtypes keep the module count (each links NVSHMEM's
-    # device library: about 8 s of nvcc) within one device call
+    # device library: about 8 s of nvcc) within one time-limited remote run
     meshes = meshes_for(world) if world < 8 else [[("dp", 2), ("tp", 4)], [("dp", 4), ("tp", 2)]]
     dtypes = list(DTYPES) if world < 8 else ["bfloat16", "float32"]
     for rpn in rpns:
