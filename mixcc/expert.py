@@ -38,6 +38,7 @@ import torch.distributed as dist
 from . import ops
 from .errors import CollectiveTimeout, CompileError
 from .ir.ast import EPStmt, Program
+from .ir.build import group_axes
 from .mesh import Mesh
 from .reference import _kinds, subgroup
 
@@ -83,20 +84,7 @@ def build_spec(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -
     """Check an expert-parallel program against `mesh` and `dtype`; CompileError."""
     st, text = program.ep, program.text
     assert st is not None
-    if st.axes is None:
-        axes = mesh.names
-    else:
-        seen: set[str] = set()
-        for ax in st.axes:
-            if ax.name not in mesh.names:
-                raise CompileError(f"unknown axis {ax.name!r}; the mesh has axes "
-                                   f"{list(mesh.names)}", text, ax.pos.line, ax.pos.column,
-                                   ax.pos.width)
-            if ax.name in seen:
-                raise CompileError(f"axis {ax.name!r} appears twice in one group", text,
-                                   ax.pos.line, ax.pos.column, ax.pos.width)
-            seen.add(ax.name)
-        axes = tuple(a.name for a in st.axes)
+    axes = group_axes(st.axes, mesh, text)
     n = mesh.group_size(axes)
     if dtype is not None and dtype not in EP_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in EP_DTYPES)

@@ -88,8 +88,9 @@ def hier_outputs(program: str, axes: list, rpn: int, inputs: list[np.ndarray], c
 
 
 def one_node_outputs(program: str, axes: list, inputs: list[np.ndarray], cols: int,
-                     algo: str) -> list[np.ndarray]:
-    """Every rank's output of a one-node kernel's tables in fp32 with bf16 outputs."""
+                     algo: str, rnd=to_bf16) -> list[np.ndarray]:
+    """Every rank's output of a one-node kernel's tables in fp32, rounded by `rnd` (to
+    bf16 by default)."""
     mesh = mixcc.Mesh(axes, ranks_per_node=math.prod(s for _, s in axes))
     coll = mixcc.compile(program, mesh, backend="reference")
     cur = inputs
@@ -102,7 +103,7 @@ def one_node_outputs(program: str, axes: list, inputs: list[np.ndarray], cols: i
         else:
             flat, offsets, _ = schedule_table(stage.schedules[algo])
             cur = run_table(flat, offsets, cur, n_out, stage.lmap.redop, cols)
-        cur = [to_bf16(c) for c in cur]
+        cur = [rnd(c) for c in cur]
     return cur
 
 
@@ -187,17 +188,7 @@ def test_batch_invariant_schedules_give_the_one_node_bits(program: str, axes: li
     inv = hier(True)
     ref = None
     for algo in ("one_shot", "two_shot", "push"):
-        cur = inputs
-        for stage in coll.plan.stages:
-            n_out = len(stage.lmap.out_units[0])
-            if algo == "push":
-                flat, offsets, _ = push_table(stage.push_schedule)
-                cur = run_push_table(flat, offsets, cur, n_out, stage.lmap.redop, cols,
-                                     stage.push_schedule.slots)
-            else:
-                flat, offsets, _ = schedule_table(stage.schedules[algo])
-                cur = run_table(flat, offsets, cur, n_out, stage.lmap.redop, cols)
-            cur = [rnd(c) for c in cur]
+        cur = one_node_outputs(program, axes, inputs, cols, algo, rnd)
         for r in range(mesh.world_size):
             assert np.array_equal(inv[r], cur[r]), f"{algo}: rank {r} differs from the " \
                 "batch-invariant cross-node schedule"

@@ -52,6 +52,24 @@ def shape_facts(ops: tuple[Op, ...], mesh: Mesh) -> tuple[int, Fraction]:
     return gran, frac
 
 
+def group_axes(axes: tuple | None, mesh: Mesh, text: str) -> tuple[str, ...]:
+    """A statement's group as mesh axis names (None: world, every axis); CompileError with
+    a caret for an unknown axis or one written twice."""
+    if axes is None:
+        return tuple(mesh.names)
+    seen: set[str] = set()
+    for ax in axes:
+        if ax.name not in mesh.names:
+            raise CompileError(f"unknown axis {ax.name!r}; the mesh has axes "
+                               f"{list(mesh.names)}", text, ax.pos.line, ax.pos.column,
+                               ax.pos.width)
+        if ax.name in seen:
+            raise CompileError(f"axis {ax.name!r} appears twice in one group", text,
+                               ax.pos.line, ax.pos.column, ax.pos.width)
+        seen.add(ax.name)
+    return tuple(a.name for a in axes)
+
+
 def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
     """Resolve axes against the mesh and verify the program; raise CompileError."""
     text = program.text
@@ -59,26 +77,8 @@ def build(program: Program, mesh: Mesh, dtype: torch.dtype | None = None) -> IR:
         raise CompileError(f"{program.ep.kind} is compiled by mixcc.compile (mixcc/expert.py), "
                            "not into a collective's IR", text, program.ep.pos.line,
                            program.ep.pos.column)
-    ops = []
-    for st in program.stmts:
-        if st.axes is None:
-            axes = mesh.names
-        else:
-            seen: set[str] = set()
-            for ax in st.axes:
-                if ax.name not in mesh.names:
-                    raise CompileError(
-                        f"unknown axis {ax.name!r}; the mesh has axes {list(mesh.names)}",
-                        text, ax.pos.line, ax.pos.column, ax.pos.width,
-                    )
-                if ax.name in seen:
-                    raise CompileError(
-                        f"axis {ax.name!r} appears twice in one group",
-                        text, ax.pos.line, ax.pos.column, ax.pos.width,
-                    )
-                seen.add(ax.name)
-            axes = tuple(a.name for a in st.axes)
-        ops.append(Op(st.coll, axes, st.redop, st.pos, str(st)))
+    ops = [Op(st.coll, group_axes(st.axes, mesh, text), st.redop, st.pos, str(st))
+           for st in program.stmts]
     if dtype is not None:
         check_dtype(dtype, {o.redop for o in ops if o.coll != "allgather"}, text)
         if program.epilogue and not dtype.is_floating_point:
