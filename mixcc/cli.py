@@ -1,4 +1,4 @@
-"""The `mixcc` command: explain, bench, prebuild."""
+"""The `mixcc` command: explain, bench, prebuild, tune."""
 
 from __future__ import annotations
 
@@ -480,22 +480,29 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _language_help() -> str:
     """The grammar and the presets, for `mixcc explain --help`."""
-    rows = "\n".join(f"  {name:<24} {prog}" for name, prog in presets.PRESETS.items())
+    every = {**presets.PRESETS, **presets.EPILOGUE_PRESETS}
+    width = max(map(len, every)) + 2
+    rows = "\n".join(f"  {name:<{width}}{prog}" for name, prog in every.items())
     return ("language:\n"
             "  program  := stmt (';' stmt)* [';']          '#' starts a comment\n"
-            "  stmt     := coll '(' group [',' 'op' '=' redop] ')'\n"
+            "  stmt     := coll '(' group [',' 'op' '=' redop] ')' | epilogue\n"
             "  coll     := allreduce | allgather | reducescatter\n"
             "  group    := world | axis ('*' axis)*\n"
             "  redop    := sum | max | min                 (default sum)\n"
-            "  or alone: dispatch(group, experts=E, topk=K[, max_tokens=M][, capacity=C]"
-            "[, wire=fp8_e4m3[, scale_block=B]])\n"
-            "            combine(group)                   (expert parallelism)\n"
+            "  epilogue := add(T) | store(T) | rmsnorm(W[, eps=E]) | quant(fp8_e4m3, S)\n"
+            "              (after the last collective, quant last; T, W, S: tensors passed\n"
+            "              by name to the call)\n"
+            "  expert parallelism, each statement a program of its own:\n"
+            "    dispatch(group, experts=E, topk=K[, max_tokens=M][, capacity=C]\n"
+            "             [, wire=fp8_e4m3[, scale_block=B]])\n"
+            "    combine(group)\n"
             f"presets (mesh axes dp, tp):\n{rows}\n"
             "design: docs/DESIGN.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import BACKENDS, DTYPES
+    from .tuning.thresholds import TOPOLOGIES
 
     p = argparse.ArgumentParser(prog="mixcc", description=__doc__)
     p.add_argument("--version", action="version",
@@ -511,11 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ranks-per-node", type=int, default=None)
     e.add_argument("--dtype", default=None, help=f"fixes the chunking: one of {dtypes}")
     e.add_argument("--arch", default=None,
-                   help="auto's table for this GPU target, e.g. sm_90 (with --topology; "
-                        "default: this machine's GPUs, else the built-in rule)")
+                   help="the GPU target whose tables to show, with --topology: the tuning "
+                        "table's entries are keyed by the build arch as given (sm_90a on "
+                        "Hopper; shown with --dtype), auto's threshold tables by its base "
+                        "(sm_90); default: this machine's GPUs, else the built-in rule")
     e.add_argument("--topology", default=None,
-                   help="auto's table for this topology: nvlink, nvswitch, pcie, mps, "
-                        "shared, nodes (with --arch)")
+                   help="auto's threshold table for this topology, with --arch: one of "
+                        f"{', '.join(TOPOLOGIES)}")
     e.add_argument("--hidden", type=int, default=None,
                    help="dispatch/combine: elements per token, to size the receive buffer")
     e.set_defaults(fn=_cmd_explain)
@@ -531,9 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--program", action="append", help="program text or preset (repeatable)")
     b.add_argument("--ep", action="store_true",
                    help="dispatch + combine of top-8 of 64 and of 256 experts over an axis "
-                        "ep of every rank, with a bf16 and an fp8 wire, against "
-                        "all_to_all_single (mixcc/bench_ep.py; --program adds dispatch "
-                        "programs of your own)")
+                        "ep of every rank, with tokens sent in --dtype and as fp8 (a scale "
+                        "per 128 elements), against all_to_all_single (mixcc/bench_ep.py; "
+                        "--program adds dispatch programs of your own). Rows (--backend): "
+                        "auto, a2a, and symm_a2a where each rank has its own GPU. "
+                        "Defaults without GPUs: world 2, hidden 512, up to 64 tokens, 3 "
+                        "repeats of 3 calls")
     b.add_argument("--mesh", default=None,
                    help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2); sets the world size")
     b.add_argument("--ranks-per-node", type=int, default=None,
@@ -601,12 +613,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "tune", help="measure fused launch choices and write the table auto reads",
-        description="Time every candidate launch (one-shot / two-shot / push, 4-128 "
-                    "blocks, chunk width, and NCCL itself with one process per GPU) of "
-                    "each program per size bucket with CUDA graphs (max over ranks) and "
-                    "write the fastest into the tuning table (the kernel cache's "
-                    "tune/table.json, or MIXCC_TUNE_TABLE). Ranks sharing one GPU run "
-                    "under MPS.")
+        description="Time every candidate launch of each program per size bucket with "
+                    "CUDA graphs (max over ranks) and write the fastest per stage into the "
+                    "tuning table (the kernel cache's tune/table.json, or "
+                    "MIXCC_TUNE_TABLE). Candidates: the intra-node algorithms (one-shot "
+                    "and push; two-shot where a stage splits a reduction; LL where every "
+                    "intra-node stage can run it), or the hierarchical kernel for a plan "
+                    "with no intra-node stage, each at 4 to 128 blocks (up to the block "
+                    "cap) and chunk widths of 16384 and 8192 columns or the widest that "
+                    "fits (LL: the widest only); and NCCL itself (the reference backend) "
+                    "where each rank has its own GPU. auto's own choice is timed beside "
+                    "them, and near ties are timed again. Ranks sharing one GPU run under "
+                    "MPS.")
     t.add_argument("--program", action="append",
                    help="program or preset (repeatable; default allreduce(world))")
     t.add_argument("--mesh", default=None, help="axes, e.g. dp=2,tp=4 (default dp=2,tp=N/2)")

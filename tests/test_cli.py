@@ -143,7 +143,24 @@ def test_explain_help_lists_grammar_and_presets(capsys):
         main(["explain", "--help"])
     out = capsys.readouterr().out
     assert "coll     := allreduce | allgather | reducescatter" in out
-    assert "reducescatter_allreduce" in out and "reducescatter(dp); allreduce(tp)" in out
+    assert "epilogue := add(T) | store(T) | rmsnorm(W[, eps=E]) | quant(fp8_e4m3, S)" in out
+    assert "dispatch(group, experts=E, topk=K" in out and "combine(group)" in out
+    from mixcc import presets
+
+    lines = out.splitlines()
+    for name, prog in {**presets.PRESETS, **presets.EPILOGUE_PRESETS}.items():
+        assert any(ln.split() == [name, *prog.split()] for ln in lines), name
+    from mixcc.tuning.thresholds import TOPOLOGIES
+
+    assert "one of " + ", ".join(TOPOLOGIES) in " ".join(out.split())  # what --topology takes
+
+
+def test_top_level_help_names_every_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "explain, bench, prebuild, tune" in capsys.readouterr().out
 
 
 def test_prebuild_with_a_cache_others_can_write_is_one_line(tmp_path, monkeypatch, capsys):
