@@ -667,10 +667,7 @@ class FusedRunner:
         nbytes = x.numel() * self.elem
         a = self._cached_args(i, unit_elems, nbytes, hidden)
         a.in_ptr, a.out_ptr = in_ptr, out_ptr
-        # the fused epilogue's row width; without its tensors on the epilogue's grid of a
-        # kernel with fp32 result slots, -1: the slots, no statements (no caller launches
-        # that since aliasing tensors go through copies in epilogue_call)
-        a.epi_h = hidden if epi is not None else (-1 if hidden and self._fp32_slots(i) else 0)
+        a.epi_h = hidden if epi is not None else 0  # the fused epilogue's row width
         for j, t in enumerate(epi or ()):
             setattr(a, f"epi{j}", t.data_ptr())
         a.pool_peers, a.in_off = self._pool_args(a, i, in_ptr, nbytes, out_ptr)

@@ -403,8 +403,8 @@ def test_epilogue_call_stages_what_is_misaligned_or_aliasing():
 
 def test_a_cross_node_epilogue_runs_in_step_d_with_fp32_result_slots(monkeypatch):
     """The hierarchical kernel fuses the epilogue too: its IPC region holds the staged
-    units in the dtype and the result slots at 4 bytes per element, chunks hold whole
-    rows, and a rank whose tensors alias launches the fp32-slot kernel (epi_h = -1)."""
+    units in the dtype and the result slots at 4 bytes per element, and chunks hold whole
+    rows."""
     from mixcc import fused
     from mixcc.codegen.plan import hier_cols, share_cap
 
@@ -431,9 +431,8 @@ def test_a_cross_node_epilogue_runs_in_step_d_with_fp32_result_slots(monkeypatch
     x, res, w = torch.randn(64, 4096).to(BF), torch.randn(64, 4096).to(BF), torch.ones(4096)
     out = torch.empty_like(x)
     r._launch(0, x, out, 4096, 0, 4096, [res, w.to(BF)])
-    r._launch(0, x, out, 4096, 0, 4096)
-    (h1, _, _, cols1, *g1), (h2, _, _, cols2, *g2) = seen
-    assert (h1, h2) == (4096, -1) and cols1 == cols2 and cols1 % 4096 == 0 and g1 == g2
+    ((h1, _, _, cols1, *_),) = seen
+    assert h1 == 4096 and cols1 % 4096 == 0
 
 
 def recording_launches(r, monkeypatch) -> list:
@@ -459,10 +458,10 @@ def recording_launches(r, monkeypatch) -> list:
     return seen
 
 
-def test_the_two_shot_fallback_keeps_the_fp32_slots(monkeypatch):
-    """With algorithm='two_shot' a rank whose tensors alias runs the kernel variant that
-    still writes fp32 result slots (epi_h = -1: its peers read them as fp32) on the
-    epilogue's grid, with x aligned for it; without an epilogue, the plain two-shot."""
+def test_the_two_shot_epilogue_keeps_its_grid(monkeypatch):
+    """With algorithm='two_shot' the fused epilogue runs the two-shot on whole rows; a
+    plain call of the same shape launches the same grid without the statements, and a
+    call with no row width the plain two-shot."""
     r = epi_runner(LAYER, {"dp": 1, "tp": 4}, BF)
     r.algorithm = "two_shot"
     seen = recording_launches(r, monkeypatch)
@@ -472,7 +471,7 @@ def test_the_two_shot_fallback_keeps_the_fp32_slots(monkeypatch):
     r._launch(0, x, out, 4096, 0, 4096)
     r._launch(0, x, out, 4096, 0)
     (h1, _, *grid1), (h2, _, *grid2), (h3, _, *grid3) = seen
-    assert (h1, h2, h3) == (4096, -1, 0) and grid1 == grid2 and grid1[0] == grid3[0] == 1
+    assert (h1, h2, h3) == (4096, 0, 0) and grid1 == grid2 and grid1[0] == grid3[0] == 1
 
 
 def test_a_plain_launch_after_a_fused_one_clears_the_epilogue(monkeypatch):
