@@ -109,7 +109,9 @@ class FusionPass(CustomGraphPass):
                             f"backend, epilogue and mixcc.compile's {list(COMPILE_OPTIONS)}")
         if not isinstance(epilogue, bool):
             raise TypeError(f"epilogue must be a bool, got {type(epilogue).__name__}")
-        self.mesh, self.group, self.backend = mesh, group, backend
+        # the group by name: Inductor pickles its config, and a ProcessGroup does not pickle
+        self.group_name: str | None = None if group is None else str(group.group_name)
+        self.mesh, self.backend = mesh, backend
         self.epilogue = epilogue
         self.options = dict(sorted(compile_options.items()))
         self.sites: list[SiteReport] = []
@@ -119,7 +121,7 @@ class FusionPass(CustomGraphPass):
     def _config(self) -> dict:
         mesh = None if self.mesh is None else [list(zip(self.mesh.names, self.mesh.sizes,
                                                         strict=True)), self.mesh.ranks_per_node]
-        return {"mesh": mesh, "group": None if self.group is None else self.group.group_name,
+        return {"mesh": mesh, "group": self.group_name,
                 "backend": self.backend, "epilogue": self.epilogue,
                 "options": {k: repr(v) for k, v in self.options.items()},
                 "topology": _topology()}
@@ -159,10 +161,10 @@ class FusionPass(CustomGraphPass):
 
 # -- the rewrite -------------------------------------------------------------------------
 
-def _mesh_ranks(group: dist.ProcessGroup | None) -> list[int]:
-    if group is None:
+def _mesh_ranks(group_name: str | None) -> list[int]:
+    if group_name is None:
         return list(range(dist.get_world_size()))
-    return list(dist.get_process_group_ranks(group))
+    return list(groups_mod.group_ranks(group_name))
 
 
 def _known(cond: Any) -> bool:
@@ -194,7 +196,7 @@ def fuse_graph(graph: fx.Graph, cfg: FusionPass, index: int) -> list[SiteReport]
                 descs.append((groups_mod.group_desc(s.group), ranks[s.index]))
             except Exception as e:  # a name the process does not know
                 s.reason = s.reason or f"cannot resolve group {s.group!r}: {e}"
-        mesh_ranks = _mesh_ranks(cfg.group)
+        mesh_ranks = _mesh_ranks(cfg.group_name)
         if mesh is None:
             mesh = groups_mod.derive_mesh(descs, len(mesh_ranks))
             if mesh is None:
@@ -315,7 +317,7 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
         written.append(("resid_out", dtype_name(_val(m.stored).dtype)))
     spec = Spec(program=program, axes=tuple(zip(mesh.names, mesh.sizes, strict=True)),
                 ranks_per_node=mesh.ranks_per_node,
-                group=None if cfg.group is None else cfg.group.group_name,
+                group=cfg.group_name,
                 backend=cfg.backend, options=tuple(cfg.options.items()), hidden=m.hidden,
                 factor=(factor.numerator, factor.denominator), out_dtype=dtype_name(out_dtype),
                 read=tuple((n, rows_) for n, _, rows_ in m.inputs), written=tuple(written))

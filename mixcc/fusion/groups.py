@@ -60,6 +60,7 @@ def derive_mesh(groups: Sequence[tuple[str, Sequence[int]]], world: int) -> Mesh
     are skipped (their sites are then refused by axes_of)."""
     cuts = {1, world}
     named: dict[tuple[int, int], str] = {}
+    accepted = 0
     for desc, ranks in groups:
         ranks = tuple(ranks)
         if len(ranks) < 2:
@@ -72,12 +73,11 @@ def derive_mesh(groups: Sequence[tuple[str, Sequence[int]]], world: int) -> Mesh
         if ordered[-1] != world or any(b % a for a, b in zip(ordered, ordered[1:], strict=False)):
             continue
         cuts = new
+        accepted += 1
         if desc.startswith("mesh_") and desc[5:].isidentifier():
             named.setdefault((stride, len(ranks)), desc[5:])
-    if len(cuts) == 2 and world > 1 and not named:
-        # only the whole world (or nothing) was seen: one axis
-        if not any(len(tuple(r)) > 1 for _, r in groups):
-            return None
+    if not accepted:
+        return None
     ordered = sorted(cuts)
     axes: list[tuple[str, int]] = []
     used: set[str] = set()

@@ -10,6 +10,7 @@ nodes read it). What does not pass stays in the graph as it was.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -183,12 +184,27 @@ class Match:
             stmts.append(f"{site.coll}({'*'.join(ax)}{op})")
         for stmt, name, extra in self.epilogue:
             if stmt == "rmsnorm":
-                stmts.append(f"rmsnorm({name}, eps={float(extra)!r})")
+                stmts.append(f"rmsnorm({name}, eps={_eps_text(float(extra))})")
             elif stmt == "quant":
                 stmts.append(f"quant(fp8_e4m3, {name})")
             else:
                 stmts.append(f"{stmt}({name})")
         return "; ".join(stmts)
+
+
+def _f32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _eps_text(eps: float) -> str:
+    """The shortest decimal text of eps as fp32 (the epilogue runs in fp32): the graph
+    holds 1e-6 as the double nearest its fp32 value, 9.999999974752427e-07."""
+    want = _f32(eps)
+    for digits in range(1, 18):
+        text = f"{eps:.{digits}g}"
+        if _f32(float(text)) == want:
+            return text
+    return repr(eps)
 
 
 def grow_chain(site: Site, by_node: dict[fx.Node, Site]) -> list[Site]:

@@ -1,0 +1,286 @@
+"""The fusion pass (mixcc.FusionPass): collective chains that torch.compile traces become
+mixcc programs on gloo ranks (reference backend); outputs match eager, unmatched sites stay
+as they were with their reason, a model without collectives is left untouched."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import mixcc
+from mixcc import Mesh
+from mixcc.fusion.groups import axes_of, derive_mesh
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    """A world of exactly four gloo ranks: new_group and DeviceMesh need every rank of
+    the world, which the shared pool's larger world does not give a four-rank task."""
+    from rank_pool import RankPool
+
+    pool = RankPool(4)
+    yield pool
+    pool.close()
+
+
+def _no_caches() -> None:
+    """Every compile runs the passes (the FX graph cache would skip them)."""
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    torch._dynamo.reset()
+
+
+class Recorder(CustomGraphPass):
+    """A post-grad pass after the fusion pass: keeps the final graphs' text."""
+
+    def __init__(self):
+        self.graphs: list[str] = []
+
+    def __call__(self, graph) -> None:
+        self.graphs.append(str(graph))
+
+    def uuid(self) -> str:
+        return "recorder"
+
+
+def _compile(model, fusion: mixcc.FusionPass, rec: Recorder, **kw):
+    return torch.compile(model, options={"post_grad_custom_post_pass": [fusion, rec]}, **kw)
+
+
+# -- units -----------------------------------------------------------------------------
+
+def test_axes_of_finds_axes_and_products_in_group_order():
+    mesh = Mesh({"dp": 2, "tp": 2}, ranks_per_node=4)
+    assert axes_of(mesh, 1, (0, 1), ordered=True) == ("tp",)
+    assert axes_of(mesh, 1, (1, 3), ordered=True) == ("dp",)
+    assert axes_of(mesh, 2, (0, 1, 2, 3), ordered=False) == ("dp", "tp")
+    assert axes_of(mesh, 2, (0, 2, 1, 3), ordered=True) == ("tp", "dp")
+    assert axes_of(mesh, 0, (0, 3), ordered=False) is None  # a diagonal: no axes
+    assert axes_of(mesh, 1, (0, 2), ordered=False) is None  # not this rank's group
+
+
+def test_derive_mesh_from_strided_groups():
+    mesh = derive_mesh([("mesh_tp", (4, 5)), ("mesh_dp", (1, 3, 5, 7))], 8)
+    assert (mesh.names, mesh.sizes) == (("dp", "tp"), (4, 2))
+    mesh = derive_mesh([("", (0, 2))], 4)
+    assert mesh.sizes == (2, 2)
+    assert derive_mesh([("", (0, 1, 2))], 4) is None  # 3 does not divide 4
+    assert derive_mesh([], 4) is None
+
+
+def test_pass_arguments_are_checked():
+    try:
+        mixcc.FusionPass(mesh="tp=2")
+        raise AssertionError("a string mesh was accepted")
+    except TypeError as e:
+        assert "mesh" in str(e)
+    try:
+        mixcc.FusionPass(backend="nccl")
+        raise AssertionError("an unknown backend was accepted")
+    except ValueError as e:
+        assert "backend" in str(e)
+    try:
+        mixcc.FusionPass(workspace=1)
+        raise AssertionError("an unknown option was accepted")
+    except TypeError as e:
+        assert "workspace" in str(e)
+
+
+def test_uuid_is_stable_and_follows_the_settings():
+    a = mixcc.FusionPass(Mesh({"tp": 2}, ranks_per_node=2))
+    b = mixcc.FusionPass(Mesh({"tp": 2}, ranks_per_node=2))
+    c = mixcc.FusionPass(Mesh({"tp": 2}, ranks_per_node=2), backend="reference")
+    assert a.uuid() == b.uuid() != c.uuid()
+    assert isinstance(a.uuid(), str)
+
+
+def test_model_without_collectives_is_untouched():
+    _no_caches()
+    rec, fp = Recorder(), mixcc.FusionPass()
+
+    def f(x, w):
+        return torch.nn.functional.rms_norm(x @ w + x, (8,), eps=1e-6)
+
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    got = _compile(f, fp, rec)(x, w)
+    torch.testing.assert_close(got, f(x, w))
+    assert fp.sites == [] and "no collective site" in fp.report()
+    assert not any("mixcc" in g for g in rec.graphs)
+
+
+# -- two gloo ranks: one allreduce and its epilogue -------------------------------------
+
+class TPBlock(torch.nn.Module):
+    """Row-parallel projection, in-place dist.all_reduce, residual add, RMSNorm; then a
+    second projection whose allreduce uses op=PRODUCT (not a mixcc reduction)."""
+
+    def __init__(self, hidden: int, group, norm: str):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = torch.nn.Parameter(torch.randn(hidden, hidden, generator=g) / hidden)
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, hidden, generator=g) / hidden)
+        self.norm_w = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden, generator=g))
+        self.module_norm = torch.nn.RMSNorm(hidden, eps=1e-5)
+        self.group, self.norm, self.hidden = group, norm, hidden
+
+    def _norm(self, h):
+        if self.norm == "functional":
+            return torch.nn.functional.rms_norm(h, (self.hidden,), self.norm_w, eps=1e-6)
+        if self.norm == "module":
+            return self.module_norm(h)
+        hf = h.float()  # the hand-written form, in fp32 (Llama's)
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.norm_w * hf.to(h.dtype)
+
+    def forward(self, x, residual):
+        y = x @ self.w1
+        dist.all_reduce(y, group=self.group)
+        h = y + residual
+        z = self._norm(h) @ self.w2
+        dist.all_reduce(z, op=dist.ReduceOp.PRODUCT, group=self.group)
+        return z, h
+
+
+def _tol(dtype):
+    return {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else \
+        {"atol": 1e-5, "rtol": 1e-5}
+
+
+def tp_block_task(rank: int, world: int, group, norm: str, dtype_name: str) -> str:
+    _no_caches()
+    dtype = getattr(torch, dtype_name)
+    mesh = Mesh({"tp": world}, ranks_per_node=world)
+    model = TPBlock(32, group, norm).to(dtype)
+    fp, rec = mixcc.FusionPass(mesh, group=group, backend="reference"), Recorder()
+    compiled = _compile(model, fp, rec)
+    msgs = []
+    for rows in (4, 6):
+        g = torch.Generator().manual_seed(100 * rank + rows)
+        x = torch.randn(rows, 32, generator=g).to(dtype)
+        r = torch.randn(rows, 32, generator=g).to(dtype)
+        with torch.no_grad():
+            want = model(x, r)
+            got = compiled(x, r)
+        for name, a, b in zip(("z", "h"), got, want, strict=True):
+            try:
+                torch.testing.assert_close(a, b, **_tol(dtype))
+            except AssertionError as e:
+                msgs.append(f"rows {rows} {name}: {e}")
+    reps = fp.sites
+    if len(reps) < 2:
+        return f"expected 2 sites, report: {fp.report()}"
+    first, second = reps[0], reps[1]
+    if not first.replaced or "rmsnorm(weight" not in (first.program or "") \
+            or "store(resid_out)" not in first.program or "allreduce(tp)" not in first.program:
+        msgs.append(f"site 0 not fused as expected: {first}")
+    if second.replaced or "product" not in (second.reason or ""):
+        msgs.append(f"site 1 should be left alone for op=product: {second}")
+    final = rec.graphs[0]
+    if final.count("mixcc.fusion_chain") != 1:
+        msgs.append(f"the compiled graph should hold one mixcc op:\n{final}")
+    if "all_reduce.default](args = (%" not in final or "product" not in final:
+        msgs.append(f"the product allreduce should still be in the graph:\n{final}")
+    return "; ".join(msgs)
+
+
+def test_allreduce_add_store_rmsnorm_fp32(pool4):
+    for norm in ("functional", "module", "manual"):
+        res = pool4.run(2, tp_block_task, norm, "float32", timeout=600)
+        assert res == {0: "", 1: ""}, (norm, res)
+
+
+def test_allreduce_add_store_rmsnorm_bf16(pool4):
+    res = pool4.run(2, tp_block_task, "manual", "bfloat16", timeout=600)
+    assert res == {0: "", 1: ""}
+
+
+# -- four gloo ranks, a TP x DP mesh: chains of two collectives ------------------------
+
+def _tp_dp_groups(rank: int):
+    """This rank's tp and dp groups of a dp=2 x tp=2 mesh over a world of 4 (every rank
+    creates every group, in the same order, as new_group asks)."""
+    tp = [dist.new_group(r) for r in ([0, 1], [2, 3])]
+    dp = [dist.new_group(r) for r in ([0, 2], [1, 3])]
+    return tp[rank // 2], dp[rank % 2]
+
+
+class Chains(torch.nn.Module):
+    """reducescatter(dp) -> allreduce(tp) -> add + RMSNorm, then allreduce(tp) ->
+    allgather(dp), as the in-place torch.distributed calls and the functional API."""
+
+    def __init__(self, tp, dp, hidden: int = 16):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden, generator=g))
+        self.tp, self.dp, self.hidden = tp, dp, hidden
+
+    def forward(self, x, residual):
+        rows = x.shape[0] // 2
+        part = x.new_empty(rows, x.shape[1])
+        dist.reduce_scatter_tensor(part, x * 2, group=self.dp)
+        part = funcol.all_reduce(part, "sum", self.tp)
+        h = part + residual
+        n = torch.nn.functional.rms_norm(h, (self.hidden,), self.w, eps=1e-6)
+        y = funcol.all_reduce(n * 3, "sum", self.tp)
+        out = y.new_empty(2 * rows, y.shape[1])
+        dist.all_gather_into_tensor(out, y, group=self.dp)
+        return out, h
+
+
+def chains_task(rank: int, world: int, group) -> str:
+    _no_caches()
+    tp, dp = _tp_dp_groups(rank)
+    mesh = Mesh({"dp": 2, "tp": 2}, ranks_per_node=4)
+    model = Chains(tp, dp)
+    fp, rec = mixcc.FusionPass(mesh, group=group, backend="reference"), Recorder()
+    compiled = _compile(model, fp, rec)
+    g = torch.Generator().manual_seed(rank)
+    x, r = torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g)
+    msgs = []
+    with torch.no_grad():
+        want, got = model(x, r), compiled(x, r)
+    for name, a, b in zip(("out", "h"), got, want, strict=True):
+        try:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        except AssertionError as e:
+            msgs.append(f"{name}: {e}")
+    programs = [s.program for s in fp.sites if s.replaced]
+    want_p = ["reducescatter(dp); allreduce(tp); add(residual); store(resid_out); "
+              "rmsnorm(weight, eps=1e-06)", "allreduce(tp); allgather(dp)"]
+    if sorted(set(programs)) != sorted(want_p) or len(fp.sites) != 4:
+        msgs.append(f"unexpected programs: {fp.report()}")
+    if rec.graphs[0].count("mixcc.fusion_chain") != 2 or "_c10d_functional" in rec.graphs[0]:
+        msgs.append(f"the graph should hold two mixcc ops and no other collective:\n"
+                    f"{rec.graphs[0]}")
+    return "; ".join(msgs)
+
+
+def test_chains_over_a_tp_dp_mesh(pool4):
+    res = pool4.run(4, chains_task, timeout=600)
+    assert res == {r: "" for r in range(4)}
+
+
+def derived_mesh_task(rank: int, world: int, group) -> str:
+    """No mesh given: derived from the groups."""
+    _no_caches()
+    tp, dp = _tp_dp_groups(rank)
+    model = Chains(tp, dp)
+    fp, rec = mixcc.FusionPass(group=group, backend="reference"), Recorder()
+    compiled = _compile(model, fp, rec)
+    g = torch.Generator().manual_seed(rank + 10)
+    x, r = torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g)
+    with torch.no_grad():
+        want, got = model(x, r), compiled(x, r)
+    msgs = []
+    for a, b in zip(got, want, strict=True):
+        if not torch.allclose(a, b, atol=1e-5, rtol=1e-5):
+            msgs.append("compiled differs from eager")
+    if sum(s.replaced for s in fp.sites) != 4:
+        msgs.append(fp.report())
+    return "; ".join(msgs)
+
+
+def test_mesh_derived_from_the_groups(pool4):
+    res = pool4.run(4, derived_mesh_task, timeout=600)
+    assert res == {r: "" for r in range(4)}
