@@ -9,6 +9,7 @@ import torch.distributed._functional_collectives as funcol
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import mixcc
+import mixcc.fusion
 from mixcc import Mesh
 from mixcc.fusion.groups import axes_of, derive_mesh
 
@@ -284,3 +285,137 @@ def derived_mesh_task(rank: int, world: int, group) -> str:
 def test_mesh_derived_from_the_groups(pool4):
     res = pool4.run(4, derived_mesh_task, timeout=600)
     assert res == {r: "" for r in range(4)}
+
+
+# -- DTensor tensor parallelism (parallelize_module) on a dp x tp DeviceMesh -------------
+
+def _device_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+
+class ToyMLP(torch.nn.Module):
+    """The shape of torch's DTensor tensor-parallel example: in_proj, relu, out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_proj = torch.nn.Linear(10, 32)
+        self.relu = torch.nn.ReLU()
+        self.out_proj = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.out_proj(self.relu(self.in_proj(x)))
+
+
+def toy_tp_task(rank: int, world: int, group) -> str:
+    """Colwise in_proj + Rowwise out_proj: one allreduce over tp, replaced; then the same
+    model compiled again through the FX graph cache, with the compiled collectives
+    forgotten (as in a new process): the cached graph still runs and matches eager."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    _no_caches()
+    dm = _device_mesh()
+    torch.manual_seed(0)
+    model = ToyMLP()
+    parallelize_module(model, dm["tp"], {"in_proj": ColwiseParallel(),
+                                         "out_proj": RowwiseParallel()})
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(dm.get_coordinate()[0]))
+    with torch.no_grad():
+        want = model(x)
+    msgs = []
+    fp = mixcc.FusionPass(dm, backend="reference")
+    torch._inductor.config.fx_graph_cache = True
+    for attempt in range(2):
+        torch._dynamo.reset()
+        mixcc.fusion.clear_compiled()
+        compiled = torch.compile(model, options={"post_grad_custom_post_pass": fp})
+        with torch.no_grad():
+            got = compiled(x)
+        if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+            msgs.append(f"attempt {attempt}: compiled differs from eager")
+    torch._inductor.config.fx_graph_cache = False
+    programs = [s.program for s in fp.sites if s.replaced]
+    if programs[:1] != ["allreduce(tp)"]:
+        msgs.append(fp.report())
+    return "; ".join(msgs)
+
+
+def test_dtensor_toy_model_and_the_graph_cache(pool4):
+    res = pool4.run(4, toy_tp_task, timeout=600)
+    assert res == {r: "" for r in range(4)}
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=32)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval(), cfg
+
+
+def llama_task(rank: int, world: int, group, style: str) -> str:
+    """A transformers Llama, tensor-parallel over tp by parallelize_module, either with
+    explicit Colwise/Rowwise styles per projection (as torchtitan does) or with the
+    model's own plan (config.base_model_tp_plan) mapped to them; different tokens on
+    each dp replica. Every allreduce (two per layer) is replaced, with the residual add,
+    the sum written back and the next RMSNorm; logits match eager."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    _no_caches()
+    dm = _device_mesh()
+    model, cfg = _tiny_llama()
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {}
+    for i in range(cfg.num_hidden_layers):
+        if style == "hf_plan":
+            for pattern, kind in cfg.base_model_tp_plan.items():
+                if kind in styles and pattern.startswith("layers.*."):
+                    plan[f"model.layers.{i}." + pattern[len("layers.*."):]] = styles[kind]()
+        else:
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "mlp.gate_proj", "mlp.up_proj"):
+                plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+            for name in ("self_attn.o_proj", "mlp.down_proj"):
+                plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    parallelize_module(model, dm["tp"], plan)
+    if style == "hf_plan":
+        compiled = mixcc.compile_model(model, dm, fusion={"backend": "reference"})
+        fp = compiled.mixcc_fusion
+    else:
+        fp = mixcc.FusionPass(backend="reference")  # the mesh derived from the groups
+        compiled = torch.compile(model, options={"post_grad_custom_post_pass": fp})
+    ids = torch.randint(0, cfg.vocab_size, (2, 8),
+                        generator=torch.Generator().manual_seed(dm.get_coordinate()[0]))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = compiled(ids).logits
+    msgs = []
+    try:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    except AssertionError as e:
+        msgs.append(str(e))
+    n = 2 * cfg.num_hidden_layers
+    if len(fp.sites) != n or sum(s.replaced for s in fp.sites) != n:
+        msgs.append(f"expected {n} sites, all replaced: {fp.report()}")
+    stored = sum("store(resid_out); rmsnorm(weight" in (s.program or "") for s in fp.sites)
+    if stored != n - 1:  # the last sum feeds only the final norm
+        msgs.append(f"expected {n - 1} programs with store + rmsnorm: {fp.report()}")
+    return "; ".join(msgs)
+
+
+def test_transformers_llama_tensor_parallel(pool4):
+    pytest.importorskip("transformers")
+    for style in ("torch", "hf_plan"):
+        res = pool4.run(4, llama_task, style, timeout=600)
+        assert res == {r: "" for r in range(4)}, (style, res)
