@@ -359,6 +359,24 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
     return None
 
 
+class _Chain(CustomGraphPass):
+    """A user's post-grad pass(es), then the fusion pass, as one pass (older torch takes
+    one pass in post_grad_custom_post_pass, not a list). Its uuid is None, so Inductor
+    skips its graph cache, when one of them is a plain function without a uuid."""
+
+    def __init__(self, prior: Any, fp: FusionPass):
+        self.passes = [*(prior if isinstance(prior, (list, tuple)) else [prior]), fp]
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> str | None:
+        ids = [p.uuid() if hasattr(p, "uuid") else None for p in self.passes]
+        return None if any(i is None for i in ids) else json.dumps(
+            [i.hex() if isinstance(i, bytes) else str(i) for i in ids])
+
+
 def compile_model(model: Any, mesh: Any = None, *, fusion: dict | None = None,
                   **torch_compile_kwargs: Any) -> Any:
     """torch.compile(model, ...) with a FusionPass(mesh, **fusion) as Inductor's post-grad
@@ -373,11 +391,7 @@ def compile_model(model: Any, mesh: Any = None, *, fusion: dict | None = None,
 
         options = {**list_mode_options(mode, kw.get("dynamic")), **options}
     prior = options.get("post_grad_custom_post_pass")
-    if prior is None:
-        options["post_grad_custom_post_pass"] = fp
-    else:
-        options["post_grad_custom_post_pass"] = [
-            *(prior if isinstance(prior, (list, tuple)) else [prior]), fp]
+    options["post_grad_custom_post_pass"] = fp if prior is None else _Chain(prior, fp)
     compiled = torch.compile(model, options=options, **kw)
     try:
         compiled.mixcc_fusion = fp
