@@ -2,6 +2,8 @@
 mixcc programs on gloo ranks (reference backend); outputs match eager, unmatched sites stay
 as they were with their reason, a model without collectives is left untouched."""
 
+import logging
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -114,6 +116,28 @@ def test_model_without_collectives_is_untouched():
     assert not any("mixcc" in g for g in rec.graphs)
 
 
+def test_compile_model_takes_mode_and_chains_a_prior_pass():
+    _no_caches()
+    seen = []
+
+    class Prior(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            seen.append(len(graph.nodes))
+
+        def uuid(self) -> str:
+            return "prior"
+
+    def f(x):
+        return torch.relu(x) * 2
+
+    x = torch.randn(3, 5)
+    # torch.compile takes mode or options, not both: compile_model turns mode into options
+    fn = mixcc.compile_model(f, mode="max-autotune-no-cudagraphs",
+                             options={"post_grad_custom_post_pass": Prior()})
+    torch.testing.assert_close(fn(x), f(x))
+    assert len(seen) == 1 and fn.mixcc_fusion.graphs == 1
+
+
 # -- two gloo ranks: one allreduce and its epilogue -------------------------------------
 
 class TPBlock(torch.nn.Module):
@@ -222,8 +246,20 @@ class QuantBlock(torch.nn.Module):
         return (n / self.scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), h
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record) -> None:
+        self.lines.append(record.getMessage())
+
+
 def quant_task(rank: int, world: int, group) -> str:
     _no_caches()
+    logger, records = logging.getLogger("mixcc.fusion"), _Records()
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
     model = QuantBlock(64, group)
     fp, rec = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
                                backend="reference"), Recorder()
@@ -241,6 +277,9 @@ def quant_task(rank: int, world: int, group) -> str:
     if fp.sites[0].program != ("allreduce(tp); add(residual); store(resid_out); "
                                "rmsnorm(weight, eps=1e-06); quant(fp8_e4m3, scale)"):
         msgs.append(fp.report())
+    logger.removeHandler(records)
+    if len(records.lines) != 1 or "1 collective site(s), 1 replaced" not in records.lines[0]:
+        msgs.append(f"expected one INFO line for the graph, got {records.lines}")
     return "; ".join(msgs)
 
 
