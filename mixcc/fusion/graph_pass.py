@@ -245,8 +245,12 @@ def fuse_graph(graph: fx.Graph, cfg: FusionPass, index: int) -> list[SiteReport]
             reports[s.index] = SiteReport(index, s.index, s.op, s.group, ranks.get(s.index),
                                           False, reason=s.reason)
             continue
-        chain = grow_chain(s, by_node)
-        m, reason = match_chain(chain, cfg.epilogue)
+        try:  # matching only reads the graph: a surprise there leaves the site alone
+            chain = grow_chain(s, by_node)
+            m, reason = match_chain(chain, cfg.epilogue)
+        except Exception as e:  # noqa: BLE001 - reported, the graph is unchanged
+            log.warning("mixcc.fusion: matching site %d failed: %r", s.index, e)
+            m, reason = None, f"the matcher failed: {e!r}"
         program = None
         if m is not None:
             program = m.program([axes[c.index] for c in m.sites])
@@ -277,6 +281,19 @@ def fuse_graph(graph: fx.Graph, cfg: FusionPass, index: int) -> list[SiteReport]
     return [reports[i] for i in sorted(reports)]
 
 
+def _descendants(nodes: set[fx.Node]) -> set[fx.Node]:
+    """Every node outside `nodes` that reads, directly or not, a value of `nodes`."""
+    seen: set[fx.Node] = set()
+    todo = [u for n in nodes for u in n.users if u not in nodes]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo += [u for u in n.users if u not in seen and u not in nodes]
+    return seen
+
+
 def _fake_mode(vals: list):
     from torch._guards import detect_fake_mode
 
@@ -288,6 +305,11 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
     """Replace `m` by one mixcc::fusion_chain call; the reason when it cannot (the graph
     is then untouched)."""
     xv = _val(m.x)
+    inside = set(m.nodes)
+    downstream = _descendants(inside)
+    for name, t, _ in m.inputs:
+        if t in inside or t in downstream:
+            return f"the {name} tensor depends on the collective's result"
     try:
         ir = build(parse(program), mesh, xv.dtype)
     except CompileError as e:
@@ -323,7 +345,6 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
                 read=tuple((n, rows_) for n, _, rows_ in m.inputs), written=tuple(written))
     key = spec.key()
     fake = _fake_mode([xv, *(_val(t) for _, t, _ in m.inputs)])
-    inside = set(m.nodes)
     op = torch.ops.mixcc.fusion_chain.default
     with graph.inserting_before(m.final):
         tensors = [t for _, t, _ in m.inputs]
