@@ -345,6 +345,8 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
                 read=tuple((n, rows_) for n, _, rows_ in m.inputs), written=tuple(written))
     key = spec.key()
     fake = _fake_mode([xv, *(_val(t) for _, t, _ in m.inputs)])
+    if fake is None:
+        return "the graph carries no fake tensors to give the new nodes their shapes"
     op = torch.ops.mixcc.fusion_chain.default
     with graph.inserting_before(m.final):
         tensors = [t for _, t, _ in m.inputs]
