@@ -398,6 +398,41 @@ def test_chains_over_a_tp_dp_mesh(pool4):
     assert res == {r: "" for r in range(4)}
 
 
+def dp_attention_task(rank: int, world: int, group) -> str:
+    """DP-attention order: residual add and RMSNorm on this rank's tokens, then the
+    allgather over dp; the norm moves after the gather (row-wise: the same rows), the add
+    and its written-back sum stay in the graph."""
+    _no_caches()
+    tp, dp = _tp_dp_groups(rank)
+    w = 1 + 0.1 * torch.randn(16, generator=torch.Generator().manual_seed(2))
+
+    def f(attn, residual):
+        h = attn + residual
+        n = torch.nn.functional.rms_norm(h, (16,), w, eps=1e-6)
+        return funcol.all_gather_tensor(n, 0, dp), h
+
+    fp, rec = mixcc.FusionPass(Mesh({"dp": 2, "tp": 2}, ranks_per_node=4), group=group,
+                               backend="reference"), Recorder()
+    g = torch.Generator().manual_seed(rank)
+    a, r = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    got, want = _compile(f, fp, rec)(a, r), f(a, r)
+    msgs = []
+    for a_, b_ in zip(got, want, strict=True):
+        try:
+            torch.testing.assert_close(a_, b_, atol=1e-5, rtol=1e-5)
+        except AssertionError as e:
+            msgs.append(str(e))
+    (site,) = fp.sites
+    if not site.replaced or site.program != "allgather(dp); rmsnorm(weight, eps=1e-06)":
+        msgs.append(str(site))
+    return "; ".join(msgs)
+
+
+def test_dp_attention_norm_moves_after_the_allgather(pool4):
+    res = pool4.run(4, dp_attention_task, timeout=600)
+    assert res == {r: "" for r in range(4)}
+
+
 def derived_mesh_task(rank: int, world: int, group) -> str:
     """No mesh given: derived from the groups."""
     _no_caches()

@@ -363,6 +363,52 @@ def _match_quant(y: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node] | None:
         cur = u
 
 
+def _norm_before(x: fx.Node) -> tuple[fx.Node, _Norm, list[fx.Node]] | None:
+    """The RMSNorm whose output reaches `x` through views: (its input h, the norm, the
+    views)."""
+    path: list[fx.Node] = []
+    n = x
+    while _is_view(n) and isinstance(n.args[0], fx.Node):
+        path.append(n)
+        n = n.args[0]
+    if n.op != "call_function":
+        return None
+    heads: list[fx.Node] = []
+    if n.target is aten.rms_norm.default and isinstance(n.args[0], fx.Node):
+        heads.append(n.args[0])
+    elif n.target is aten.mul.Tensor:
+        for a in n.args:
+            while isinstance(a, fx.Node) and _is_cast(a):
+                a = a.args[0]
+            if isinstance(a, fx.Node) and a.target is aten.mul.Tensor:
+                for b in a.args:
+                    if isinstance(b, fx.Node) and b.target is not aten.rsqrt.default:
+                        heads.append(b.args[0] if _is_cast(b) else b)
+    for h in heads:
+        norm = _match_rmsnorm(h)
+        if norm is not None and norm.out is n:
+            return h, norm, path
+    return None
+
+
+def _match_prologue(base: Match) -> Match | None:
+    """An RMSNorm just before a chain of allgathers moves after them (a row-wise op
+    commutes with gathering rows): the DP-attention order, norm then allgather(dp)."""
+    if any(s.coll != "allgather" for s in base.sites):
+        return None
+    found = _norm_before(base.x)
+    if found is None:
+        return None
+    h, norm, path = found
+    shape = _shape(h)
+    if shape is None or not isinstance(shape[-1], int):
+        return None
+    nodes = [*norm.nodes, *reversed(path), *base.nodes]
+    m = Match(base.sites, nodes, h, base.final, [("rmsnorm", "weight", norm.eps)],
+              [("weight", norm.weight, False)], None, shape[-1])
+    return m if _closed(nodes, {base.final}) is None else None
+
+
 def _closed(nodes: list[fx.Node], exports: set[fx.Node]) -> fx.Node | None:
     """A node of `nodes` (not in `exports`) with a user outside `nodes`, or None."""
     inside = set(nodes)
@@ -400,6 +446,11 @@ def match_chain(chain: list[Site], epilogue: bool = True) -> tuple[Match | None,
         base.note = note
         if _closed(base.nodes, {end}) is not None:
             base.nodes, base.final = nodes, last
+        if epilogue:
+            moved = _match_prologue(base)
+            if moved is not None:
+                moved.note = "the RMSNorm before the allgather moved after it"
+                return moved, None
         return base, None
     return None, "no collective"
 
