@@ -27,8 +27,19 @@ def pool4():
     pool.close()
 
 
+@pytest.fixture
+def no_caches():
+    """In this process: every compile runs the passes, settings restored after."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        yield
+    torch._dynamo.reset()
+
+
 def _no_caches() -> None:
-    """Every compile runs the passes (the FX graph cache would skip them)."""
+    """In a worker rank: every compile runs the passes (the FX graph cache would skip
+    them)."""
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.reset()
@@ -102,8 +113,7 @@ def test_uuid_is_stable_and_follows_the_settings():
     assert isinstance(a.uuid(), str)
 
 
-def test_model_without_collectives_is_untouched():
-    _no_caches()
+def test_model_without_collectives_is_untouched(no_caches):
     rec, fp = Recorder(), mixcc.FusionPass()
 
     def f(x, w):
@@ -116,8 +126,7 @@ def test_model_without_collectives_is_untouched():
     assert not any("mixcc" in g for g in rec.graphs)
 
 
-def test_compile_model_takes_mode_and_chains_a_prior_pass():
-    _no_caches()
+def test_compile_model_takes_mode_and_chains_a_prior_pass(no_caches):
     seen = []
 
     class Prior(CustomGraphPass):
