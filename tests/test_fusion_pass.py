@@ -324,6 +324,34 @@ def intermediate_use_task(rank: int, world: int, group) -> str:
     return "; ".join(msgs)
 
 
+def graph_break_task(rank: int, world: int, group) -> str:
+    """A graph break between the allreduce and its add: two graphs, the collective
+    replaced alone in the first, the add + RMSNorm compiled as usual in the second."""
+    _no_caches()
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(8))
+
+    def f(x, r):
+        y = x @ w
+        dist.all_reduce(y, group=group)
+        torch._dynamo.graph_break()
+        return torch.nn.functional.rms_norm(y + r, (16,), eps=1e-6)
+
+    fp, rec = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
+                               backend="reference"), Recorder()
+    g = torch.Generator().manual_seed(rank + 3)
+    x, r = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    got, want = _compile(f, fp, rec)(x, r), f(x, r)
+    msgs = [] if torch.allclose(got, want, atol=1e-5, rtol=1e-5) else ["differs from eager"]
+    if fp.graphs != 2 or [s.program for s in fp.sites] != ["allreduce(tp)"]:
+        msgs.append(fp.report())
+    return "; ".join(msgs)
+
+
+def test_a_graph_break_keeps_each_graph_correct(pool4):
+    res = pool4.run(2, graph_break_task, timeout=600)
+    assert res == {0: "", 1: ""}
+
+
 def test_a_value_used_outside_shortens_the_match(pool4):
     res = pool4.run(2, intermediate_use_task, timeout=600)
     assert res == {0: "", 1: ""}
