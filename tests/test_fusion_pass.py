@@ -352,6 +352,46 @@ def test_a_graph_break_keeps_each_graph_correct(pool4):
     assert res == {0: "", 1: ""}
 
 
+def training_task(rank: int, world: int, group) -> str:
+    """Forward and backward graphs (the backward's intermediates kept for it stop the
+    epilogue early): gradients equal those of the same model compiled without the pass."""
+    _no_caches()
+    grads = []
+    fp = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
+                          backend="reference")
+    for with_pass in (True, False):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        lin, norm, out = (torch.nn.Linear(16, 16), torch.nn.RMSNorm(16, eps=1e-6),
+                          torch.nn.Linear(16, 8))
+
+        def model(x, r, lin=lin, norm=norm, out=out):
+            y = lin(x)
+            dist.all_reduce(y, group=group)
+            h = y + r
+            return out(norm(h)), h
+
+        opts = {"post_grad_custom_post_pass": fp} if with_pass else {}
+        compiled = torch.compile(model, options=opts)
+        g = torch.Generator().manual_seed(rank)
+        x = torch.randn(4, 16, generator=g, requires_grad=True)
+        z, h = compiled(x, torch.randn(4, 16, generator=g))
+        (z.square().sum() + h.sum()).backward()
+        grads.append([x.grad, lin.weight.grad, out.weight.grad, norm.weight.grad])
+    msgs = []
+    for a, b in zip(*grads, strict=True):
+        if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+            msgs.append("a gradient differs from the model compiled without the pass")
+    if not any(s.replaced for s in fp.sites):
+        msgs.append(fp.report())
+    return "; ".join(msgs)
+
+
+def test_training_graphs_match_the_model_compiled_without_the_pass(pool4):
+    res = pool4.run(2, training_task, timeout=600)
+    assert res == {0: "", 1: ""}
+
+
 def test_a_value_used_outside_shortens_the_match(pool4):
     res = pool4.run(2, intermediate_use_task, timeout=600)
     assert res == {0: "", 1: ""}
