@@ -20,16 +20,27 @@ def close_all(barrier: bool = True) -> None:
     runtime.close_all(barrier)
 
 
+def __getattr__(name: str):
+    # The fusion pass imports torch._inductor: loaded on first use only.
+    if name in ("FusionPass", "compile_model"):
+        from . import fusion
+
+        return getattr(fusion, name)
+    raise AttributeError(f"module 'mixcc' has no attribute {name!r}")
+
+
 __all__ = [
     "Collective",
     "CollectiveMismatch",
     "CollectiveTimeout",
     "CompileError",
+    "FusionPass",
     "Mesh",
     "MixccError",
     "close_all",
     "ParseError",
     "compile",
+    "compile_model",
     "empty",
     "presets",
 ]
