@@ -147,7 +147,9 @@ class Collective:
             + epi + "\n"
             + precision.explain(self.plan, self.optimized_ir, self.options,
                                 fused.hier_nccl_min_bytes(self.plan, self.ir.epilogue,
-                                                          resolved.values))
+                                                          resolved.values),
+                                resolved.values.row_split_min_bytes
+                                if resolved.values.ll_epi_max_bytes else None)
         )
 
     # -- calls ------------------------------------------------------------------

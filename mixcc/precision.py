@@ -40,11 +40,13 @@ def accumulation_input(x: torch.Tensor, ir: IR) -> torch.Tensor:
     return x
 
 
-def explain(plan: Plan, ir: IR, options: dict, nccl_from: int | None) -> str:
+def explain(plan: Plan, ir: IR, options: dict, nccl_from: int | None,
+            row_split_from: int | None = None) -> str:
     """The precision lines of `explain`: the contract, and each place where a row's bits
     may depend on the call (the row count, the size, the placement), or that there is none.
     `nccl_from`: bytes per rank from which auto without a tuning table runs the plan on
-    NCCL (fused.hier_nccl_min_bytes), or None."""
+    NCCL (fused.hier_nccl_min_bytes), or None; `row_split_from`: the row bytes from which
+    the LL kernel may split a row over blocks (None: never)."""
     lines = ["precision: fp32 accumulation, terms in group order, one rounding to the "
              "output's dtype (and one per stored tensor); epilogues in fp32 on the fp32 "
              "result"]
@@ -61,10 +63,11 @@ def explain(plan: Plan, ir: IR, options: dict, nccl_from: int | None) -> str:
             where.append(f"auto runs calls of at least {nccl_from >> 20} MiB per rank on NCCL "
                          "(its own order, partial sums rounded to the dtype)")
         where.append("a tuning table (mixcc tune) may pick NCCL for some sizes")
-        if any(e.op == "rmsnorm" for e in ir.epilogue) and plan.one_node:
-            where.append("the LL kernel splits rows of 16 KiB or more over blocks when the "
-                         "call has few rows: rmsnorm then adds its sum of squares in another "
-                         "order")
+        if any(e.op == "rmsnorm" for e in ir.epilogue) and plan.one_node \
+                and row_split_from is not None:
+            where.append(f"the LL kernel splits rows of {row_split_from >> 10} KiB or more "
+                         "over blocks when the call has few rows: rmsnorm then adds its sum "
+                         "of squares in another order")
         if not plan.one_node and any(isinstance(st, HierStage) for st in plan.stages):
             where.append("a cross-node stage adds each node's terms first: the bits differ "
                          "from those of the same ranks on one node")
