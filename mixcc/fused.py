@@ -584,7 +584,8 @@ class FusedRunner:
                                                                           hidden)
             return a
         cols = self._epilogue_cols(stage) if hidden else \
-            hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region)
+            hier_cols(stage, self.elem, self.rt.region_bytes, self._sym_region,
+                      epilogue=bool(self.epilogue) and i == len(self.stages) - 1)
         if cols < self.vec:
             raise ValueError("workspace_bytes / symmetric_bytes are too small for this "
                              "hierarchical stage; raise them")
@@ -875,7 +876,7 @@ class FusedRunner:
                 slots.append(t)
             elif n in writes and (overlaps(t, x) or overlaps_partly(t, out) or any(
                     overlaps(t, u) for m, u in named if m != n)):
-                if overlaps_partly(t, out) and oa is out:
+                if overlaps(t, out) and not any(o == out_order for o, _, _ in back):
                     oa = copy(out, out_order)  # out's elements must land after this copy's
                 slots.append(copy(t, last[n]))
             elif same_elements(t, out):

@@ -399,6 +399,13 @@ def test_epilogue_call_stages_what_is_misaligned_or_aliasing():
     n = len(r.calls)  # res that is out itself is fine: each thread reads, then writes
     assert r.epilogue_call(x, part, shape, 64, {"res": part, "w": t["w"]}) is part
     assert len(r.calls) == n + 1 and r.calls[-1][3][0] is part
+    # a stored tensor that is out and overlaps x (or another named tensor) goes through a
+    # copy: out's copy lands after it, so out holds the output
+    x = torch.randn(4, 64).to(BF)
+    assert r.epilogue_call(x, x, shape, 64, {"res": x, "w": t["w"]}) is x and (x == 7).all()
+    h = torch.randn(4, 64).to(BF)
+    assert r.epilogue_call(torch.randn(4, 64).to(BF), h, shape, 64,
+                           {"res": h, "w": h[0]}) is h and (h == 7).all()
 
 
 def test_a_cross_node_epilogue_runs_in_step_d_with_fp32_result_slots(monkeypatch):

@@ -206,18 +206,19 @@ def part_elem(stage: HierStage, elem: int, epilogue: bool = False) -> int:
 
 
 def hier_cols(stage: HierStage, elem: int, region_bytes: int, sym_region_bytes: int,
-              result_elem: int = 0) -> int:
+              result_elem: int = 0, epilogue: bool = False) -> int:
     """The largest chunk width (multiple of 16 bytes) whose staging and result slots fit an
     IPC region (none with one rank per node and no result slots: the kernel works in
     place) and whose send and receive parts fit an NVSHMEM region; 0 if none does.
     `result_elem`: bytes per element of the result slots when not `elem` (4: fp32 slots
-    before a fused epilogue)."""
+    before a fused epilogue); `epilogue`: the module was rendered with one (its parts'
+    type, part_elem, is the module's, whether or not this launch runs the statements)."""
     h = stage.hier
     vec = max(1, 16 // elem)
     # one rank per node and no fp32 result slots: the kernel reads its input and writes its
     # output in place (templates/hier_kernel.cu.j2, DIRECT), the IPC region holds nothing
     direct = h.local == 1 and not result_elem
-    pe = part_elem(stage, elem, bool(result_elem))
+    pe = part_elem(stage, elem, epilogue or bool(result_elem))
 
     def fits(cols: int) -> bool:
         sc = share_cap(cols, elem, h.local)
