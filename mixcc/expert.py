@@ -223,7 +223,8 @@ class _EPBase:
             return row.view(1, -1).clone()
         buf = row.new_empty(n * row.numel())
         self._wait(self._pg(row.device)._allgather_base(buf, row), "exchange of counts")
-        return buf.view(n, -1)[self.i_of]  # backend order -> group order (gather by q: i_of[q])
+        # buf's row q is backend rank q's; the member at group position i is q_of[i]
+        return buf.view(n, -1)[self.q_of]
 
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int],
                     recv_splits: list[int], stage: str) -> torch.Tensor:

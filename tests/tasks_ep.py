@@ -41,15 +41,15 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
              experts: int, topk: int, max_tokens: int | None, capacity: int | None,
              block: int | None, dtype_name: str, seeds: list[int], mode: str,
              tokens: list[list[int]], hidden: int, device: str = "cpu",
-             backend: str = "auto") -> str:
+             backend: str = "auto", timeout_s: float = 120) -> str:
     """Dispatch then combine once per seed (new routing each time, the same compiled
     pair), every output against the oracle; tokens[i][r]: rank r's T in call i. With
     device "cuda" the tensors live on the current CUDA device."""
     dtype = DTYPES[dtype_name]
     mesh = mixcc.Mesh(mesh_axes)
     dp, cp = programs(gaxes, experts, topk, max_tokens, capacity, block)
-    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
-    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
+    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=timeout_s, backend=backend)
+    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=timeout_s, backend=backend)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
         torch.device("cpu")
     members = group(mesh_axes, rank, gaxes)

@@ -3,7 +3,8 @@ checks, then the reference backend on gloo ranks against the float64 oracle
 (tests/oracle_ep.py, which imports nothing of mixcc), with hypothesis drawing routing
 (random, skewed, every token to one expert, all -1), ranks with no tokens, T below
 max_tokens, capacities, fp8 wires, and groups that are a whole world of 2 or 4 ranks or
-one axis, both axes or both axes reversed of a 2x2 mesh; then the errors every rank
+one axis, both axes or both axes reversed of a 2x2 mesh, and b*a of a 2x3 mesh (its
+backend ranks sorted by a 4-cycle of the group order); then the errors every rank
 raises together, combine's handle checks and the dead-peer timeout."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ EXAMPLES = int(os.environ.get("MIXCC_EP_EXAMPLES", "40"))
 def ep_pool():
     from rank_pool import RankPool
 
-    pool = RankPool(4)
+    pool = RankPool(6)
     yield pool
     pool.close()
 
@@ -110,6 +111,8 @@ LAYOUTS = [  # (mesh axes, group axes): the group is the world, one axis, or bot
     ([("ep", 2)], ["ep"]), ([("ep", 4)], ["ep"]), ([("ep", 4)], None),
     ([("a", 2), ("b", 2)], ["a"]), ([("a", 2), ("b", 2)], ["b"]),
     ([("a", 2), ("b", 2)], ["b", "a"]), ([("a", 2), ("b", 2)], ["a", "b"]),
+    # 2x3: the order b*a ([0, 3, 1, 4, 2, 5]) sorts by a 4-cycle, not by swaps
+    ([("a", 2), ("b", 3)], ["b", "a"]), ([("a", 2), ("b", 3)], ["b"]),
 ]
 
 
@@ -162,13 +165,15 @@ def test_dispatch_combine_match_oracle(ep_pool, case):
     assert not bad, f"{case}: {bad}"
 
 
-@pytest.mark.parametrize("world,gaxes,mesh_axes", [
-    (4, ["b", "a"], [("a", 2), ("b", 2)]), (2, ["ep"], [("ep", 2)])])
-def test_prefill_like_case(ep_pool, world, gaxes, mesh_axes):
-    """More tokens, wider rows: 64 tokens per rank (48 on some), hidden 256, top-4 of 16."""
-    tokens = [[64, 48, 64, 0][:world], [64] * world]
-    res = ep_pool.run(world, check_ep, mesh_axes, gaxes, 16, 4, 64, None, None, "bfloat16",
-                      [11, 12], "skewed", tokens, 256)
+@pytest.mark.parametrize("world,gaxes,mesh_axes,experts", [
+    (4, ["b", "a"], [("a", 2), ("b", 2)], 16), (2, ["ep"], [("ep", 2)], 16),
+    (6, ["b", "a"], [("a", 2), ("b", 3)], 18)])
+def test_prefill_like_case(ep_pool, world, gaxes, mesh_axes, experts):
+    """More tokens, wider rows: 64 tokens per rank (48 or 0 on some), hidden 256, top-4.
+    The 2x3 mesh's group b*a orders its backend ranks by a 4-cycle."""
+    tokens = [[64, 48, 64, 0, 64, 48][:world], [64] * world]
+    res = ep_pool.run(world, check_ep, mesh_axes, gaxes, experts, 4, 64, None, None,
+                      "bfloat16", [11, 12], "skewed", tokens, 256, "cpu", "auto", 60)
     assert not any(res.values()), res
 
 
