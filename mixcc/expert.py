@@ -46,6 +46,8 @@ EP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 WIRE_FP8 = "fp8_e4m3"
 _HEAD = 5  # exchange row: status, T, H, dtype code, scale block; then counts per expert
+# (class, program, global ranks) -> the serial of the last object built for it
+_SERIALS: dict[tuple[str, str, tuple[int, ...]], int] = {}
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,11 @@ class _EPBase:
         self.i_of = by_global  # backend rank q -> group index
         if self._dist and len(self.members) > 1:
             self._pgs = {k: subgroup(k, group, self.members) for k in _kinds(group)}
-        self.tag = zlib.crc32(f"{program}|{glob}".encode()) & 0x7FFFFFFF
+        # the serial tells apart objects compiled from the same text over the same ranks:
+        # each member constructs them in the same order, so the count agrees
+        key = (type(self).__name__, program, tuple(glob))
+        self.serial = _SERIALS[key] = _SERIALS.get(key, -1) + 1
+        self.tag = zlib.crc32(f"{program}|{glob}|{self.serial}".encode()) & 0x7FFFFFFF
 
     # -- the reference backend's two steps ---------------------------------------
     def _pg(self, device: torch.device):

@@ -22,6 +22,7 @@ from tasks_ep import (
     check_dead_peer,
     check_ep,
     check_handles,
+    check_other_dispatch,
     check_overflow,
     check_tokens_differ,
 )
@@ -204,6 +205,13 @@ def test_tokens_differ_without_max_tokens(ep_pool):
 @pytest.mark.parametrize("world", [2, 4])
 def test_combine_checks_its_handle(ep_pool, world):
     res = ep_pool.run(world, check_handles)
+    assert not any(res.values()), res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_combine_refuses_a_handle_of_another_dispatch_object(ep_pool, world):
+    """Dispatch objects compiled from the same text have their own tags."""
+    res = ep_pool.run(world, check_other_dispatch)
     assert not any(res.values()), res
 
 
