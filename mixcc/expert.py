@@ -655,12 +655,15 @@ class Combine(_EPBase):
 
 def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, H) as float8_e4m3fn with one float32 scale per `block` elements of a row:
-    scale = amax(|block|) / 448 (1 where the block is all zero), q = x / scale. Returns
-    (q (T, H), scale (T, H // block))."""
+    scale = max(amax(|block|) / 448, the smallest normal float32) (1 where the block is
+    all zero; the floor keeps a tiny block's scale from underflowing to 0 or to a
+    subnormal that rounds q past 448), q = x / scale. Returns (q (T, H), scale (T, H //
+    block))."""
     t, hdim = x.shape
     v = x.float().view(t, hdim // block, block)
     amax = v.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / ops.FP8_MAX, torch.ones_like(amax))
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, (amax / ops.FP8_MAX).clamp_min(tiny), torch.ones_like(amax))
     q = (v / scale.unsqueeze(-1)).clamp(-ops.FP8_MAX, ops.FP8_MAX)
     return q.view(t, hdim).to(ops.QUANT_FORMATS[WIRE_FP8]), scale.contiguous()
 

@@ -107,6 +107,31 @@ def test_one_rank_without_a_process_group():
     assert "exchange" in d.explain() and "combine" in c.explain()
 
 
+def test_fp8_scales_of_tiny_blocks():
+    """Blocks whose amax / 448 underflows float32 (to 0, or to a subnormal that rounds q
+    past 448): the scale stays a normal float32 and q * scale is within the oracle's
+    bound, no NaN; beside them an all-zero block (scale 1) and ordinary ones."""
+    from oracle_ep import fp8_expected
+
+    from mixcc.expert import quantize_fp8
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 8 * 4), generator=g)
+    x[0, :8] = 0.0
+    x[0, 1] = 1e-44  # amax / 448 underflows to 0: 0 / 0 gave NaN
+    x[0, 8:16] *= 1e-42  # amax / 448 a subnormal of one or two bits
+    x[1, 16:24] = 0.0  # all zero
+    x[2, :8] *= 1e-30  # a normal scale of a small block
+    q, scale = quantize_fp8(x, 8)
+    assert scale.dtype == torch.float32 and scale.shape == (3, 4)
+    assert bool((scale >= torch.finfo(torch.float32).tiny).all())
+    for t in range(3):
+        want_s, tol = fp8_expected(x[t], 8)
+        assert torch.allclose(scale[t].double(), want_s, rtol=2.0**-20, atol=0), t
+        deq = (q[t].double().view(-1, 8) * scale[t].double()[:, None]).view(-1)
+        assert not deq.isnan().any() and bool(((deq - x[t].double()).abs() <= tol).all()), t
+
+
 # -- the reference backend against the oracle ------------------------------------------
 LAYOUTS = [  # (mesh axes, group axes): the group is the world, one axis, or both
     ([("ep", 2)], ["ep"]), ([("ep", 4)], ["ep"]), ([("ep", 4)], None),
