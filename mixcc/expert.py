@@ -46,6 +46,8 @@ EP_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 WIRE_FP8 = "fp8_e4m3"
 _HEAD = 5  # exchange row: status, T, H, dtype code, scale block; then counts per expert
+# (class, program, global ranks) -> the serial of the last object built for it
+_SERIALS: dict[tuple[str, str, tuple[int, ...]], int] = {}
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,11 @@ class _EPBase:
         self.i_of = by_global  # backend rank q -> group index
         if self._dist and len(self.members) > 1:
             self._pgs = {k: subgroup(k, group, self.members) for k in _kinds(group)}
-        self.tag = zlib.crc32(f"{program}|{glob}".encode()) & 0x7FFFFFFF
+        # the serial tells apart objects compiled from the same text over the same ranks:
+        # each member constructs them in the same order, so the count agrees
+        key = (type(self).__name__, program, tuple(glob))
+        self.serial = _SERIALS[key] = _SERIALS.get(key, -1) + 1
+        self.tag = zlib.crc32(f"{program}|{glob}|{self.serial}".encode()) & 0x7FFFFFFF
 
     # -- the reference backend's two steps ---------------------------------------
     def _pg(self, device: torch.device):
@@ -223,7 +229,8 @@ class _EPBase:
             return row.view(1, -1).clone()
         buf = row.new_empty(n * row.numel())
         self._wait(self._pg(row.device)._allgather_base(buf, row), "exchange of counts")
-        return buf.view(n, -1)[self.i_of]  # backend order -> group order (gather by q: i_of[q])
+        # buf's row q is backend rank q's; the member at group position i is q_of[i]
+        return buf.view(n, -1)[self.q_of]
 
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int],
                     recv_splits: list[int], stage: str) -> torch.Tensor:
@@ -648,12 +655,15 @@ class Combine(_EPBase):
 
 def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, H) as float8_e4m3fn with one float32 scale per `block` elements of a row:
-    scale = amax(|block|) / 448 (1 where the block is all zero), q = x / scale. Returns
-    (q (T, H), scale (T, H // block))."""
+    scale = max(amax(|block|) / 448, the smallest normal float32) (1 where the block is
+    all zero; the floor keeps a tiny block's scale from underflowing to 0 or to a
+    subnormal that rounds q past 448), q = x / scale. Returns (q (T, H), scale (T, H //
+    block))."""
     t, hdim = x.shape
     v = x.float().view(t, hdim // block, block)
     amax = v.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / ops.FP8_MAX, torch.ones_like(amax))
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, (amax / ops.FP8_MAX).clamp_min(tiny), torch.ones_like(amax))
     q = (v / scale.unsqueeze(-1)).clamp(-ops.FP8_MAX, ops.FP8_MAX)
     return q.view(t, hdim).to(ops.QUANT_FORMATS[WIRE_FP8]), scale.contiguous()
 

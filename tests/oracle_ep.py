@@ -166,11 +166,11 @@ def combine_mismatch(got: torch.Tensor, y: torch.Tensor, mag: torch.Tensor, topk
 
 
 def fp8_expected(row: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the scale per block: amax / 448, 1 for an all-zero block; the bound on
-    |q * scale - x| per element: 2^-4 relative in e4m3's normal range, 2^-9 x scale
+    """(the scale per block: max(amax / 448, 2^-126), 1 for an all-zero block; the bound
+    on |q * scale - x| per element: 2^-4 relative in e4m3's normal range, 2^-9 x scale
     below it) in float64 for one token row."""
     v = row.double().view(-1, block)
     amax = v.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(2.0**-126), torch.ones_like(amax))
     tol = v.abs() * 2.0**-4 + scale[:, None] * 2.0**-9
     return scale, tol.view(-1)

@@ -41,15 +41,15 @@ def check_ep(rank: int, world: int, pg, mesh_axes: list, gaxes: list[str] | None
              experts: int, topk: int, max_tokens: int | None, capacity: int | None,
              block: int | None, dtype_name: str, seeds: list[int], mode: str,
              tokens: list[list[int]], hidden: int, device: str = "cpu",
-             backend: str = "auto") -> str:
+             backend: str = "auto", timeout_s: float = 120) -> str:
     """Dispatch then combine once per seed (new routing each time, the same compiled
     pair), every output against the oracle; tokens[i][r]: rank r's T in call i. With
     device "cuda" the tensors live on the current CUDA device."""
     dtype = DTYPES[dtype_name]
     mesh = mixcc.Mesh(mesh_axes)
     dp, cp = programs(gaxes, experts, topk, max_tokens, capacity, block)
-    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
-    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=120, backend=backend)
+    d = mixcc.compile(dp, mesh, dtype=dtype, group=pg, timeout_s=timeout_s, backend=backend)
+    c = mixcc.compile(cp, mesh, dtype=dtype, group=pg, timeout_s=timeout_s, backend=backend)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else \
         torch.device("cpu")
     members = group(mesh_axes, rank, gaxes)
@@ -254,6 +254,29 @@ def check_handles(rank: int, world: int, pg) -> str:
     y = ca(r1, handle=h1)
     msgs.append("" if y.shape == x.shape else f"good combine after: shape {tuple(y.shape)}")
     return "; ".join(f"check {i}: {m}" for i, m in enumerate(msgs) if m)
+
+
+def check_other_dispatch(rank: int, world: int, pg) -> str:
+    """Two dispatch objects compiled from the same text: a handle of one passed on one
+    rank while the others pass the other's (same call number, other routing) is refused
+    on every rank before any token moves; the consistent combine runs after."""
+    mesh = mixcc.Mesh({"ep": world})
+    text = "dispatch(ep, experts=6, topk=2, max_tokens=4)"
+    d1 = mixcc.compile(text, mesh, dtype=torch.float32, group=pg, timeout_s=20)
+    d2 = mixcc.compile(text, mesh, dtype=torch.float32, group=pg, timeout_s=20)
+    c = mixcc.compile("combine(ep)", mesh, dtype=torch.float32, group=pg, timeout_s=20)
+    x1, idx1, w1 = make_case(21, rank, "skewed", 4, 8, 6, 2, torch.float32)
+    x2, idx2, w2 = make_case(22, rank, "random", 3, 8, 6, 2, torch.float32)
+    _, _, h1 = d1(x1, topk_idx=idx1, topk_weights=w1)
+    r2, _, h2 = d2(x2, topk_idx=idx2, topk_weights=w2)
+    if (h1.tag, h1.call) == (h2.tag, h2.call):
+        return f"both objects give handles tagged {h1.tag:08x}, call {h1.call}"
+    msg = _raises(lambda: c(r2, handle=h1 if rank == 0 else h2), ValueError,
+                  "handles of different dispatch calls")
+    y = c(r2, handle=h2)
+    if msg or y.shape != x2.shape:
+        return msg or f"good combine after: shape {tuple(y.shape)}"
+    return ""
 
 
 def check_dead_peer(rank: int, world: int, pg, timeout_s: float, device: str = "cpu") -> str:

@@ -3,7 +3,8 @@ checks, then the reference backend on gloo ranks against the float64 oracle
 (tests/oracle_ep.py, which imports nothing of mixcc), with hypothesis drawing routing
 (random, skewed, every token to one expert, all -1), ranks with no tokens, T below
 max_tokens, capacities, fp8 wires, and groups that are a whole world of 2 or 4 ranks or
-one axis, both axes or both axes reversed of a 2x2 mesh; then the errors every rank
+one axis, both axes or both axes reversed of a 2x2 mesh, and b*a of a 2x3 mesh (its
+backend ranks sorted by a 4-cycle of the group order); then the errors every rank
 raises together, combine's handle checks and the dead-peer timeout."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tasks_ep import (
     check_dead_peer,
     check_ep,
     check_handles,
+    check_other_dispatch,
     check_overflow,
     check_tokens_differ,
 )
@@ -35,7 +37,7 @@ EXAMPLES = int(os.environ.get("MIXCC_EP_EXAMPLES", "40"))
 def ep_pool():
     from rank_pool import RankPool
 
-    pool = RankPool(4)
+    pool = RankPool(6)
     yield pool
     pool.close()
 
@@ -105,11 +107,38 @@ def test_one_rank_without_a_process_group():
     assert "exchange" in d.explain() and "combine" in c.explain()
 
 
+def test_fp8_scales_of_tiny_blocks():
+    """Blocks whose amax / 448 underflows float32 (to 0, or to a subnormal that rounds q
+    past 448): the scale stays a normal float32 and q * scale is within the oracle's
+    bound, no NaN; beside them an all-zero block (scale 1) and ordinary ones."""
+    from oracle_ep import fp8_expected
+
+    from mixcc.expert import quantize_fp8
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 8 * 4), generator=g)
+    x[0, :8] = 0.0
+    x[0, 1] = 1e-44  # amax / 448 underflows to 0: 0 / 0 gave NaN
+    x[0, 8:16] *= 1e-42  # amax / 448 a subnormal of one or two bits
+    x[1, 16:24] = 0.0  # all zero
+    x[2, :8] *= 1e-30  # a normal scale of a small block
+    q, scale = quantize_fp8(x, 8)
+    assert scale.dtype == torch.float32 and scale.shape == (3, 4)
+    assert bool((scale >= torch.finfo(torch.float32).tiny).all())
+    for t in range(3):
+        want_s, tol = fp8_expected(x[t], 8)
+        assert torch.allclose(scale[t].double(), want_s, rtol=2.0**-20, atol=0), t
+        deq = (q[t].double().view(-1, 8) * scale[t].double()[:, None]).view(-1)
+        assert not deq.isnan().any() and bool(((deq - x[t].double()).abs() <= tol).all()), t
+
+
 # -- the reference backend against the oracle ------------------------------------------
 LAYOUTS = [  # (mesh axes, group axes): the group is the world, one axis, or both
     ([("ep", 2)], ["ep"]), ([("ep", 4)], ["ep"]), ([("ep", 4)], None),
     ([("a", 2), ("b", 2)], ["a"]), ([("a", 2), ("b", 2)], ["b"]),
     ([("a", 2), ("b", 2)], ["b", "a"]), ([("a", 2), ("b", 2)], ["a", "b"]),
+    # 2x3: the order b*a ([0, 3, 1, 4, 2, 5]) sorts by a 4-cycle, not by swaps
+    ([("a", 2), ("b", 3)], ["b", "a"]), ([("a", 2), ("b", 3)], ["b"]),
 ]
 
 
@@ -162,13 +191,15 @@ def test_dispatch_combine_match_oracle(ep_pool, case):
     assert not bad, f"{case}: {bad}"
 
 
-@pytest.mark.parametrize("world,gaxes,mesh_axes", [
-    (4, ["b", "a"], [("a", 2), ("b", 2)]), (2, ["ep"], [("ep", 2)])])
-def test_prefill_like_case(ep_pool, world, gaxes, mesh_axes):
-    """More tokens, wider rows: 64 tokens per rank (48 on some), hidden 256, top-4 of 16."""
-    tokens = [[64, 48, 64, 0][:world], [64] * world]
-    res = ep_pool.run(world, check_ep, mesh_axes, gaxes, 16, 4, 64, None, None, "bfloat16",
-                      [11, 12], "skewed", tokens, 256)
+@pytest.mark.parametrize("world,gaxes,mesh_axes,experts", [
+    (4, ["b", "a"], [("a", 2), ("b", 2)], 16), (2, ["ep"], [("ep", 2)], 16),
+    (6, ["b", "a"], [("a", 2), ("b", 3)], 18)])
+def test_prefill_like_case(ep_pool, world, gaxes, mesh_axes, experts):
+    """More tokens, wider rows: 64 tokens per rank (48 or 0 on some), hidden 256, top-4.
+    The 2x3 mesh's group b*a orders its backend ranks by a 4-cycle."""
+    tokens = [[64, 48, 64, 0, 64, 48][:world], [64] * world]
+    res = ep_pool.run(world, check_ep, mesh_axes, gaxes, experts, 4, 64, None, None,
+                      "bfloat16", [11, 12], "skewed", tokens, 256, "cpu", "auto", 60)
     assert not any(res.values()), res
 
 
@@ -199,6 +230,13 @@ def test_tokens_differ_without_max_tokens(ep_pool):
 @pytest.mark.parametrize("world", [2, 4])
 def test_combine_checks_its_handle(ep_pool, world):
     res = ep_pool.run(world, check_handles)
+    assert not any(res.values()), res
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_combine_refuses_a_handle_of_another_dispatch_object(ep_pool, world):
+    """Dispatch objects compiled from the same text have their own tags."""
+    res = ep_pool.run(world, check_other_dispatch)
     assert not any(res.values()), res
 
 

@@ -58,18 +58,19 @@ def test_reference_nccl(spawn_ranks, world: int) -> None:
 
 def refusal_task(rank: int, world: int, nccl: bool) -> None:
     """Inside a CUDA graph capture a dispatch refuses before it touches the group; on a
-    gloo group (ranks sharing a GPU) CUDA tensors are refused on every rank together, and
+    gloo group (ranks sharing a GPU) CUDA tensors are refused on every rank together (on
+    NCCL the same call runs, its counts and rows equal to the oracle's), and
     backend='fused' at compile time."""
     import torch
+    from oracle_ep import expected_dispatch, make_case
 
     import mixcc
 
     mesh = mixcc.Mesh({"ep": world})
     d = mixcc.compile("dispatch(ep, experts=8, topk=2, max_tokens=4)", mesh,
                       dtype=torch.bfloat16)
-    x = torch.randn(4, 256, device="cuda").bfloat16()
-    idx = torch.stack([torch.randperm(8)[:2] for _ in range(4)]).cuda()
-    w = torch.rand(4, 2, device="cuda")
+    inputs = [make_case(31, r, "random", 4, 256, 8, 2, torch.bfloat16) for r in range(world)]
+    x, idx, w = (t.cuda() for t in inputs[rank])
     g = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         with torch.cuda.graph(g):
@@ -79,7 +80,11 @@ def refusal_task(rank: int, world: int, nccl: bool) -> None:
             d(x, topk_idx=idx, topk_weights=w)
     else:
         recv_x, recv_count, h = d(x, topk_idx=idx, topk_weights=w)
-        assert recv_x.is_cuda and int(recv_count.sum()) >= 0
+        counts, rows = expected_dispatch(inputs, 8, rank)
+        assert recv_x.is_cuda and recv_count.cpu().tolist() == counts, \
+            (recv_count.tolist(), counts)
+        for j, c in enumerate(counts):
+            assert torch.equal(recv_x[j, :c].cpu(), rows[j]), j
     with pytest.raises(ValueError, match="fused dispatch/combine kernels are not built"):
         mixcc.compile("combine(ep)", mesh, backend="fused")
 
