@@ -345,6 +345,29 @@ def cast_residual_task(rank: int, world: int, group) -> str:
         msgs.append(f"the epilogue was absorbed: {site}")
     if "residual is float32, the collective's dtype bfloat16" not in (site.reason or ""):
         msgs.append(f"no reason given: {site}")
+
+    def f2(x, r):  # all bf16 up to the sum, then a norm with an fp32 weight (fp32 out)
+        y = x @ w.bfloat16()
+        dist.all_reduce(y, group=group)
+        h = y + r
+        hf = h.float()
+        return nw * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)), h
+
+    torch._dynamo.reset()
+    fp2 = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
+                           backend="reference")
+    rb = r.bfloat16()
+    with torch.no_grad():
+        got, want = _compile(f2, fp2, Recorder())(x, rb), f2(x, rb)
+    for name, a, b in zip(("norm", "h"), got, want, strict=True):
+        try:  # mixcc adds to the reduced value before its bf16 rounding: one bf16 step
+            torch.testing.assert_close(a.float(), b.float(), **_tol(torch.bfloat16))
+        except AssertionError as e:
+            msgs.append(f"fp32 weight, {name}: {e}")
+    (site,) = fp2.sites
+    if not site.replaced or site.program != "allreduce(tp); add(residual)" \
+            or "RMSNorm weight is float32" not in (site.reason or ""):
+        msgs.append(f"fp32 weight: {site}")
     return "; ".join(msgs)
 
 
