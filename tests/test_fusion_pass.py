@@ -113,6 +113,82 @@ def test_uuid_is_stable_and_follows_the_settings():
     assert isinstance(a.uuid(), str)
 
 
+def test_uuid_follows_every_source_file(monkeypatch):
+    from pathlib import Path
+
+    from mixcc.fusion import graph_pass
+
+    files = {p.relative_to(Path(mixcc.__file__).parent).as_posix()
+             for p in graph_pass._source_files()}
+    assert {"ir/build.py", "ir/parser.py", "ir/grammar.lark", "mesh.py", "api.py",
+            "fusion/match.py"} <= files
+    mesh = Mesh({"tp": 2}, ranks_per_node=2)
+    before = mixcc.FusionPass(mesh).uuid()
+    assert mixcc.FusionPass(mesh).uuid() == before
+    read = graph_pass._read_source
+
+    def edited(path):
+        data = read(path)
+        return data + b"\n# edited\n" if path.as_posix().endswith("ir/build.py") else data
+
+    monkeypatch.setattr(graph_pass, "_read_source", edited)
+    after = mixcc.FusionPass(mesh).uuid()
+    assert after != before and mixcc.FusionPass(mesh).uuid() == after
+    monkeypatch.setattr(mixcc, "__version__", "0.0.0-test")
+    assert mixcc.FusionPass(mesh).uuid() != after
+
+
+def test_topology_ignores_group_names(monkeypatch):
+    """Two ranks whose groups carry other names (DeviceMesh counts them) but the same
+    descriptions and layouts hash alike; another layout does not."""
+    import types
+
+    import torch.distributed.distributed_c10d as c10d
+
+    from mixcc.fusion import graph_pass
+
+    class PG:
+        def __init__(self, desc, ranks):
+            self.group_desc, self.ranks = desc, ranks
+
+    def topo(names, tp_ranks):
+        groups = {PG("mesh_tp", tp_ranks): names[0], PG("mesh_dp", [0, 2]): names[1]}
+        monkeypatch.setattr(c10d, "_world", types.SimpleNamespace(pg_names=groups))
+        return graph_pass._topology()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda pg: pg.ranks)
+    mine = topo(("3", "4"), [0, 1])
+    assert mine == topo(("7", "12"), [2, 3])
+    assert mine != topo(("3", "4"), [0, 3])
+
+
+def test_rms_norm_default_eps_is_the_computation_dtypes():
+    """aten.rms_norm with eps=None takes the eps of its computation dtype (fp32 for
+    bf16/fp16/fp32, fp64 for fp64; torch/_decomp/decompositions.py _fused_rms_norm): so
+    does the matcher, for the whole op and for nn.RMSNorm's default."""
+    from mixcc.fusion import match
+
+    f32, f64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    for dt, want in ((torch.bfloat16, f32), (torch.float16, f32), (torch.float32, f32),
+                     (torch.float64, f64)):
+        assert match.default_rms_eps(dt) == want
+        g = torch.fx.Graph()
+        h, w = g.placeholder("h"), g.placeholder("w")
+        h.meta["val"] = torch.empty(4, 8, dtype=dt, device="meta")
+        w.meta["val"] = torch.empty(8, dtype=dt, device="meta")
+        n = g.call_function(torch.ops.aten.rms_norm.default, (h, [8], w, None))
+        g.output(n)
+        norm = match._match_rmsnorm(h)
+        assert norm is not None and norm.out is n and norm.eps == want, (dt, norm)
+        # nn.RMSNorm without eps: eager agrees with the default
+        x = torch.randn(4, 8, dtype=torch.float64).to(dt) * 1e-3
+        ref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + want)
+        got = torch.nn.RMSNorm(8, dtype=dt)(x)
+        torch.testing.assert_close(got.double(), ref, atol=1e-2 if dt in
+                                   (torch.bfloat16, torch.float16) else 1e-6, rtol=1e-2)
+
+
 def test_model_without_collectives_is_untouched(no_caches):
     rec, fp = Recorder(), mixcc.FusionPass()
 
@@ -233,6 +309,70 @@ def test_allreduce_add_store_rmsnorm_fp32(pool4):
 
 def test_allreduce_add_store_rmsnorm_bf16(pool4):
     res = pool4.run(2, tp_block_task, "manual", "bfloat16", timeout=600)
+    assert res == {0: "", 1: ""}
+
+
+def cast_residual_task(rank: int, world: int, group) -> str:
+    """A bf16 allreduce seen through .float() before an fp32 residual add: the program
+    would run in bf16 and lose the fp32 path's precision; the collective alone is
+    replaced, the epilogue stays in the graph in fp32, with the reason in the report."""
+    _no_caches()
+    w = torch.randn(32, 32, generator=torch.Generator().manual_seed(11)) / 8
+    nw = 1 + 0.1 * torch.randn(32, generator=torch.Generator().manual_seed(12))
+
+    def f(x, r):
+        y = x @ w.bfloat16()
+        dist.all_reduce(y, group=group)
+        h = y.float() + r
+        return torch.nn.functional.rms_norm(h, (32,), nw, eps=1e-6), h
+
+    fp, rec = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
+                               backend="reference"), Recorder()
+    g = torch.Generator().manual_seed(rank + 20)
+    x, r = torch.randn(4, 32, generator=g).bfloat16(), torch.randn(4, 32, generator=g)
+    with torch.no_grad():
+        got, want = _compile(f, fp, rec)(x, r), f(x, r)
+    msgs = []
+    for name, a, b in zip(("norm", "h"), got, want, strict=True):
+        if a.dtype != torch.float32:
+            msgs.append(f"{name} is {a.dtype}")
+        try:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        except AssertionError as e:
+            msgs.append(f"{name}: {e}")
+    (site,) = fp.sites
+    if site.replaced and site.program != "allreduce(tp)":
+        msgs.append(f"the epilogue was absorbed: {site}")
+    if "residual is float32, the collective's dtype bfloat16" not in (site.reason or ""):
+        msgs.append(f"no reason given: {site}")
+
+    def f2(x, r):  # all bf16 up to the sum, then a norm with an fp32 weight (fp32 out)
+        y = x @ w.bfloat16()
+        dist.all_reduce(y, group=group)
+        h = y + r
+        hf = h.float()
+        return nw * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)), h
+
+    torch._dynamo.reset()
+    fp2 = mixcc.FusionPass(Mesh({"tp": world}, ranks_per_node=world), group=group,
+                           backend="reference")
+    rb = r.bfloat16()
+    with torch.no_grad():
+        got, want = _compile(f2, fp2, Recorder())(x, rb), f2(x, rb)
+    for name, a, b in zip(("norm", "h"), got, want, strict=True):
+        try:  # mixcc adds to the reduced value before its bf16 rounding: one bf16 step
+            torch.testing.assert_close(a.float(), b.float(), **_tol(torch.bfloat16))
+        except AssertionError as e:
+            msgs.append(f"fp32 weight, {name}: {e}")
+    (site,) = fp2.sites
+    if not site.replaced or site.program != "allreduce(tp); add(residual)" \
+            or "RMSNorm weight is float32" not in (site.reason or ""):
+        msgs.append(f"fp32 weight: {site}")
+    return "; ".join(msgs)
+
+
+def test_a_cast_before_the_residual_add_keeps_the_epilogue_out(pool4):
+    res = pool4.run(2, cast_residual_task, timeout=600)
     assert res == {0: "", 1: ""}
 
 

@@ -3,6 +3,7 @@ programs, and `compile_model`, torch.compile with it (docs/DESIGN.md, "The fusio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import operator
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ..api import BACKENDS
 from ..errors import CompileError
@@ -56,28 +57,51 @@ class SiteReport:
         return f"{where}: left alone: {self.reason}"
 
 
-def _source_files() -> tuple[str, ...]:
-    here = Path(__file__).resolve().parent
-    files = sorted(str(p) for p in here.glob("*.py"))
-    files += [str(here.parent / "torch_ops.py"), str(here.parent / "ops.py")]
+def _source_files() -> tuple[Path, ...]:
+    """Every file the rewrite's result can depend on: mixcc's Python sources and the
+    IR grammar, sorted."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted([*root.rglob("*.py"), root / "ir" / "grammar.lark"])
     return tuple(files)
 
 
+def _read_source(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _source_hash() -> str:
+    """A hash of mixcc's version and of each source file's path (relative to the
+    package) and contents."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"mixcc {_version()}".encode())
+    for p in _source_files():
+        data = _read_source(p)
+        h.update(f"\0{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def _version() -> str:
+    import mixcc
+
+    return str(getattr(mixcc, "__version__", ""))
+
+
 def _topology() -> list:
-    """The process groups of this rank by name, description and rank pattern (relative
-    to their first rank), so a graph cached under another layout is not reused."""
+    """The process groups of this rank by description and rank pattern (relative to
+    their first rank), without their names: DeviceMesh names groups from a counter that
+    can differ between ranks, and every rank of an SPMD program must get the same uuid."""
     if not (dist.is_available() and dist.is_initialized()):
         return []
     out = []
     try:
         from torch.distributed.distributed_c10d import _world
 
-        for pg, name in _world.pg_names.items():
+        for pg in list(_world.pg_names):
             ranks = dist.get_process_group_ranks(pg)
-            out.append((str(name), str(getattr(pg, "group_desc", "")),
-                        [r - ranks[0] for r in ranks]))
+            out.append((str(getattr(pg, "group_desc", "")), [r - ranks[0] for r in ranks]))
     except Exception:  # private structures moved: the world size alone
-        out.append(("world", "", [dist.get_world_size()]))
+        out.append(("world", [dist.get_world_size()]))
     return sorted(out)
 
 
@@ -130,7 +154,7 @@ class FusionPass(CustomGraphPass):
         """A hash of this pass's sources, its settings and the process groups' layout:
         equal in every process that would rewrite a graph the same way."""
         extra = json.dumps(self._config(), sort_keys=True, default=str)
-        return get_hash_for_files(_source_files(), extra).hex()
+        return hashlib.sha256(f"{_source_hash()}\0{extra}".encode()).hexdigest()
 
     def __call__(self, graph: fx.Graph) -> None:
         index = self.graphs
@@ -317,6 +341,15 @@ def _rewrite(graph: fx.Graph, m: Match, program: str, mesh: Mesh, cfg: FusionPas
     factor = Fraction(ir.row_factor)
     quant = bool(m.epilogue) and m.epilogue[-1][0] == "quant"
     out_dtype = FP8 if quant else xv.dtype
+    # the program reads and writes in x's dtype: another dtype would be a silent cast
+    for name, t, _ in m.inputs:
+        want = torch.float32 if name == "scale" else xv.dtype
+        if _val(t) is None or _val(t).dtype != want:
+            return f"the {name} tensor is not {dtype_name(want)}"
+    for t in [m.final] + ([m.stored] if m.stored is not None else []):
+        want = out_dtype if t is m.final else xv.dtype
+        if _val(t) is None or _val(t).dtype != want:
+            return f"the value replaced is not {dtype_name(want)}"
     if m.hidden:
         if not _known(xv.numel() % m.hidden == 0):
             return f"the input's size is not a multiple of the row width {m.hidden}"

@@ -265,6 +265,32 @@ class _Norm:
     eps: float
 
 
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps aten.rms_norm uses when given None: that of its computation dtype (fp32
+    for fp16, bf16 and fp32 inputs, fp64 for fp64), not that of the input's dtype."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _dt(n: object) -> torch.dtype | None:
+    v = _val(n)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _dtname(dt: torch.dtype | None) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def _norm_dtype_note(norm: _Norm, dt: torch.dtype) -> str | None:
+    """Why `norm` cannot run in the program's dtype `dt`, or None when it can."""
+    if _dt(norm.weight) != dt:
+        return (f"the RMSNorm weight is {_dtname(_dt(norm.weight))}, the collective's dtype "
+                f"{_dtname(dt)}")
+    if _dt(norm.out) != dt:
+        return (f"the RMSNorm output is {_dtname(_dt(norm.out))}, the collective's dtype "
+                f"{_dtname(dt)}")
+    return None
+
+
 def _users(n: fx.Node, target) -> list[fx.Node]:
     return [u for u in n.users if u.target is target]
 
@@ -283,7 +309,7 @@ def _match_rmsnorm(h: fx.Node) -> _Norm | None:
             if list(ns) != [shape[-1]] or not isinstance(w, fx.Node):
                 continue
             if eps is None:
-                eps = torch.finfo(_val(h).dtype).eps
+                eps = default_rms_eps(_val(h).dtype)
             return _Norm([u], u, w, float(eps))
     # decomposed: hx = h or h cast; hx * rsqrt(mean(hx^2, -1, keepdim) + eps) [cast] * w
     candidates = [h] + [u for u in h.users if _is_cast(u) and u.args[0] is h]
@@ -403,6 +429,8 @@ def _match_prologue(base: Match) -> Match | None:
     shape = _shape(h)
     if shape is None or not isinstance(shape[-1], int):
         return None
+    if _dt(h) != _dt(base.x) or _norm_dtype_note(norm, _dt(h)) is not None:
+        return None  # the program would read or write another dtype than the graph's
     nodes = [*norm.nodes, *reversed(path), *base.nodes]
     m = Match(base.sites, nodes, h, base.final, [("rmsnorm", "weight", norm.eps)],
               [("weight", norm.weight, False)], None, shape[-1])
@@ -462,6 +490,15 @@ def _match_epilogue(base: Match) -> tuple[Match | None, str | None]:
     if added is None:
         return None, None
     add, resid, vpath = added
+    # the program runs in x's dtype and reads and writes every row tensor in it: a cast
+    # seen through before the add must leave the sum in that dtype
+    dt = _dt(base.x)
+    if _dt(resid) != dt:
+        return None, (f"epilogue stops: residual is {_dtname(_dt(resid))}, the collective's "
+                      f"dtype {_dtname(dt)}")
+    if _dt(add) != dt:
+        return None, (f"epilogue stops: the residual sum is {_dtname(_dt(add))}, the "
+                      f"collective's dtype {_dtname(dt)}")
     nodes = base.nodes + vpath + [add]
     hidden = _shape(add)[-1] if _shape(add) else None
     if not isinstance(hidden, int):
@@ -471,6 +508,12 @@ def _match_epilogue(base: Match) -> tuple[Match | None, str | None]:
               [("residual", resid, True)], None, hidden)
     stages.append(m)
     norm = _match_rmsnorm(add)
+    note = None
+    if norm is not None:
+        note = _norm_dtype_note(norm, dt)
+        if note is not None:
+            note = f"epilogue stops before the RMSNorm: {note}"
+            norm = None
     if norm is not None:
         n_nodes = nodes + norm.nodes
         store = [u for u in add.users if u not in set(n_nodes)]
@@ -489,7 +532,6 @@ def _match_epilogue(base: Match) -> tuple[Match | None, str | None]:
                        [*epi, ("quant", "scale", None)], [*inputs, ("scale", scale, False)],
                        m2.stored, hidden)
             stages.append(m3)
-    note = None
     for m in reversed(stages):
         exports = {m.final} | ({m.stored} if m.stored is not None else set())
         leak = _closed(m.nodes, exports)
