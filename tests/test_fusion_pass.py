@@ -3,6 +3,8 @@ mixcc programs on gloo ranks (reference backend); outputs match eager, unmatched
 as they were with their reason, a model without collectives is left untouched."""
 
 import logging
+import os
+import tempfile
 
 import pytest
 import torch
@@ -721,15 +723,25 @@ def toy_tp_task(rank: int, world: int, group) -> str:
     from torch._dynamo.utils import counters
 
     hits = counters["inductor"]["fxgraph_cache_hit"]
-    for attempt in range(2):
-        torch._dynamo.reset()
-        mixcc.fusion.clear_compiled()
-        compiled = torch.compile(model, options={"post_grad_custom_post_pass": fp})
-        with torch.no_grad():
-            got = compiled(x)
-        if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
-            msgs.append(f"attempt {attempt}: compiled differs from eager")
-    torch._inductor.config.fx_graph_cache = False
+    # a cache of its own: an earlier run's entry for the same sources would make the first
+    # compile a hit, and the pass would never see the graph
+    keep = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixcc-fx-")
+    try:
+        for attempt in range(2):
+            torch._dynamo.reset()
+            mixcc.fusion.clear_compiled()
+            compiled = torch.compile(model, options={"post_grad_custom_post_pass": fp})
+            with torch.no_grad():
+                got = compiled(x)
+            if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+                msgs.append(f"attempt {attempt}: compiled differs from eager")
+    finally:
+        torch._inductor.config.fx_graph_cache = False
+        if keep is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = keep
     programs = [s.program for s in fp.sites if s.replaced]
     if programs != ["allreduce(tp)"]:  # the second compile came from the cache
         msgs.append(fp.report())
