@@ -48,6 +48,7 @@ class Collective:
         self.ast = parse(program)
         self.ir, self.optimized_ir, self.plan = ir, optimized, plan
         self.options = options
+        self._sums = precision.sums(optimized.ops)  # the program adds ranks' values
         self._reference: ReferenceRunner | None = None
         self._fused: dict[torch.dtype, fused.FusedRunner] = {}
         self._auto: dict[torch.dtype, str] = {}  # backend "auto" picks, per CUDA dtype
@@ -164,8 +165,7 @@ class Collective:
             if reason and not self.plan.one_node and nvshmem.available():
                 _warn_once(f"mixcc: {self.program!r} runs on the reference backend (chains of "
                            f"torch.distributed calls): {reason}")
-            elif reason and self.options.get("batch_invariant") and precision.sums(
-                    self.optimized_ir):
+            elif reason and self.options.get("batch_invariant") and self._sums:
                 _warn_once(f"mixcc: batch_invariant=True does not hold for {self.program!r}: "
                            f"the reference backend runs it (NCCL's reduction order) because "
                            f"{reason}")
@@ -278,7 +278,7 @@ class Collective:
         elif x.is_cuda:  # NCCL: its own order, in the dtype (explain says so)
             y = self._reference.run(x)
         else:  # gloo: in fp32 where the program sums 16-bit values, rounded once
-            y = self._reference.run(precision.accumulation_input(x, self.optimized_ir))
+            y = self._reference.run(precision.accumulation_input(x, self._sums))
             y = y.to(x.dtype)
         if out is None:
             return y.reshape(shape)
@@ -308,10 +308,10 @@ class Collective:
                     out = torch.empty(shape, dtype=out_dtype, device=x.device)
                 return runner.epilogue_call(x, out, shape, hidden, tensors)
             # the torch ops below start from the collective's fp32 result (one rounding)
-            xw = precision.accumulation_input(x, self.optimized_ir)
+            xw = precision.accumulation_input(x, self._sums)
             y = self._fused_runner(xw)(xw, None, shape)
         else:
-            y = self._execute(precision.accumulation_input(x, self.optimized_ir), None,
+            y = self._execute(precision.accumulation_input(x, self._sums), None,
                               backend, shape)
         res = ops.run_epilogue(y, self.ir.epilogue, tensors, out_dtype)
         if out is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import debug, nvshmem, ops, tune
+from . import debug, nvshmem, ops, precision, tune
 from .codegen import abi, layout
 from .codegen.build import build, device_arch, find_nvcc
 from .codegen.plan import (
@@ -384,8 +384,7 @@ class FusedRunner:
         self._nccl_from = hier_nccl_min_bytes(plan, self.epilogue, self.th)
         # batch_invariant: no sum on NCCL, no LL row split (docs/DESIGN.md, "Precision")
         self.batch_invariant = bool(options.get("batch_invariant"))
-        self._invariant_sums = self.batch_invariant and any(
-            st.coll in ("allreduce", "reducescatter") and st.redop == "sum" for st in plan.steps)
+        self._invariant_sums = self.batch_invariant and precision.sums(plan.steps)
         self._pools = _POOLS  # every live registered pool of the process (usually none)
         self._sym_region = (layout.sym_region_bytes(options["symmetric_bytes"])
                             if self.nv else 0)

@@ -8,6 +8,7 @@ that would change a row's bits with the shape of the call or the placement of ra
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -24,18 +25,18 @@ def batch_invariant_enabled(option: bool | None) -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-def sums(ir: IR) -> bool:
-    """Whether the program adds values of several ranks (a sum's order and roundings
-    matter; max and min are exact in any order)."""
-    return any(op.coll in ("allreduce", "reducescatter") and op.redop == "sum" for op in ir.ops)
+def sums(steps: Iterable) -> bool:
+    """Whether collectives (IR ops or plan steps: `coll`, `redop`) add values of several
+    ranks (a sum's order and roundings matter; max and min are exact in any order)."""
+    return any(s.coll in ("allreduce", "reducescatter") and s.redop == "sum" for s in steps)
 
 
-def accumulation_input(x: torch.Tensor, ir: IR) -> torch.Tensor:
+def accumulation_input(x: torch.Tensor, summed: bool) -> torch.Tensor:
     """x as a collective whose result stays in fp32 should see it: converted to fp32 (exact)
-    where the program sums 16-bit values, else x itself. Used where torch ops follow the
-    collective (an epilogue not fused into the kernel) and by the reference backend on
-    gloo, so that the result is rounded once, at the end."""
-    if x.is_floating_point() and x.element_size() < 4 and sums(ir):
+    where the program sums (`summed`, from sums()) 16-bit values, else x itself. Used where
+    torch ops follow the collective (an epilogue not fused into the kernel) and by the
+    reference backend on gloo, so that the result is rounded once, at the end."""
+    if summed and x.is_floating_point() and x.element_size() < 4:
         return x.float()
     return x
 
@@ -50,7 +51,7 @@ def explain(plan: Plan, ir: IR, options: dict, nccl_from: int | None,
     lines = ["precision: fp32 accumulation, terms in group order, one rounding to the "
              "output's dtype (and one per stored tensor); epilogues in fp32 on the fp32 "
              "result"]
-    if not sums(ir):
+    if not sums(ir.ops):
         lines.append("  no sums: every path gives the same bits (batch invariant)")
         return "\n".join(lines)
     where = []

@@ -247,7 +247,7 @@ def reference_precision_task(rank: int, world: int, group, program: str, axes: l
 
     keep = precision.accumulation_input
     if break_it:
-        precision.accumulation_input = lambda x, ir: x
+        precision.accumulation_input = lambda x, summed: x
     try:
         return _reference_precision(rank, world, group, program, axes, rpn, rows, hidden)
     finally:
